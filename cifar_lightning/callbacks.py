@@ -1,0 +1,28 @@
+"""The callbacks every run gets by default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, RichModelSummary, RichProgressBar
+
+#: ModelCheckpoint settings of every run: keep the best epoch by validation accuracy, and the last.
+CHECKPOINT_DEFAULTS = {
+    "monitor": "val/acc",
+    "mode": "max",
+    "save_last": True,
+    "filename": "best-epoch{epoch:03d}-acc{val/acc:.4f}",
+    "auto_insert_metric_name": False,
+}
+
+
+def default_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:
+    """Progress bar, model summary and learning-rate monitor, unless the trainer config turns them off."""
+    callbacks: list[Callback] = []
+    if trainer_config.get("enable_progress_bar", True) is not False:
+        callbacks.append(RichProgressBar())
+    if trainer_config.get("enable_model_summary", True) is not False:
+        callbacks.append(RichModelSummary(max_depth=1))
+    if trainer_config.get("logger", True) not in (False, None, []):
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    return callbacks

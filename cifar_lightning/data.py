@@ -1,0 +1,575 @@
+"""CIFAR-10 data: where the images come from, how they are split, and how they are transformed.
+
+Sources, chosen by what ``data_dir`` holds:
+
+1. torchvision's CIFAR-10 format (``cifar-10-batches-py/``), downloaded when ``download=True``;
+2. an image-folder tree ``train/<class>/*`` and ``test/<class>/*`` (png/jpg/...);
+3. a ``.tar.gz``/``.tgz``/``.tar``/``.zip`` archive of such a tree, extracted once into a cache.
+
+Every source ends up as one uint8 array per split, shape (N, 32, 32, 3), held once in memory
+(about 180 MB for all 60,000 images). Workers forked by the DataLoader share those pages, and
+images become float only one batch at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from cifar_lightning.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+#: CIFAR-10 label order (index = label), as in the dataset's ``batches.meta``. It is also the
+#: alphabetical order, so image folders sorted by name get the same indices.
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+#: Per-channel mean and standard deviation of the 50,000 original CIFAR-10 training images,
+#: scaled to [0, 1], computed over all pixels of the training split (the std is the population
+#: std over every pixel, not the often-copied (0.2023, 0.1994, 0.2010), which averages per-image
+#: stds). The JPEG copy gives (0.4913, 0.4821, 0.4465) / (0.2452, 0.2428, 0.2606): close enough
+#: that one set of constants serves both.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+IMAGE_SIZE = 32
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+AugmentPreset = Literal["none", "standard"]
+
+_TORCHVISION_FOLDER = "cifar-10-batches-py"
+_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Where archives are extracted and decoded arrays go when the data folder is read-only."""
+    root = os.environ.get("CIFAR_LIGHTNING_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cifar_lightning"
+    )
+    return Path(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Archives: validated before anything is written, extracted once
+# ---------------------------------------------------------------------------------------------
+
+
+def is_archive(path: str | os.PathLike) -> bool:
+    """True when ``path`` names a supported archive file by its suffix."""
+    return str(path).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _check_member_name(archive: Path, name: str) -> None:
+    parts = Path(name).parts
+    if name.startswith(("/", "\\")) or (parts and (":" in parts[0])) or ".." in parts:
+        raise UserError(
+            f"archive {archive} contains the entry {name!r}, which would be written outside the "
+            "extraction folder; refusing to extract it. Rebuild the archive with relative paths."
+        )
+
+
+def _validate_tar(archive: Path, tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    members = tar.getmembers()  # reads the whole archive, so a truncated file fails here
+    for m in members:
+        _check_member_name(archive, m.name)
+        if not (m.isfile() or m.isdir()):
+            raise UserError(
+                f"archive {archive} contains {m.name!r}, which is a link or a special file; "
+                "refusing to extract it. Rebuild the archive with regular files only."
+            )
+    return members
+
+
+def _validate_zip(archive: Path, zf: zipfile.ZipFile) -> None:
+    for info in zf.infolist():
+        _check_member_name(archive, info.filename)
+        mode = info.external_attr >> 16
+        if mode and (mode & 0o170000) not in (0o100000, 0o040000, 0):
+            raise UserError(
+                f"archive {archive} contains {info.filename!r}, which is a link or a special "
+                "file; refusing to extract it. Rebuild the archive with regular files only."
+            )
+    bad = zf.testzip()
+    if bad is not None:
+        raise UserError(f"archive {archive} is corrupt: the entry {bad!r} fails its CRC check.")
+
+
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Extract ``archive`` into ``dest`` after checking every entry; return ``dest``.
+
+    Every entry is checked before the first byte is written: absolute paths, ``..`` components,
+    links and special files are refused, and so is a truncated or corrupt archive. Extraction
+    goes to a temporary folder that is renamed into place, so ``dest`` is either complete or absent.
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
+    try:
+        try:
+            if str(archive).lower().endswith(".zip"):
+                with zipfile.ZipFile(archive) as zf:
+                    _validate_zip(archive, zf)
+                    zf.extractall(tmp)
+            else:
+                with tarfile.open(archive) as tar:
+                    members = _validate_tar(archive, tar)
+                    tar.extractall(tmp, members=members, filter="data")
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
+            if isinstance(err, OSError) and not isinstance(err, EOFError) and err.errno is not None:
+                raise
+            raise UserError(
+                f"archive {archive} is truncated or corrupt ({type(err).__name__}: {err}). "
+                "Download or copy it again."
+            ) from None
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _archive_key(archive: Path) -> str:
+    st = archive.stat()
+    digest = hashlib.sha1(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    name = archive.name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return f"{name}-{digest[:12]}"
+
+
+def extract_archive_cached(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Extract ``archive`` once into ``cache_dir`` (safe under concurrent processes); return the folder."""
+    archive = Path(archive)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    dest = root / "extracted" / _archive_key(archive)
+    root.mkdir(parents=True, exist_ok=True)
+    # The lock makes DDP ranks (or two runs) wait for one extraction instead of racing.
+    with FileLock(str(dest) + ".lock"):
+        if not dest.is_dir():
+            safe_extract(archive, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders: discovery, decoding and the decoded-array cache
+# ---------------------------------------------------------------------------------------------
+
+
+def _find_split_root(root: Path) -> Path | None:
+    """The folder holding ``train/`` and ``test/``: ``root`` itself or one level below it."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return root
+    children = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    if len(children) == 1:
+        return _find_split_root(children[0]) if children[0] != root else None
+    return None
+
+
+def _list_images(class_dir: Path) -> list[Path]:
+    return sorted(
+        p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
+def folder_class_names(root: Path) -> tuple[str, ...]:
+    """Class names of an image-folder tree, checked for agreement between ``train`` and ``test``."""
+    names = {}
+    for split in ("train", "test"):
+        names[split] = sorted(
+            d.name for d in (root / split).iterdir() if d.is_dir() and not d.name.startswith(".")
+        )
+        if not names[split]:
+            raise UserError(
+                f"{root / split} has no class folders. Expected {root}/{split}/<class>/<image files>."
+            )
+    if names["train"] != names["test"]:
+        only_train = sorted(set(names["train"]) - set(names["test"]))
+        only_test = sorted(set(names["test"]) - set(names["train"]))
+        raise UserError(
+            f"the train and test class folders under {root} differ: only in train: {only_train or '-'}; "
+            f"only in test: {only_test or '-'}. Give both splits the same class folders."
+        )
+    for split in ("train", "test"):
+        for name in names[split]:
+            if not _list_images(root / split / name):
+                raise UserError(
+                    f"the class folder {root / split / name} holds no images "
+                    f"({', '.join(IMAGE_SUFFIXES)}). Add images or remove the folder."
+                )
+    return tuple(names["train"])
+
+
+def _decode(path: Path) -> np.ndarray | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+
+
+def decode_image_folder(split_dir: Path, class_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image under ``split_dir/<class>/`` into (N, 32, 32, 3) uint8 and int64 labels.
+
+    Images of another size are resized to 32x32; other modes are converted to RGB. A file that
+    cannot be decoded is skipped with a warning that names it, and the count is summarised.
+    """
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        paths = _list_images(split_dir / name)
+        files += paths
+        labels += [label] * len(paths)
+    # PIL releases the GIL while decoding, so threads use every core without copying arrays.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = list(pool.map(_decode, files, chunksize=256))
+    bad = [str(f) for f, img in zip(files, decoded) if img is None]
+    for path in bad[:10]:
+        warnings.warn(f"skipping {path}: not a readable image", stacklevel=2)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable file(s) of {len(files)} under {split_dir}", stacklevel=2)
+    keep = [i for i, img in enumerate(decoded) if img is not None]
+    if not keep:
+        raise UserError(f"no readable images under {split_dir}.")
+    images = np.stack([decoded[i] for i in keep])
+    return images, np.asarray([labels[i] for i in keep], dtype=np.int64)
+
+
+def _folder_signature(split_dir: Path, class_names: tuple[str, ...]) -> str:
+    h = hashlib.sha1(f"v{_CACHE_VERSION}|{','.join(class_names)}".encode())
+    for name in class_names:
+        for p in _list_images(split_dir / name):
+            st = p.stat()
+            h.update(f"{p.relative_to(split_dir)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
+
+
+def decoded_cache_dir(split_root: Path, cache_dir: str | os.PathLike | None) -> Path:
+    """Cache next to the data when that folder is writable, else under the user cache."""
+    if _writable(split_root):
+        return split_root / ".cifar_lightning_cache"
+    base = Path(cache_dir) if cache_dir else default_cache_dir()
+    return base / "decoded" / hashlib.sha1(str(split_root.resolve()).encode()).hexdigest()[:12]
+
+
+def load_image_folder_split(
+    split_root: Path, split: str, class_names: tuple[str, ...], cache_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded arrays of one split, from the cache when it matches the files, else decoded and cached.
+
+    The cache file name carries a signature of every file's path, size and mtime, so a change to
+    the images makes the old cache invisible; it is then replaced.
+    """
+    split_dir = split_root / split
+    folder = decoded_cache_dir(split_root, cache_dir)
+    sig = _folder_signature(split_dir, class_names)
+    path = folder / f"{split}-{sig}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return z["images"], z["labels"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # unreadable cache: decode again below
+    images, labels = decode_image_folder(split_dir, class_names)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f"{split}-*.npz"):
+            stale.unlink(missing_ok=True)
+        # Written under a temporary name and renamed, so a reader never sees half a file.
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=images, labels=labels)
+        os.replace(tmp, path)
+    except OSError as err:
+        warnings.warn(f"could not cache decoded images in {folder}: {err}", stacklevel=2)
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Source resolution
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the images come from once ``data_dir`` has been resolved."""
+
+    kind: Literal["torchvision", "folder"]
+    root: Path
+    class_names: tuple[str, ...]
+
+
+def _missing_data_message(data_dir: Path, reason: str) -> str:
+    return (
+        f"no CIFAR-10 data at {data_dir} ({reason}). Either pass --data-dir with an image folder "
+        "(train/<class>/*, test/<class>/*) or an archive of one (.tar.gz/.zip), or let torchvision "
+        f"download it into {data_dir} with --download on a machine with network access."
+    )
+
+
+def resolve_source(data_dir: str | os.PathLike, download: bool, cache_dir: str | os.PathLike | None = None) -> DataSource:
+    """Work out which kind of source ``data_dir`` is, extracting or downloading when needed."""
+    path = Path(data_dir).expanduser()
+    if path.is_file():
+        if not is_archive(path):
+            raise UserError(
+                f"{path} is a file but not a supported archive ({', '.join(ARCHIVE_SUFFIXES)}). "
+                "Pass a folder or an archive of an image-folder tree."
+            )
+        path = extract_archive_cached(path, cache_dir)
+        root = _find_split_root(path)
+        if root is None:
+            raise UserError(
+                f"the archive {data_dir} does not hold train/ and test/ folders at its top level "
+                "(or inside one top-level folder). Expected train/<class>/* and test/<class>/*."
+            )
+        return DataSource("folder", root, folder_class_names(root))
+    if path.is_dir():
+        if (path / _TORCHVISION_FOLDER).is_dir():
+            return DataSource("torchvision", path, CIFAR10_CLASSES)
+        root = _find_split_root(path)
+        if root is not None:
+            return DataSource("folder", root, folder_class_names(root))
+    if path.exists() and not path.is_dir():
+        raise UserError(_missing_data_message(path, "it is not a folder or an archive"))
+    if not download:
+        reason = "the folder does not exist" if not path.exists() else (
+            "it holds neither cifar-10-batches-py/ nor train/ and test/ folders"
+        )
+        raise UserError(_missing_data_message(path, reason) + " Download is off.")
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(str(path), train=True, download=True)
+        CIFAR10(str(path), train=False, download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise UserError(_missing_data_message(path, f"the download failed: {err}")) from None
+    return DataSource("torchvision", path, CIFAR10_CLASSES)
+
+
+def load_split(source: DataSource, split: Literal["train", "test"], cache_dir=None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 32, 32, 3), labels int64 (N,)) for one split of a resolved source."""
+    if source.kind == "torchvision":
+        from torchvision.datasets import CIFAR10
+
+        ds = CIFAR10(str(source.root), train=split == "train", download=False)
+        return np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
+    return load_image_folder_split(source.root, split, source.class_names, cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms and datasets
+# ---------------------------------------------------------------------------------------------
+
+
+def build_transform(augment: AugmentPreset, mean, std) -> Callable:
+    """torchvision transform from a uint8 HWC array to a normalised float (3, 32, 32) tensor.
+
+    ``standard`` is the usual CIFAR augmentation: a random 32x32 crop of the image zero-padded by
+    4 pixels on each side, then a horizontal flip with probability 0.5.
+    """
+    if augment not in ("none", "standard"):
+        raise UserError(f"unknown augmentation preset {augment!r}. Valid presets: none, standard")
+    ops: list = [v2.ToImage()]
+    if augment == "standard":
+        ops += [v2.RandomCrop(IMAGE_SIZE, padding=4), v2.RandomHorizontalFlip()]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(ops)
+
+
+class ArrayDataset(Dataset):
+    """A view of a shared uint8 image array through an index list: no copy per split or worker."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray | None, transform: Callable):
+        self.images = images
+        self.labels = labels
+        self.indices = np.arange(len(images)) if indices is None else indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = self.indices[i]
+        return self.transform(self.images[j]), int(self.labels[j])
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random (train, val) index split of ``n`` items, each part sorted."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+# ---------------------------------------------------------------------------------------------
+# The DataModule
+# ---------------------------------------------------------------------------------------------
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """CIFAR-10 (or any image-folder dataset of 32x32 images) for Lightning.
+
+    Args:
+        data_dir: a folder in torchvision's CIFAR-10 format, an image-folder tree
+            (``train/<class>/*``, ``test/<class>/*``) or an archive of one.
+        download: download CIFAR-10 with torchvision when ``data_dir`` holds no data.
+        cache_dir: where archives are extracted and decoded arrays cached when the data folder is
+            read-only (default ``$CIFAR_LIGHTNING_CACHE`` or ``~/.cache/cifar_lightning``).
+        val_size: training images held out for validation (model selection). Never the test set.
+        split_seed: seed of the train/validation split, independent of the training seed.
+        batch_size: images per batch (per device under DDP).
+        augment: training augmentation preset, ``none`` or ``standard`` (pad-4 crop + flip).
+        normalize: subtract ``mean`` and divide by ``std``; off gives plain [0, 1] tensors.
+        mean, std: per-channel normalisation constants (default: CIFAR-10 training set).
+        num_workers, pin_memory, persistent_workers: DataLoader settings.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = True,
+        cache_dir: str | None = None,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        batch_size: int = 128,
+        augment: AugmentPreset = "standard",
+        normalize: bool = True,
+        mean: tuple[float, float, float] = CIFAR10_MEAN,
+        std: tuple[float, float, float] = CIFAR10_STD,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise UserError(f"batch_size must be positive, got {batch_size}. Pass e.g. --batch-size 128.")
+        if val_size < 1:
+            raise UserError(f"val_size must be at least 1 (validation selects the best model), got {val_size}.")
+        if num_workers < 0:
+            raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
+        if any(s <= 0 for s in std):
+            raise UserError(f"std must be positive in every channel, got {tuple(std)}.")
+        build_transform(augment, mean, std)  # validates the preset name now, not mid-fit
+        self.save_hyperparameters()
+        self.source = resolve_source(data_dir, download, cache_dir)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # Attributes linked into the model, so the checkpoint knows what the data looked like.
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.source.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.source.class_names)
+
+    @property
+    def norm_mean(self) -> tuple[float, float, float]:
+        return tuple(self.hparams.mean) if self.hparams.normalize else (0.0, 0.0, 0.0)
+
+    @property
+    def norm_std(self) -> tuple[float, float, float]:
+        return tuple(self.hparams.std) if self.hparams.normalize else (1.0, 1.0, 1.0)
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node before setup(): decode once so other ranks read the cache.
+        if self.source.kind == "folder":
+            for split in ("train", "test"):
+                load_split(self.source, split, self.hparams.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        eval_tf = build_transform("none", self.norm_mean, self.norm_std)
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            images, labels = load_split(self.source, "train", self.hparams.cache_dir)
+            if self.hparams.val_size >= len(images):
+                raise UserError(
+                    f"val_size={self.hparams.val_size} leaves no training images "
+                    f"({len(images)} in the training split). Lower --data.val_size."
+                )
+            train_idx, val_idx = split_indices(len(images), self.hparams.val_size, self.hparams.split_seed)
+            train_tf = build_transform(self.hparams.augment, self.norm_mean, self.norm_std)
+            self.train_set = ArrayDataset(images, labels, train_idx, train_tf)
+            self.val_set = ArrayDataset(images, labels, val_idx, eval_tf)
+        if stage in (None, "test", "predict") and self.test_set is None:
+            images, labels = load_split(self.source, "test", self.hparams.cache_dir)
+            self.test_set = ArrayDataset(images, labels, None, eval_tf)
+
+    def sample_train_images(self, n: int) -> torch.Tensor:
+        """The first ``n`` training-split images, normalised, without augmentation: (n, 3, 32, 32).
+
+        Deterministic, so every DDP rank gets the same images (used for data-dependent init).
+        """
+        if self.train_set is None:
+            self.setup("fit")
+        ds = self.train_set
+        idx = ds.indices[: min(n, len(ds))]
+        x = torch.from_numpy(ds.images[idx]).permute(0, 3, 1, 2).float().div_(255)
+        mean = torch.tensor(self.norm_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.norm_std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        sampler = None
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads the last batch with repeated samples,
+            # which would count them twice in validation/test metrics. This sampler does not.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

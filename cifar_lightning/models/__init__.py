@@ -1,0 +1,27 @@
+"""Model zoo. Importing this package registers every family; add one import line per new family."""
+
+from cifar_lightning.models.registry import (
+    ModelInfo,
+    UnknownModelError,
+    create_model,
+    list_models,
+    model_info,
+    register_model,
+)
+
+# One import line per family file: importing it runs its @register_model decorators.
+from cifar_lightning.models import dainet  # noqa: F401,E402
+from cifar_lightning.models import densenet  # noqa: F401,E402
+from cifar_lightning.models import fastnet  # noqa: F401,E402
+from cifar_lightning.models import lenet  # noqa: F401,E402
+from cifar_lightning.models import mobilenet  # noqa: F401,E402
+from cifar_lightning.models import preact_resnet  # noqa: F401,E402
+from cifar_lightning.models import resnet  # noqa: F401,E402
+from cifar_lightning.models import resnet_cifar  # noqa: F401,E402
+from cifar_lightning.models import simple  # noqa: F401,E402
+from cifar_lightning.models import tutorial  # noqa: F401,E402
+from cifar_lightning.models import vgg  # noqa: F401,E402
+from cifar_lightning.models import vit  # noqa: F401,E402
+from cifar_lightning.models import wide_resnet  # noqa: F401,E402
+
+__all__ = ["ModelInfo", "UnknownModelError", "create_model", "list_models", "model_info", "register_model"]

@@ -1,0 +1,263 @@
+"""ClassifierModule: any registered architecture, its metrics, optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from cifar_lightning.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from cifar_lightning.errors import UserError
+from cifar_lightning.models import create_model, model_info
+
+OptimizerName = Literal["sgd", "adam", "adamw"]
+SchedulerName = Literal["none", "multistep", "cosine", "onecycle", "plateau"]
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "multistep", "cosine", "onecycle", "plateau")
+STAGES = ("train", "val", "test")
+
+
+class PiecewiseConstant:
+    """LR multiplier ``factors[i]`` from ``milestones[i]`` on (1.0 before the first milestone).
+
+    A class rather than a lambda so that ``LambdaLR`` can be pickled into checkpoints.
+    """
+
+    def __init__(self, milestones: Sequence[int], factors: Sequence[float]) -> None:
+        self.milestones = list(milestones)
+        self.factors = list(factors)
+
+    def __call__(self, step: int) -> float:
+        factor = 1.0
+        for milestone, f in zip(self.milestones, self.factors):
+            if step >= milestone:
+                factor = f
+        return factor
+
+
+class ClassifierModule(pl.LightningModule):
+    """Image classifier around any network of the registry.
+
+    Every argument is saved in the checkpoint, together with the class names and the
+    normalisation of the data it was trained on, so ``ClassifierModule.load_from_checkpoint(path)``
+    rebuilds the model with no other input.
+
+    Args:
+        arch: registered architecture name (see ``cifar_lightning.models.list_models()``).
+        arch_kwargs: extra keyword arguments for the architecture's builder.
+        num_classes: number of output classes (linked from the data).
+        class_names: one name per class, in label order (linked from the data).
+        norm_mean, norm_std: input normalisation the network expects (linked from the data).
+        optimizer: ``sgd`` (with ``momentum`` and ``nesterov``), ``adam`` or ``adamw``.
+        lr: peak learning rate. weight_decay: L2 penalty (decoupled for ``adamw``).
+        betas: Adam/AdamW betas.
+        scheduler: ``none``, ``multistep``, ``cosine``, ``onecycle`` or ``plateau``.
+        milestones: ``multistep`` boundaries, in epochs or steps (``milestone_unit``).
+        gamma: ``multistep`` factor per milestone, or a list of absolute factors (one per milestone).
+        pct_start: ``onecycle`` share of steps spent warming up.
+        warmup_epochs: linear warm-up before ``cosine`` (may be fractional).
+        min_lr: floor of ``cosine`` and ``plateau``.
+        plateau_monitor, plateau_factor, plateau_patience: ReduceLROnPlateau settings.
+        label_smoothing: cross-entropy label smoothing.
+        channels_last: run the network in channels-last memory format (faster convs on GPUs).
+        compile: wrap the network in ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        arch_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        class_names: list[str] | None = None,
+        norm_mean: tuple[float, float, float] = CIFAR10_MEAN,
+        norm_std: tuple[float, float, float] = CIFAR10_STD,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        scheduler: SchedulerName = "cosine",
+        milestones: list[int] | None = None,
+        milestone_unit: Literal["epoch", "step"] = "epoch",
+        gamma: float | list[float] = 0.1,
+        pct_start: float = 0.25,
+        warmup_epochs: float = 0.0,
+        min_lr: float = 0.0,
+        plateau_monitor: str = "val/loss",
+        plateau_factor: float = 0.5,
+        plateau_patience: int = 5,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        model_info(arch)  # unknown names fail here with the list of valid ones
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {optimizer!r}. Valid names: {', '.join(OPTIMIZERS)}")
+        if scheduler not in SCHEDULERS:
+            raise UserError(f"unknown scheduler {scheduler!r}. Valid names: {', '.join(SCHEDULERS)}")
+        if not lr > 0:
+            raise UserError(f"the learning rate must be positive, got {lr}. Pass e.g. --lr 0.1.")
+        if num_classes < 2:
+            raise UserError(f"num_classes must be at least 2, got {num_classes}.")
+        if class_names is None:
+            class_names = list(CIFAR10_CLASSES) if num_classes == 10 else [str(i) for i in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise UserError(f"{len(class_names)} class names given for num_classes={num_classes}.")
+        if scheduler == "multistep" and not milestones:
+            raise UserError("scheduler 'multistep' needs milestones, e.g. --model.milestones [100,150].")
+        self.save_hyperparameters()
+        self.class_names = list(class_names)
+        self.model = create_model(arch, num_classes=num_classes, **(arch_kwargs or {}))
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.register_buffer("input_mean", torch.tensor(norm_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(norm_std).view(1, 3, 1, 1), persistent=False)
+        # Kept out of the module tree so the state dict has one copy of the weights, not two.
+        object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
+
+        # One metric object per stage (a shared MetricCollection would mix states between stages).
+        # ModuleDict keys get a suffix because "train" is already an nn.Module attribute.
+        self.loss_metrics = torch.nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
+        self.acc_metrics = torch.nn.ModuleDict(
+            {f"{s}_": MulticlassAccuracy(num_classes, average="micro") for s in STAGES}
+        )
+        self.class_acc_metrics = torch.nn.ModuleDict(
+            {f"{s}_": MulticlassAccuracy(num_classes, average=None) for s in ("val", "test")}
+        )
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of normalised images (B, 3, H, W)."""
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._forward(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the stored normalisation to raw images in [0, 1], (B, 3, H, W)."""
+        return (x - self.input_mean) / self.input_std
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities for normalised images."""
+        return torch.softmax(self(x).float(), dim=1)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def _shared_step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        preds = logits.detach().argmax(dim=1)
+        # Metric objects accumulate on the device; Lightning computes and syncs them once per epoch.
+        key = f"{stage}_"
+        self.loss_metrics[key].update(loss.detach(), weight=y.numel())
+        self.acc_metrics[key].update(preds, y)
+        if key in self.class_acc_metrics:
+            self.class_acc_metrics[key].update(preds, y)
+        self.log(f"{stage}/loss", self.loss_metrics[key], on_step=False, on_epoch=True, prog_bar=stage == "train")
+        self.log(f"{stage}/acc", self.acc_metrics[key], on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.predict_proba(x)
+
+    def _log_per_class(self, stage: str) -> None:
+        metric = self.class_acc_metrics[f"{stage}_"]
+        values = metric.compute()  # synced across processes by torchmetrics
+        metric.reset()
+        self.log_dict(
+            {f"{stage}/acc/{name}": v for name, v in zip(self.class_names, values)},
+            # compute() already returned the global value on every rank; averaging equal values
+            # changes nothing and tells Lightning the value is synced.
+            sync_dist=True,
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_per_class("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_per_class("test")
+
+    def on_train_start(self) -> None:
+        # The sanity check leaves partial validation state behind; start the real epochs clean.
+        for metrics in (self.loss_metrics, self.acc_metrics, self.class_acc_metrics):
+            metrics["val_"].reset()
+
+    def on_fit_start(self) -> None:
+        # Networks with data-dependent initialisation (fastnet's whitening layer) get it here, from
+        # the same deterministic images on every rank; the network ignores repeated calls.
+        init = getattr(self.model, "init_from_data", None)
+        dm = getattr(self.trainer, "datamodule", None)
+        if callable(init) and dm is not None and hasattr(dm, "sample_train_images"):
+            init(dm.sample_train_images(5000).to(self.device))
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+            )
+        elif hp.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+
+        if hp.scheduler == "none":
+            return opt
+        if hp.scheduler == "plateau":
+            mode = "min" if "loss" in hp.plateau_monitor else "max"
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode=mode, factor=hp.plateau_factor, patience=hp.plateau_patience, min_lr=hp.min_lr
+            )
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": hp.plateau_monitor}}
+        if hp.scheduler == "multistep":
+            gammas = hp.gamma if isinstance(hp.gamma, (list, tuple)) else [
+                hp.gamma ** (i + 1) for i in range(len(hp.milestones))
+            ]
+            if len(gammas) != len(hp.milestones):
+                raise UserError(f"gamma has {len(gammas)} factors for {len(hp.milestones)} milestones.")
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, PiecewiseConstant(hp.milestones, gammas))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp.milestone_unit}}
+
+        # Per-step schedules size themselves from the trainer (epochs, data, devices, accumulation).
+        total = int(self.trainer.estimated_stepping_batches)
+        if hp.scheduler == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=hp.pct_start)
+        else:
+            steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
+            warmup = int(round(hp.warmup_epochs * steps_per_epoch))
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, WarmupCosine(warmup, total, hp.min_lr / hp.lr)
+            )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
+
+    def __init__(self, warmup: int, total: int, floor: float = 0.0) -> None:
+        self.warmup, self.total, self.floor = warmup, max(total, 1), floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny image folders the tests write themselves, and a subset of the real data."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+SKIP_NO_ARCHIVE = (
+    f"the real CIFAR-10 archive is not at {REAL_ARCHIVE} (it ships beside the project on CI "
+    "machines only); these tests read real images from it"
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    # Archive extractions and decoded caches of one test never leak into another, or into ~/.cache.
+    monkeypatch.setenv("CIFAR_LIGHTNING_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def labelled_image(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """Noise plus a bright channel/stripe pattern that encodes ``label``: learnable in a few steps."""
+    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    img[..., label % 3] += 120
+    img[(label * 3) % size : (label * 3) % size + 3, :, :] = 255
+    return img
+
+
+def write_image_folder(
+    root: Path,
+    classes=("cat", "dog", "frog"),
+    n_train: int = 12,
+    n_test: int = 4,
+    suffix: str = ".png",
+    seed: int = 0,
+) -> Path:
+    """Write ``root/{train,test}/<class>/NNN<suffix>`` with images that encode their class."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(labelled_image(label, rng)).save(folder / f"{i:03d}{suffix}")
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    """3 classes, 12 train + 4 test PNG images each."""
+    return write_image_folder(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def real_subset(tmp_path_factory) -> Path:
+    """The first 60 train and 20 test images of each class from the real archive (JPEG copy)."""
+    if not REAL_ARCHIVE.is_file():
+        pytest.skip(SKIP_NO_ARCHIVE)
+    return extract_subset(REAL_ARCHIVE, tmp_path_factory.mktemp("real") / "cifar10", {"train": 60, "test": 20})
+
+
+def extract_subset(archive: Path, dest: Path, per_class: dict[str, int]) -> Path:
+    """Copy the first N files of each class and split out of the real archive into ``dest``."""
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
+                continue
+            key = (parts[0], parts[1])
+            if counts.get(key, 0) >= per_class[parts[0]]:
+                continue
+            counts[key] = counts.get(key, 0) + 1
+            target = dest / member.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+    return dest
+
+
+def pytest_report_header(config):
+    state = "present" if REAL_ARCHIVE.is_file() else "absent: real-data tests skip"
+    return f"real CIFAR-10 archive: {REAL_ARCHIVE} ({state}); cpus: {os.cpu_count()}"
