@@ -149,7 +149,7 @@ class ClassifierModule(pl.LightningModule):
         return torch.softmax(self(x).float(), dim=1)
 
     # -- steps ------------------------------------------------------------------------------------
-    def _shared_step(self, batch, stage: str) -> torch.Tensor:
+    def _shared_step(self, batch, stage: str) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
@@ -162,16 +162,17 @@ class ClassifierModule(pl.LightningModule):
             self.class_acc_metrics[key].update(preds, y)
         self.log(f"{stage}/loss", self.loss_metrics[key], on_step=False, on_epoch=True, prog_bar=stage == "train")
         self.log(f"{stage}/acc", self.acc_metrics[key], on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return {"loss": loss, "logits": logits.detach(), "targets": y}
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train")["loss"]
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        # Callbacks (prediction tables, confusion matrices) read logits and targets from here.
+        return self._shared_step(batch, "test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
