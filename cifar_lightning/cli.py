@@ -7,6 +7,7 @@ the test-and-report step after fitting.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -162,9 +163,11 @@ def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
         argv = ["--help"]
     names_run = any(a.partition("=")[0] in ("--name", "--trainer.logger.init_args.name") for a in argv)
     args = expand_aliases(argv)
-    arch = _value_of(args, "--model.arch")
-    if arch and not names_run:
-        args.append(f"--trainer.logger.init_args.name={arch}")  # runs/<arch>/version_N
+    # runs/<arch>/version_N, or runs/<recipe>/version_N for `--config configs/<recipe>.yaml`
+    config = _value_of(args, "--config")
+    run_name = _value_of(args, "--model.arch") or (Path(config).stem if config else None)
+    if run_name and not names_run:
+        args.append(f"--trainer.logger.init_args.name={run_name}")
 
     # The arguments are sys.argv rewritten, so Lightning's "args and sys.argv both given" note does not apply.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

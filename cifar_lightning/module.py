@@ -23,17 +23,18 @@ STAGES = ("train", "val", "test")
 
 
 class PiecewiseConstant:
-    """LR multiplier ``factors[i]`` from ``milestones[i]`` on (1.0 before the first milestone).
+    """LR multiplier ``factors[i]`` from ``milestones[i]`` on (``initial`` before the first one).
 
     A class rather than a lambda so that ``LambdaLR`` can be pickled into checkpoints.
     """
 
-    def __init__(self, milestones: Sequence[int], factors: Sequence[float]) -> None:
+    def __init__(self, milestones: Sequence[int], factors: Sequence[float], initial: float = 1.0) -> None:
         self.milestones = list(milestones)
         self.factors = list(factors)
+        self.initial = initial
 
     def __call__(self, step: int) -> float:
-        factor = 1.0
+        factor = self.initial
         for milestone, f in zip(self.milestones, self.factors):
             if step >= milestone:
                 factor = f
@@ -59,6 +60,8 @@ class ClassifierModule(pl.LightningModule):
         scheduler: ``none``, ``multistep``, ``cosine``, ``onecycle`` or ``plateau``.
         milestones: ``multistep`` boundaries, in epochs or steps (``milestone_unit``).
         gamma: ``multistep`` factor per milestone, or a list of absolute factors (one per milestone).
+        initial_lr_factor: ``multistep`` factor before the first milestone (a constant warm-up,
+            as ResNet-110's 0.01 start in He et al. 2016).
         pct_start: ``onecycle`` share of steps spent warming up.
         warmup_epochs: linear warm-up before ``cosine`` (may be fractional).
         min_lr: floor of ``cosine`` and ``plateau``.
@@ -86,6 +89,7 @@ class ClassifierModule(pl.LightningModule):
         milestones: list[int] | None = None,
         milestone_unit: Literal["epoch", "step"] = "epoch",
         gamma: float | list[float] = 0.1,
+        initial_lr_factor: float = 1.0,
         pct_start: float = 0.25,
         warmup_epochs: float = 0.0,
         min_lr: float = 0.0,
@@ -235,7 +239,7 @@ class ClassifierModule(pl.LightningModule):
             ]
             if len(gammas) != len(hp.milestones):
                 raise UserError(f"gamma has {len(gammas)} factors for {len(hp.milestones)} milestones.")
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, PiecewiseConstant(hp.milestones, gammas))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, PiecewiseConstant(hp.milestones, gammas, hp.initial_lr_factor))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp.milestone_unit}}
 
         # Per-step schedules size themselves from the trainer (epochs, data, devices, accumulation).

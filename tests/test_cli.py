@@ -1,0 +1,132 @@
+"""LightningCLI and the recipes in configs/."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cifar_lightning.cli import cli_main, fit_main
+from conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def tiny_overrides(data_dir: Path, out: Path) -> list[str]:
+    return [
+        f"--data.data_dir={data_dir}", "--data.download=false", "--data.num_workers=0",
+        "--data.batch_size=4", "--data.val_size=6", f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}", *QUIET,
+    ]  # fmt: skip
+
+
+def test_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    expected = {
+        "mynet_tutorial", "resnet34_tutorial", "simple_cnn_tutorial", "dainet7_tutorial",
+        "resnet50_tutorial", "resnet18", *(f"resnet{d}_paper" for d in (20, 32, 44, 56, 110)),
+    }  # fmt: skip
+    assert expected <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_has_a_header_and_runs(config, tiny_folder, tmp_path):
+    header = [line for line in config.read_text().splitlines() if line.startswith("#")]
+    for field in ("source:", "reference:", "epochs:", "time:"):
+        assert any(field in line for line in header), f"{config.name} header lacks '{field}'"
+    cli = cli_main(
+        ["fit", "--config", str(config), *tiny_overrides(tiny_folder, tmp_path), "--trainer.fast_dev_run=true"]
+    )
+    # the model and data the recipe describes are the ones that ran
+    recipe = yaml.safe_load(config.read_text())
+    for key, value in recipe["model"].items():
+        got = cli.model.hparams[key]
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
+    overridden = {"data_dir", "download", "num_workers", "batch_size", "val_size"}
+    for key, value in recipe.get("data", {}).items():
+        if key not in overridden:
+            assert cli.datamodule.hparams[key] == value, key
+
+
+def print_config(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", *args, "--print_config"])
+    assert exc.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_round_trip(tmp_path, capsys):
+    first = print_config(["--config", str(REPO / "configs" / "resnet110_paper.yaml"), "--model.lr=0.05"], capsys)
+    assert first["model"]["arch"] == "resnet110" and first["model"]["lr"] == 0.05
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(yaml.safe_dump(first))
+    assert print_config(["--config", str(dumped)], capsys) == first
+
+
+def test_configs_compose_and_flags_override(capsys):
+    cfg = print_config(["--config", str(REPO / "configs" / "resnet18.yaml"), "--trainer.max_epochs=5"], capsys)
+    assert cfg["trainer"]["max_epochs"] == 5 and cfg["model"]["nesterov"] is True
+
+
+def _hparams(ckpt: str) -> tuple[dict, dict]:
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    return state["hyper_parameters"], state["datamodule_hyper_parameters"]
+
+
+def test_alias_flags_and_yaml_give_the_same_checkpoint_hparams(tiny_folder, tmp_path):
+    common = ["--output-dir", str(tmp_path), "--data-dir", str(tiny_folder), "--num-workers", "0",
+              "--val-size", "6", "--trainer.limit_train_batches=2", *QUIET]  # fmt: skip
+    by_flags = fit_main(
+        ["--arch", "simple_cnn", "--optimizer", "adam", "--lr", "0.003", "--weight-decay", "0.001",
+         "--scheduler", "onecycle", "--batch-size", "8", "--augment", "none", "--epochs", "1",
+         "--label-smoothing", "0.1", "--name", "flags", *common]
+    )  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"arch": "simple_cnn", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.001,
+                          "scheduler": "onecycle", "label_smoothing": 0.1},
+                "data": {"batch_size": 8, "augment": "none"},
+                "trainer": {"max_epochs": 1},
+            }
+        )
+    )  # fmt: skip
+    by_yaml = fit_main(["--config", str(recipe), "--name", "yaml", *common])
+    assert _hparams(by_flags["checkpoint"]) == _hparams(by_yaml["checkpoint"])
+    assert _hparams(by_flags["checkpoint"])[0]["optimizer"] == "adam"
+    assert Path(by_flags["checkpoint"]).parts[-4] == "flags"
+
+
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        ("model:\n  arch: simple_cnn\n  lrr: 0.1\n", r"does not accept option 'model\.lrr'"),
+        ("model:\n  lr: fast\n", r'key "model\.lr"[\s\S]*Expected a <class .float.>[\s\S]*fast'),
+        ("data:\n  augment: sideways\n", r'data\.augment[\s\S]*sideways'),
+        ("model:\n  arch: [unclosed\n", r"Problems parsing config"),
+    ],
+    ids=["unknown-key", "wrong-type", "bad-choice", "invalid-yaml"],
+)
+def test_bad_config_gives_the_cli_message_and_exit_2(tmp_path, capsys, content, pattern):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", str(bad)])
+    assert exc.value.code == 2
+    assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_test_subcommand_rebuilds_from_checkpoint(tiny_folder, tmp_path):
+    report = fit_main(["--arch", "lenet5", "--epochs", "1", "--output-dir", str(tmp_path), "--data-dir",
+                       str(tiny_folder), "--num-workers", "0", "--val-size", "6", "--batch-size", "8", *QUIET])  # fmt: skip
+    cli = cli_main(
+        ["test", f"--ckpt_path={report['checkpoint']}", *tiny_overrides(tiny_folder, tmp_path / "t")]
+    )
+    # the architecture comes from the checkpoint, not from the CLI default (resnet18)
+    assert cli.model.hparams.arch == "lenet5"
+    assert cli.trainer.callback_metrics["test/acc"].item() == pytest.approx(report["test_acc"])
