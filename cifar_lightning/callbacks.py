@@ -23,6 +23,12 @@ def default_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:
         callbacks.append(RichProgressBar())
     if trainer_config.get("enable_model_summary", True) is not False:
         callbacks.append(RichModelSummary(max_depth=1))
-    if trainer_config.get("logger", True) not in (False, None, []):
+    logger = trainer_config.get("logger", True)
+    if logger not in (False, None, []):
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    loggers = logger if isinstance(logger, list) else [logger]
+    if any(getattr(lg, "watch_mode", None) for lg in loggers):
+        from cifar_lightning.tracking import WatchModel
+
+        callbacks.append(WatchModel())
     return callbacks

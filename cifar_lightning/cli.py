@@ -7,6 +7,7 @@ the test-and-report step after fitting.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from cifar_lightning.callbacks import CHECKPOINT_DEFAULTS, default_callbacks
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.module import ClassifierModule
+from cifar_lightning.tracking import ConfigSavingCallback, TestResultsLogger
 
 #: Trainer settings that differ from Lightning's defaults.
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -37,6 +39,7 @@ class CifarCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("save_config_callback", ConfigSavingCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -45,6 +48,7 @@ class CifarCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
+        parser.add_lightning_class_args(TestResultsLogger, "test_results")
         # What the data determines is passed to the model when both exist, and so ends up in
         # the checkpoint; these model arguments are therefore not set by hand.
         for source, target in (
@@ -100,8 +104,7 @@ FIT_ALIASES: dict[str, tuple[str, ...]] = {
     "--accelerator": ("--trainer.accelerator",),
     "--precision": ("--trainer.precision",),
     "--seed": ("--seed_everything",),
-    "--output-dir": ("--trainer.default_root_dir", "--trainer.logger.init_args.save_dir"),
-    "--name": ("--trainer.logger.init_args.name",),
+    "--output-dir": ("--trainer.default_root_dir",),
 }
 #: Flags that take no value.
 FIT_SWITCHES: dict[str, tuple[str, ...]] = {
@@ -109,31 +112,97 @@ FIT_SWITCHES: dict[str, tuple[str, ...]] = {
     "--no-download": ("--data.download=false",),
     "--fast-dev-run": ("--trainer.fast_dev_run=true",),
 }
+#: Flags that together describe ``--trainer.logger`` (see ``logger_spec``).
+LOGGER_FLAGS = ("--logger", "--name", "--wandb-project", "--wandb-entity", "--group", "--tags", "--watch")
+LOGGER_SWITCHES = ("--log-graph",)
+LOGGERS = {
+    "csv": "lightning.pytorch.loggers.CSVLogger",
+    "tensorboard": "cifar_lightning.tracking.TensorBoardLogger",
+    "wandb": "cifar_lightning.tracking.WandbLogger",
+}
+
+
+def next_version(folder: Path) -> int:
+    """The next free ``version_<N>`` number under ``folder``."""
+    taken = [int(p.name[8:]) for p in folder.glob("version_*") if p.name[8:].isdigit()]
+    return max(taken, default=-1) + 1
+
+
+def logger_spec(opts: dict[str, list[str]], save_dir: str, name: str) -> list[dict[str, Any]]:
+    """The ``--trainer.logger`` list for fit.py's logger flags.
+
+    The CSV logger always comes first: its folder is the run directory (checkpoints, report,
+    config), and it needs no account. ``--logger tensorboard`` / ``--logger wandb`` add to it.
+    """
+    names = ["csv"] + [n for n in opts.get("--logger", []) if n != "csv"]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise UserError(f"unknown logger {unknown[0]!r}. Valid names: {', '.join(LOGGERS)}")
+    # CSV and TensorBoard share one version folder (TensorBoard in its "tensorboard" subfolder);
+    # left to themselves, each would pick its own next free version number.
+    version = next_version(Path(save_dir) / name)
+    specs = []
+    for logger in dict.fromkeys(names):
+        args: dict[str, Any] = {"save_dir": save_dir, "name": name}
+        if logger == "csv":
+            args.update(version=version)
+        if logger == "tensorboard":
+            args.update(version=version, sub_dir="tensorboard", default_hp_metric=False, log_graph="--log-graph" in opts)
+        if logger == "wandb":
+            args.update(
+                project=opts.get("--wandb-project", ["cifar-lightning"])[-1],
+                entity=opts.get("--wandb-entity", [None])[-1],
+                group=opts.get("--group", [None])[-1],
+                tags=[t for v in opts.get("--tags", []) for t in v.split(",") if t] or None,
+                watch=opts.get("--watch", [None])[-1],
+            )
+        specs.append({"class_path": LOGGERS[logger], "init_args": args})
+    return specs
 
 
 def expand_aliases(argv: list[str]) -> list[str]:
-    """Rewrite ``fit.py`` short flags into LightningCLI arguments; anything else passes through."""
+    """Rewrite ``fit.py`` short flags into LightningCLI arguments; anything else passes through.
+
+    The run is named after ``--name``, else the architecture, else the ``--config`` file's stem:
+    ``runs/<name>/version_<N>``.
+    """
     out: list[str] = []
+    opts: dict[str, list[str]] = {}
     i = 0
     while i < len(argv):
         token = argv[i]
         flag, eq, value = token.partition("=")
-        if flag in FIT_SWITCHES and not eq:
-            out += FIT_SWITCHES[flag]
-        elif flag in FIT_ALIASES:
+        if (flag in FIT_SWITCHES or flag in LOGGER_SWITCHES) and not eq:
+            out += FIT_SWITCHES.get(flag, ())
+            opts.setdefault(flag, []).append("true")
+        elif flag in FIT_ALIASES or flag in LOGGER_FLAGS:
             if not eq:
-                if i + 1 >= len(argv):
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                     raise UserError(f"{flag} needs a value, e.g. {flag} {_ALIAS_EXAMPLES.get(flag, 'VALUE')}")
                 i += 1
                 value = argv[i]
-            out += [f"{target}={value}" for target in FIT_ALIASES[flag]]
+            out += [f"{target}={value}" for target in FIT_ALIASES.get(flag, ())]
+            opts.setdefault(flag, []).append(value)
         else:
             out.append(token)
         i += 1
+    config = _value_of(out, "--config")
+    name = (opts.get("--name") or [None])[-1] or _value_of(out, "--model.arch") or (Path(config).stem if config else None)
+    save_dir = (opts.get("--output-dir") or [None])[-1]
+    if any(f in opts for f in LOGGER_FLAGS + LOGGER_SWITCHES if f != "--name"):
+        specs = logger_spec(opts, save_dir or TRAINER_DEFAULTS["default_root_dir"], name or "cifar10")
+        out.append(f"--trainer.logger={json.dumps(specs)}")
+    else:
+        # Only the default CSV logger: adjust its folder and name, keep the rest of any config.
+        out += [f"--trainer.logger.init_args.save_dir={save_dir}"] if save_dir else []
+        out += [f"--trainer.logger.init_args.name={name}"] if name else []
     return out
 
 
-_ALIAS_EXAMPLES = {"--arch": "resnet18", "--epochs": "30", "--batch-size": "128", "--lr": "0.1"}
+_ALIAS_EXAMPLES = {
+    "--arch": "resnet18", "--epochs": "30", "--batch-size": "128", "--lr": "0.1",
+    "--logger": "tensorboard", "--watch": "gradients",
+}  # fmt: skip
 
 
 def fit_help() -> str:
@@ -144,7 +213,13 @@ def fit_help() -> str:
         "Fits, tests the best checkpoint, prints the test report and writes it to\n"
         "<run dir>/test_report.json. Short flags are aliases of the CLI arguments:\n"
         + "\n".join(rows)
-        + "\n\nAll arguments of `python -m cifar_lightning fit` follow.\n"
+        + "\n\nLogging (build --trainer.logger; the CSV log is always kept as the run directory):\n"
+        "  --logger NAME      add tensorboard or wandb (repeatable)\n"
+        "  --name NAME        run name: runs/<name>/version_N (default: the arch or the config's name)\n"
+        "  --wandb-project P, --wandb-entity E, --group G, --tags a,b\n"
+        "  --watch MODE       W&B gradient/parameter histograms: gradients, parameters or all\n"
+        "  --log-graph        TensorBoard model graph\n"
+        "\nAll arguments of `python -m cifar_lightning fit` follow.\n"
     )
 
 
@@ -161,13 +236,7 @@ def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if any(a in ("-h", "--help") for a in argv):
         print(fit_help())
         argv = ["--help"]
-    names_run = any(a.partition("=")[0] in ("--name", "--trainer.logger.init_args.name") for a in argv)
     args = expand_aliases(argv)
-    # runs/<arch>/version_N, or runs/<recipe>/version_N for `--config configs/<recipe>.yaml`
-    config = _value_of(args, "--config")
-    run_name = _value_of(args, "--model.arch") or (Path(config).stem if config else None)
-    if run_name and not names_run:
-        args.append(f"--trainer.logger.init_args.name={run_name}")
 
     # The arguments are sys.argv rewritten, so Lightning's "args and sys.argv both given" note does not apply.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -211,7 +280,17 @@ def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     write_report(report, report["report_path"])
     print_report(report)
     print(f"report: {report['report_path']}")
+    finish_wandb_runs(trainer)
     return report
+
+
+def finish_wandb_runs(trainer) -> None:
+    """Close W&B runs now rather than at interpreter exit, so callers in the same process can read them."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def _value_of(args: list[str], key: str) -> str | None:

@@ -123,6 +123,8 @@ class ClassifierModule(pl.LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.register_buffer("input_mean", torch.tensor(norm_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(norm_std).view(1, 3, 1, 1), persistent=False)
+        # Lets the model summary show shapes and TensorBoard draw the graph (log_graph=True).
+        self.example_input_array = torch.zeros(1, 3, 32, 32)
         # Kept out of the module tree so the state dict has one copy of the weights, not two.
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
 
