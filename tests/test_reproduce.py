@@ -1,0 +1,36 @@
+"""scripts/reproduce.py: runs recipes over seeds, keeps logs, tabulates without estimating."""
+
+from __future__ import annotations
+
+import json
+
+from cifar_lightning.reproduce import main, recipe_header
+from conftest import REPO
+
+
+def test_every_recipe_header_parses():
+    for recipe in sorted((REPO / "configs").glob("*.yaml")):
+        head = recipe_header(recipe)
+        assert {"source", "reference", "epochs", "time"} <= set(head), recipe.name
+
+
+def test_runs_seeds_keeps_logs_and_writes_table(tiny_folder, tmp_path):
+    recipe = tmp_path / "tiny_recipe.yaml"
+    recipe.write_text(
+        "# A tiny recipe for the test.\n# source: this test\n# reference: 50.00% (made up for the test)\n"
+        "# epochs: 1\n# time: seconds\nmodel:\n  arch: simple_cnn\n  lr: 0.05\ntrainer:\n  max_epochs: 1\n"
+    )
+    results, table = tmp_path / "results", tmp_path / "table.md"
+    main([str(recipe), "--seeds", "0", "1", "--data-dir", str(tiny_folder), "--results", str(results),
+          "--table", str(table), "--extra", "--num-workers", "0", "--val-size", "6", "--batch-size", "8"])  # fmt: skip
+    reports = [json.loads((results / f"tiny_recipe-seed{s}.json").read_text()) for s in (0, 1)]
+    logs = [(results / f"tiny_recipe-seed{s}.log").read_text() for s in (0, 1)]
+    assert "--seed 0" in logs[0] and "--seed 1" in logs[1]
+    assert all(r["recipe"] == "tiny_recipe" and r["epochs"] == 1 for r in reports)
+    assert not (results / "runs").exists()  # checkpoints are not kept
+    rows = {line.split("|")[1].strip(): line for line in table.read_text().splitlines() if line.startswith("| ")}
+    mean = sum(100 * r["test_acc"] for r in reports) / 2
+    assert f"{mean:.2f}%" in rows["tiny_recipe"] and "(2)" in rows["tiny_recipe"]
+    assert "--num-workers 0" in rows["tiny_recipe"]
+    # recipes without results are listed as not run, with no number
+    assert "not run here" in rows["resnet110_paper"] and "%" not in rows["resnet110_paper"].split("|")[3]
