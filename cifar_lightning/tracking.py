@@ -249,10 +249,17 @@ def _to_wandb(logger, confusion: torch.Tensor, samples, names: list[str]) -> Non
 
 
 def _to_tensorboard(logger, confusion, samples, names, pl_module, metrics, step) -> None:
+    from cifar_lightning.plots import confusion_matrix_figure, predictions_grid_figure
+
     writer = logger.experiment
-    writer.add_figure("test/confusion_matrix", _confusion_figure(confusion.numpy(), names), global_step=step)
+    writer.add_figure("test/confusion_matrix", confusion_matrix_figure(confusion.numpy(), names), global_step=step)
     if samples is not None:
-        fig = _grid_figure(samples["images"][:64], samples["targets"][:64], samples["top_i"][:64, 0], names)
+        fig = predictions_grid_figure(
+            samples["images"].permute(0, 2, 3, 1).numpy(),  # (N, H, W, 3) uint8
+            samples["targets"].numpy(),
+            samples["top_i"][:, 0].numpy(),
+            names,
+        )
         writer.add_figure("test/predictions", fig, global_step=step)
     # The HPARAMS view pairs each run's hyperparameters with its final metrics.
     params = {k: v for k, v in pl_module.hparams.items() if k != "class_names"}
@@ -260,36 +267,3 @@ def _to_tensorboard(logger, confusion, samples, names, pl_module, metrics, step)
         warnings.simplefilter("ignore")
         logger.log_hyperparams(params, metrics={f"hp/{k}": v for k, v in metrics.items()})
 
-
-def _confusion_figure(matrix, names):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=90)
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.tight_layout()
-    return fig
-
-
-def _grid_figure(images, targets, preds, names):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 8
-    rows = (len(images) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.6), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img, t, p in zip(axes.flat, images, targets, preds):
-        ax.imshow(img.permute(1, 2, 0).numpy())
-        ax.set_title(f"{names[p]}\n({names[t]})", fontsize=7, color="green" if p == t else "red")
-    fig.tight_layout()
-    return fig

@@ -1,0 +1,195 @@
+"""Load a training checkpoint safely, with one clear error for every way a file can be wrong.
+
+A checkpoint of this project is a Lightning checkpoint whose ``hyper_parameters`` hold plain
+data (the arch, its kwargs, the class names, the normalisation) and whose ``state_dict`` holds
+tensors, so ``torch.load(weights_only=True)`` reads all of it. Nothing here ever falls back to
+unrestricted unpickling: a file that needs it is refused, because unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from cifar_lightning.errors import UserError
+from cifar_lightning.module import ClassifierModule
+
+#: Hyperparameters that rebuild the network; a checkpoint without them was not written by us.
+REQUIRED_HPARAMS = ("arch", "num_classes")
+
+_HOW_TO_GET_ONE = "Pass a .ckpt file written by scripts/fit.py (runs/<arch>/version_N/checkpoints/)."
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a checkpoint of this project, checked.
+
+    Raises ``UserError`` naming the file when it is missing, a folder, empty, truncated or
+    corrupt, needs unsafe unpickling (a whole pickled model, another program's pickle), or is
+    readable but not a checkpoint of this project (a plain state dict, some other dict).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist. {_HOW_TO_GET_ONE}")
+    if path.is_dir():
+        found = sorted(str(p) for p in path.rglob("*.ckpt"))[:5]
+        hint = f" It holds: {', '.join(found)}." if found else ""
+        raise UserError(f"checkpoint {path} is a folder, not a checkpoint file.{hint} {_HOW_TO_GET_ONE}")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes). {_HOW_TO_GET_ONE}")
+    try:
+        with warnings.catch_warnings():
+            # Other programs' pickles make torch warn about their protocol before failing anyway.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(_unpickling_message(path, err)) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise UserError(f"cannot read checkpoint {path}: {err.strerror}.") from None
+        damaged = zipfile.is_zipfile(path) or _looks_like_torch_zip(path)
+        kind = "truncated or corrupt" if damaged else "not a PyTorch checkpoint"
+        raise UserError(
+            f"checkpoint {path} is {kind} ({type(err).__name__}: {_first_line(err)}). {_HOW_TO_GET_ONE}"
+        ) from None
+    _check_structure(path, ckpt)
+    return ckpt
+
+
+def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ClassifierModule:
+    """Rebuild the ``ClassifierModule`` of a checkpoint in eval mode, without unsafe unpickling."""
+    return build_classifier(read_checkpoint(path, map_location), path, map_location)
+
+
+def build_classifier(
+    ckpt: dict[str, Any], path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> ClassifierModule:
+    """The eval-mode ``ClassifierModule`` of a checkpoint dict from ``read_checkpoint``.
+
+    ``compile`` is switched off: evaluation, prediction and export run the plain network (the
+    compiled wrapper holds no weights of its own, so the state dict is the same).
+    """
+    # Lightning's own keys (``_instantiator``...) are not arguments of the module.
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    hparams["compile"] = False
+    try:
+        module = ClassifierModule(**hparams)
+    except TypeError as err:
+        raise UserError(f"checkpoint {path} has hyperparameters this version does not know ({err}).") from None
+    except UserError as err:
+        raise UserError(f"checkpoint {path}: {err}") from None
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise UserError(
+            f"checkpoint {path}: its weights do not fit the architecture {hparams['arch']!r} "
+            f"({_first_line(err)}). The file was edited or written by another version of the model."
+        ) from None
+    return module.to(map_location).eval()
+
+
+def stored_data_dir(ckpt: dict[str, Any], path: str | os.PathLike) -> str | None:
+    """The ``data_dir`` the checkpoint was trained on: from the checkpoint, else the run's config.yaml.
+
+    Relative paths are as the training command saw them (relative to its working directory).
+    """
+    data_dir = (ckpt.get("datamodule_hyper_parameters") or {}).get("data_dir")
+    if data_dir:
+        return str(data_dir)
+    config = Path(path).resolve().parent.parent / "config.yaml"  # runs/<arch>/version_N/checkpoints/x.ckpt
+    if config.is_file():
+        import yaml
+
+        try:
+            data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+        except yaml.YAMLError:
+            return None
+        value = data.get("data_dir") or (data.get("init_args") or {}).get("data_dir")
+        return str(value) if value else None
+    return None
+
+
+def check_compatible(
+    module: ClassifierModule,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    against: str = "the data",
+) -> None:
+    """Raise ``UserError`` when ``module`` was made for another arch, class count or class list.
+
+    ``against`` says what the expectation comes from (e.g. ``"the data in data/"``), and the
+    message names both sides so the user sees which checkpoint or data folder to change.
+    """
+    name = f"checkpoint {checkpoint}" if checkpoint else "the checkpoint"
+    hp = module.hparams
+    if arch is not None and hp.arch != arch:
+        raise UserError(f"{name} is a {hp.arch!r} model, but {against} expects {arch!r}.")
+    if class_names is not None:
+        theirs, ours = list(class_names), list(module.class_names)
+        if theirs != ours:
+            order = " (the same names in another order)" if sorted(theirs) == sorted(ours) else ""
+            raise UserError(
+                f"{name} was trained on {len(ours)} classes {ours}, but {against} has "
+                f"{len(theirs)} classes {theirs}{order}. Use a checkpoint trained on this data, "
+                "or data with the checkpoint's classes."
+            )
+    if num_classes is not None and hp.num_classes != num_classes:
+        raise UserError(f"{name} predicts {hp.num_classes} classes, but {against} has {num_classes}.")
+
+
+def _check_structure(path: Path, ckpt: Any) -> None:
+    if not isinstance(ckpt, dict):
+        raise UserError(
+            f"{path} is not a checkpoint of this project: it holds a {type(ckpt).__name__}, not a "
+            f"checkpoint dict. {_HOW_TO_GET_ONE}"
+        )
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise UserError(
+            f"{path} is a plain state dict (tensors only): it lacks the architecture, class names "
+            f"and normalisation needed to rebuild the model. {_HOW_TO_GET_ONE}"
+        )
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(ckpt.get("state_dict"), dict) or not isinstance(hparams, dict):
+        raise UserError(
+            f"{path} is not a checkpoint of this project: it has no 'state_dict' and "
+            f"'hyper_parameters' (keys: {', '.join(map(str, list(ckpt)[:8]))}). {_HOW_TO_GET_ONE}"
+        )
+    missing = [k for k in REQUIRED_HPARAMS if k not in hparams]
+    if missing:
+        raise UserError(
+            f"{path} is a Lightning checkpoint of another model: its hyper_parameters lack "
+            f"{', '.join(missing)}. {_HOW_TO_GET_ONE}"
+        )
+
+
+def _unpickling_message(path: Path, err: Exception) -> str:
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if unsafe:
+        return (
+            f"{path} is not a checkpoint of this project: it holds pickled Python objects "
+            f"({unsafe.group(1)}), such as a whole model saved with torch.save(model), which are "
+            f"not loaded because unpickling them would run code. {_HOW_TO_GET_ONE}"
+        )
+    return f"checkpoint {path} is not a PyTorch checkpoint (its contents cannot be unpickled). {_HOW_TO_GET_ONE}"
+
+
+def _looks_like_torch_zip(path: Path) -> bool:
+    # A zip archive starts with 'PK\x03\x04'; a truncated one has lost its central directory,
+    # so zipfile.is_zipfile() says no, but the header still shows what the file was meant to be.
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _first_line(err: Exception) -> str:
+    """The first sentence of an exception's message: torch's run to a paragraph."""
+    text = str(err).strip()
+    return re.split(r"(?<=[.!?])\s|\n", text, maxsplit=1)[0].rstrip(".") if text else "no details"

@@ -1,0 +1,297 @@
+"""Figures: confusion matrix, per-class accuracy, prediction grids, mistakes and training history.
+
+Every function returns a matplotlib ``Figure`` drawn on an Agg canvas, without pyplot: no global
+figure state, no GUI backend, safe in threads and callbacks, and a notebook still displays the
+returned figure. ``save_figure`` writes a PNG and frees the figure.
+
+``HistoryPlot`` is a Lightning callback that draws ``history.png`` from the CSV logger's
+``metrics.csv`` when fitting ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+
+from cifar_lightning.errors import UserError, exit_on_user_error
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from matplotlib.figure import Figure
+
+RIGHT, WRONG = "#1a7f37", "#cf222e"  # green and red that stay distinct on white and in print
+GRID_SIZE = 64  # images in predictions_grid.png: an 8 x 8 grid
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure (inches) on an Agg canvas; matplotlib is imported here, so importing this module is cheap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG (creating the folder) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation figures
+# ---------------------------------------------------------------------------------------------
+
+
+def confusion_matrix_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Figure:
+    """Counts in each cell, coloured by the share of the true class (row), so rare classes show too."""
+    m = np.asarray(confusion, dtype=np.int64)  # (C, C): rows true, columns predicted
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    c = len(class_names)
+    size = max(5.0, 0.6 * c + 2)
+    fig = new_figure(size + 1, size)
+    ax = fig.add_subplot()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, label="share of the true class", shrink=0.8)
+    ax.set(xticks=range(c), yticks=range(c), xlabel="predicted", ylabel="true", title="Confusion matrix")
+    ax.set_xticklabels(class_names, rotation=45, ha="right")
+    ax.set_yticklabels(class_names)
+    if c <= 20:  # beyond that the numbers would not be readable
+        for i in range(c):
+            for j in range(c):
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+    return fig
+
+
+def per_class_accuracy_figure(
+    accuracy: Mapping[str, float],
+    *,
+    overall: float | None = None,
+    tta: Mapping[str, float] | None = None,
+    tta_label: str = "TTA",
+) -> Figure:
+    """Horizontal bars of accuracy per class, the overall accuracy as a line, TTA bars beside them."""
+    names = list(accuracy)
+    y = np.arange(len(names))
+    fig = new_figure(7, max(3.0, 0.45 * len(names) + 1.5))
+    ax = fig.add_subplot()
+    height = 0.4 if tta else 0.7
+    bars = ax.barh(y, [100 * accuracy[n] for n in names], height=height, color="#4c72b0", label="plain")
+    ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
+    if tta:
+        tta_bars = ax.barh(y + height, [100 * tta[n] for n in names], height=height, color="#dd8452", label=tta_label)
+        ax.bar_label(tta_bars, fmt="%.1f", padding=2, fontsize=8)
+    if overall is not None:
+        ax.axvline(100 * overall, color="black", linestyle="--", linewidth=1, label=f"overall {100 * overall:.1f}%")
+    ax.set_yticks(y + (height / 2 if tta else 0), names)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 108), xlabel="accuracy (%)", title="Accuracy per class")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def image_grid_figure(
+    images: np.ndarray, titles: Sequence[str], colors: Sequence[str], *, ncols: int = 8, title: str = ""
+) -> Figure:
+    """uint8 images (N, H, W, 3) in a grid, each titled in its colour."""
+    n = len(images)
+    if n == 0:
+        fig = new_figure(5, 2)
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no images to show", ha="center", va="center")
+        fig.suptitle(title)
+        return fig
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = new_figure(max(1.6 * ncols, 5), 1.75 * nrows + (0.4 if title else 0))
+    for k, ax in enumerate(fig.subplots(nrows, ncols, squeeze=False).flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(images[k], interpolation="nearest")
+            ax.set_title(titles[k], color=colors[k], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def predictions_grid_figure(
+    images: np.ndarray,
+    labels: np.ndarray,
+    preds: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    n: int = GRID_SIZE,
+    seed: int = 0,
+) -> Figure:
+    """``n`` test images drawn at random (seeded), titled prediction over truth: green right, red wrong.
+
+    A random draw rather than the first ``n``: image-folder test sets are sorted by class.
+    """
+    idx = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
+    right = preds[idx] == labels[idx]
+    titles = [f"{class_names[preds[i]]}\ntrue: {class_names[labels[i]]}" for i in idx]
+    colors = [RIGHT if r else WRONG for r in right]
+    return image_grid_figure(
+        images[idx], titles, colors, title=f"Predictions (green right, red wrong): {right.sum()}/{len(idx)} right"
+    )
+
+
+def mistakes_figure(images: np.ndarray, mistakes: Sequence[Mapping[str, Any]]) -> Figure:
+    """The most confident mistakes (``Evaluation.confident_mistakes``), with confidence and truth."""
+    titles = [f"{m['predicted']} {100 * m['confidence']:.0f}%\ntrue: {m['true']}" for m in mistakes]
+    picked = images[[m["index"] for m in mistakes]] if mistakes else images[:0]
+    title = "Most confident mistakes" if mistakes else "Most confident mistakes: none, every image is right"
+    return image_grid_figure(picked, titles, [WRONG] * len(mistakes), title=title)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training history from metrics.csv
+# ---------------------------------------------------------------------------------------------
+
+HISTORY_KEYS = ("train/loss", "val/loss", "train/acc", "val/acc")
+
+
+def read_history(metrics_csv: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-epoch series ``name -> (epochs, values)`` from a Lightning CSVLogger ``metrics.csv``.
+
+    The file has one sparse row per logging call. Epoch metrics (``train/loss``...) are keyed by
+    their ``epoch`` (the last value wins when validation runs more than once per epoch). Learning
+    rates (``lr-SGD``, ``lr-Adam``... whatever the optimizer) are logged with a step but no epoch,
+    so each step is placed at its fractional epoch, from the last step of every epoch.
+    """
+    path = Path(metrics_csv)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    per_epoch: dict[str, dict[int, float]] = defaultdict(dict)
+    last_step: dict[int, int] = {}
+    lr_points: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in rows:
+        epoch, step = _number(row.get("epoch")), _number(row.get("step"))
+        values = {k: v for k in HISTORY_KEYS if (v := _number(row.get(k))) is not None}
+        if epoch is not None and values:
+            per_epoch_index = int(epoch)
+            for k, v in values.items():
+                per_epoch[k][per_epoch_index] = v
+            if step is not None:
+                last_step[per_epoch_index] = max(int(step), last_step.get(per_epoch_index, -1))
+        for k, v in row.items():
+            if k and k.startswith("lr-") and (lr := _number(v)) is not None and step is not None:
+                lr_points[k].append((int(step), lr))
+    history = {k: (np.array(sorted(d)), np.array([d[e] for e in sorted(d)])) for k, d in per_epoch.items()}
+    # Epoch e starts at step last_step[e - 1] + 1; np.interp maps any step between those marks.
+    epochs = sorted(last_step)
+    marks_step = [0] + [last_step[e] + 1 for e in epochs]
+    marks_epoch = [0] + [e + 1 for e in epochs]
+    for k, points in lr_points.items():
+        steps, lrs = zip(*sorted(points))
+        history[k] = (np.interp(steps, marks_step, marks_epoch), np.array(lrs))
+    return history
+
+
+def _number(text: str | None) -> float | None:
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def history_figure(history: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> Figure:
+    """Loss, accuracy and learning rate against epoch, train and validation side by side."""
+    fig = new_figure(14, 4)
+    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, metric, name, ylabel in ((ax_loss, "loss", "loss", "cross-entropy"), (ax_acc, "acc", "accuracy", "%")):
+        for stage, style in (("train", "-o"), ("val", "-s")):
+            if f"{stage}/{metric}" in history:
+                x, v = history[f"{stage}/{metric}"]
+                ax.plot(x, 100 * v if metric == "acc" else v, style, markersize=3, label=stage)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=name)
+    for k in sorted(k for k in history if k.startswith("lr-")):
+        x, v = history[k]
+        ax_lr.plot(x, v, "-", marker="." if len(x) < 200 else None, label=k)
+    ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
+    ax_lr.set_ylim(bottom=0)  # from zero, so a schedule's decay reads at its true scale
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_history(run: str | Path, output: str | Path | None = None) -> Path:
+    """Write ``history.png`` for a run directory (or its ``metrics.csv``); returns the PNG path."""
+    run = Path(run)
+    csv_path = run if run.is_file() else run / "metrics.csv"
+    if not csv_path.is_file():
+        raise UserError(
+            f"no metrics.csv at {csv_path}. Pass a run directory written by scripts/fit.py "
+            "(runs/<arch>/version_N/) or its metrics.csv."
+        )
+    history = read_history(csv_path)
+    if not any(k in history for k in HISTORY_KEYS):
+        raise UserError(f"{csv_path} holds no per-epoch train/ or val/ metrics to plot.")
+    out = Path(output) if output else csv_path.parent / "history.png"
+    return save_figure(history_figure(history, title=str(csv_path.parent)), out)
+
+
+class HistoryPlot(Callback):
+    """Draw ``history.png`` beside the CSV logger's ``metrics.csv`` when fitting ends (rank 0 only).
+
+    Without a CSV logger there is nothing to read and the callback does nothing. A run too short
+    to have logged an epoch gets a warning instead of a plot.
+    """
+
+    def __init__(self, filename: str = "history.png") -> None:
+        self.filename = filename
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        if not trainer.is_global_zero:
+            return
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if logger is None:
+            return
+        logger.save()  # the logger buffers rows until its next flush; the plot needs them all
+        csv_path = Path(logger.log_dir) / "metrics.csv"
+        if not csv_path.is_file():
+            return
+        try:
+            plot_history(csv_path, csv_path.parent / self.filename)
+        except UserError as err:
+            warnings.warn(f"HistoryPlot: {err}", stacklevel=2)
+
+
+@exit_on_user_error
+def plot_history_main(argv: list[str] | None = None) -> Path:
+    """``scripts/plot_history.py RUN_DIR [--output PNG]``."""
+    parser = argparse.ArgumentParser(
+        prog="scripts/plot_history.py", description="Plot loss, accuracy and learning rate per epoch of a run."
+    )
+    parser.add_argument("run_dir", help="runs/<arch>/version_N/ (or its metrics.csv)")
+    parser.add_argument("--output", help="PNG path (default: <run dir>/history.png)")
+    args = parser.parse_args(argv)
+    path = plot_history(args.run_dir, args.output)
+    print(f"history: {path}")
+    return path

@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Export a checkpoint and verify it: ``python scripts/export.py CKPT --format onnx --data-dir data``.
+
+The exported model takes raw RGB in [0, 1] (B, 3, 32, 32); exit code 1 when it differs from PyTorch.
+"""
+
+import sys
+
+from cifar_lightning.export import export_main
+
+if __name__ == "__main__":
+    sys.exit(export_main())
