@@ -6,19 +6,31 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, RichModelSummary, RichProgressBar
 
-#: ModelCheckpoint settings of every run: keep the best epoch by validation accuracy, and the last.
+from cifar_lightning.resilience import ContinueLogs, LastCheckpoint, RandomState
+
+#: ModelCheckpoint settings of every run: keep the best epoch by validation accuracy. ``last.ckpt``
+#: comes from ``LastCheckpoint`` after every epoch: Lightning 2.6's ``save_last`` rewrites it only
+#: with a new best.
 CHECKPOINT_DEFAULTS = {
     "monitor": "val/acc",
     "mode": "max",
-    "save_last": True,
+    "save_last": False,
     "filename": "best-epoch{epoch:03d}-acc{val/acc:.4f}",
     "auto_insert_metric_name": False,
 }
 
 
 def default_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:
-    """Progress bar, model summary and learning-rate monitor, unless the trainer config turns them off."""
-    callbacks: list[Callback] = []
+    """Resumability, and progress bar, model summary and learning-rate monitor unless the trainer
+    config turns them off.
+
+    Every run keeps its RNG state in checkpoints, continues its logs when resumed, and writes
+    ``last.ckpt`` after every epoch and when Ctrl-C or SIGTERM stops it (see
+    ``cifar_lightning.resilience``).
+    """
+    callbacks: list[Callback] = [RandomState(), ContinueLogs()]
+    if trainer_config.get("enable_checkpointing", True) is not False:
+        callbacks.append(LastCheckpoint())
     if trainer_config.get("enable_progress_bar", True) is not False:
         callbacks.append(RichProgressBar())
     if trainer_config.get("enable_model_summary", True) is not False:

@@ -8,8 +8,10 @@ the test-and-report step after fitting.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -19,6 +21,16 @@ from cifar_lightning.callbacks import CHECKPOINT_DEFAULTS, default_callbacks
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.module import ClassifierModule
+from cifar_lightning.resilience import (
+    LIGHTNING_CKPT_NAMES,
+    check_checkpoint_file,
+    check_resumable,
+    check_writable_dir,
+    find_resume_checkpoint,
+    fit_or_exit,
+    run_location,
+    with_atomic_checkpoint_io,
+)
 from cifar_lightning.tracking import ConfigSavingCallback, TestResultsLogger
 
 #: Trainer settings that differ from Lightning's defaults.
@@ -26,7 +38,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "default_root_dir": "runs",
     "max_epochs": 30,
     "logger": {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        # Lightning's CSVLogger, except that a resumed run continues its metrics.csv.
+        "class_path": "cifar_lightning.resilience.ResumableCSVLogger",
         "init_args": {"save_dir": "runs", "name": "cifar10"},
     },
     # Metrics are epoch-level; a larger interval keeps the step-level LR/loss logging cheap.
@@ -35,15 +48,36 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 class CifarCLI(LightningCLI):
-    """LightningCLI with the project's default callbacks, links and argument checks."""
+    """LightningCLI with the project's default callbacks, links and argument checks.
+
+    A fit's ``ckpt_path`` (``--resume`` of fit.py) is resolved before anything is built: ``last``
+    or a run directory becomes that run's ``last.ckpt``, the file is checked, and the resumed run
+    logs into the run directory the checkpoint came from. Checkpoints are written atomically
+    (``AtomicCheckpointIO``), and a fit stopped by Ctrl-C or SIGTERM says how to resume it.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import sys
+
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("save_config_callback", ConfigSavingCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
+        given = kwargs.get("args")
+        self.argv: list[str] = list(given) if isinstance(given, (list, tuple)) else sys.argv[1:]
+        #: (path, hyperparameters) of the checkpoint a fit resumes from.
+        self.resume_from: tuple[str, dict[str, Any]] | None = None
         super().__init__(ClassifierModule, CIFAR10DataModule, *args, **kwargs)
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            # scripts/fit.py builds without subcommands and calls fit itself; --resume sets this.
+            self.parser.add_argument(
+                "--ckpt_path", type=Optional[str], default=None,
+                help="Resume from this checkpoint: a .ckpt file, a run directory, or 'last'.",
+            )  # fmt: skip
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -59,11 +93,40 @@ class CifarCLI(LightningCLI):
         ):
             parser.link_arguments(source, target, apply_on="instantiate")
 
+    def _subconfig(self):
+        return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # Before Lightning reads the checkpoint's hyperparameters, so that a bad file gets one
+        # clear error instead of an unpickling traceback.
+        cfg = self._subconfig()
+        ckpt = cfg.get("ckpt_path")
+        if not ckpt or ckpt in LIGHTNING_CKPT_NAMES or str(ckpt).startswith("registry"):
+            return
+        if self.config.get("subcommand", "fit") != "fit":
+            if ckpt != "last":  # validate/test/predict: Lightning's own meaning of 'last'
+                check_checkpoint_file(ckpt)
+            return
+        path = find_resume_checkpoint(ckpt, *_run_root(cfg))
+        checkpoint = check_checkpoint_file(path)
+        self.resume_from = (str(path), checkpoint["hyper_parameters"])
+        cfg.ckpt_path = str(path)
+        location = run_location(path, _stored_checkpoint_dir(checkpoint))
+        if location is not None:
+            _log_into(cfg, *location)
+
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        cfg = self._subconfig()
         epochs = cfg.trainer.max_epochs
         if epochs is not None and epochs <= 0:
             raise UserError(f"the number of epochs must be positive, got {epochs}. Pass e.g. --epochs 30.")
+        _check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+        # Fail now rather than after the data is loaded, or at the first checkpoint.
+        if cfg.trainer.default_root_dir:
+            check_writable_dir(cfg.trainer.default_root_dir)
+        for save_dir, _ in _logger_dirs(cfg):
+            check_writable_dir(save_dir, "log folder")
 
     def instantiate_classes(self) -> None:
         try:
@@ -72,8 +135,107 @@ class CifarCLI(LightningCLI):
             # Lightning's own checks (devices that do not exist, bad accelerator...) are user errors.
             raise UserError(str(err)) from None
 
+    def after_instantiate_classes(self) -> None:
+        if self.resume_from is not None:
+            path, stored = self.resume_from
+            check_resumable(stored, path, self.model.hparams)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]):
+        config = {**config, "plugins": with_atomic_checkpoint_io(config.get("plugins"))}
         return super()._instantiate_trainer(config, callbacks + default_callbacks(config))
+
+    def fit(self, model: ClassifierModule, **kwargs: Any) -> None:
+        """The ``fit`` subcommand: ``trainer.fit``, and a resume command when a signal stops it."""
+
+        def command(ckpt: str) -> str:
+            args = [*without_flag(self.argv, "--ckpt_path", optional_value=False), f"--ckpt_path={ckpt}"]
+            return shlex.join(["python", "-m", "cifar_lightning", *args])
+
+        fit_or_exit(self.trainer, lambda: self.trainer.fit(model, **kwargs), command)
+
+
+def _logger_configs(cfg) -> list[Any]:
+    loggers = cfg.trainer.logger
+    return [lg for lg in (loggers if isinstance(loggers, list) else [loggers]) if hasattr(lg, "get")]
+
+
+def _logger_dirs(cfg) -> list[tuple[str, str | None]]:
+    """(save_dir, name) of every logger configured with a ``save_dir``."""
+    out = []
+    for lg in _logger_configs(cfg):
+        init = lg.get("init_args") or {}
+        if init.get("save_dir"):
+            out.append((str(init.get("save_dir")), init.get("name")))
+    return out
+
+
+def _run_root(cfg) -> tuple[str, str | None]:
+    """Where runs of this configuration live: the first logger's (save_dir, name)."""
+    dirs = [d for d in _logger_dirs(cfg) if d[1]]
+    return dirs[0] if dirs else (cfg.trainer.default_root_dir or ".", None)
+
+
+def _log_into(cfg, save_dir: str, name: str, version: int) -> None:
+    """Point the versioned loggers (CSV, TensorBoard) at an existing run directory."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from jsonargparse import Namespace
+
+    for lg in _logger_configs(cfg):
+        module, _, cls = str(lg.get("class_path", "")).rpartition(".")
+        try:
+            klass = getattr(__import__(module, fromlist=[cls]), cls)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if isinstance(klass, type) and issubclass(klass, (CSVLogger, TensorBoardLogger)):
+            lg.init_args = lg.get("init_args") or Namespace()
+            lg.init_args.save_dir, lg.init_args.name, lg.init_args.version = save_dir, name, version
+
+
+def _stored_checkpoint_dir(checkpoint: dict[str, Any]) -> str | None:
+    """The ModelCheckpoint folder recorded in a checkpoint (its best-model tracking is keyed to it)."""
+    states = checkpoint.get("callbacks") or {}
+    return next((s.get("dirpath") for k, s in states.items() if str(k).startswith("ModelCheckpoint")), None)
+
+
+def _check_devices(accelerator: Any, devices: Any) -> None:
+    """Devices that do not exist: a GPU on a machine without one, more CPU processes than cores.
+
+    More CPU processes than cores would run (gloo does not mind) but every process slows the
+    others down and holds its own copy of the data, so it is refused.
+    """
+    import torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"--accelerator {accelerator} asks for a GPU, but PyTorch sees none (torch.cuda.is_available() "
+            "is False). Pass --accelerator cpu, or run on a machine with a GPU and a CUDA build of PyTorch."
+        )
+    on_cpu = accelerator == "cpu" or (
+        accelerator in (None, "auto") and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
+    count = devices if isinstance(devices, int) else int(devices) if str(devices).strip().isdigit() else None
+    cores = os.cpu_count() or 1
+    if on_cpu and count is not None and count > cores:
+        raise UserError(
+            f"--devices {count} asks for {count} CPU processes, but this machine has {cores} CPU cores. "
+            f"Pass --devices {cores} or fewer, or run on GPUs with --accelerator gpu."
+        )
+
+
+def without_flag(argv: list[str], flag: str, optional_value: bool) -> list[str]:
+    """``argv`` without ``flag`` and its value (``flag=V`` or ``flag V``; with ``optional_value``,
+    a following token that starts with ``--`` is not its value)."""
+    out, i = [], 0
+    while i < len(argv):
+        name = argv[i].partition("=")[0]
+        if name == flag:
+            has_next = i + 1 < len(argv) and "=" not in argv[i]
+            if has_next and not (optional_value and argv[i + 1].startswith("--")):
+                i += 1
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
 
 
 @exit_on_user_error
@@ -101,6 +263,7 @@ FIT_ALIASES: dict[str, tuple[str, ...]] = {
     "--val-size": ("--data.val_size",),
     "--num-workers": ("--data.num_workers",),
     "--devices": ("--trainer.devices",),
+    "--num-nodes": ("--trainer.num_nodes",),
     "--accelerator": ("--trainer.accelerator",),
     "--precision": ("--trainer.precision",),
     "--seed": ("--seed_everything",),
@@ -111,12 +274,15 @@ FIT_SWITCHES: dict[str, tuple[str, ...]] = {
     "--download": ("--data.download=true",),
     "--no-download": ("--data.download=false",),
     "--fast-dev-run": ("--trainer.fast_dev_run=true",),
+    "--deterministic": ("--trainer.deterministic=true",),
 }
+#: ``--resume [PATH]``: ``--ckpt_path PATH``, or ``--ckpt_path last`` (the run's latest last.ckpt).
+RESUME_FLAG = "--resume"
 #: Flags that together describe ``--trainer.logger`` (see ``logger_spec``).
 LOGGER_FLAGS = ("--logger", "--name", "--wandb-project", "--wandb-entity", "--group", "--tags", "--watch")
 LOGGER_SWITCHES = ("--log-graph",)
 LOGGERS = {
-    "csv": "lightning.pytorch.loggers.CSVLogger",
+    "csv": "cifar_lightning.resilience.ResumableCSVLogger",
     "tensorboard": "cifar_lightning.tracking.TensorBoardLogger",
     "wandb": "cifar_lightning.tracking.WandbLogger",
 }
@@ -172,7 +338,12 @@ def expand_aliases(argv: list[str]) -> list[str]:
     while i < len(argv):
         token = argv[i]
         flag, eq, value = token.partition("=")
-        if (flag in FIT_SWITCHES or flag in LOGGER_SWITCHES) and not eq:
+        if flag == RESUME_FLAG:
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                i += 1
+                value = argv[i]
+            out.append(f"--ckpt_path={value or 'last'}")
+        elif (flag in FIT_SWITCHES or flag in LOGGER_SWITCHES) and not eq:
             out += FIT_SWITCHES.get(flag, ())
             opts.setdefault(flag, []).append("true")
         elif flag in FIT_ALIASES or flag in LOGGER_FLAGS:
@@ -219,6 +390,9 @@ def fit_help() -> str:
         "  --wandb-project P, --wandb-entity E, --group G, --tags a,b\n"
         "  --watch MODE       W&B gradient/parameter histograms: gradients, parameters or all\n"
         "  --log-graph        TensorBoard model graph\n"
+        "\nResuming:\n"
+        "  --resume [PATH]    continue from last.ckpt: of the latest run of this name, or of the run\n"
+        "                     directory / checkpoint file PATH (same flags as the first run)\n"
         "\nAll arguments of `python -m cifar_lightning fit` follow.\n"
     )
 
@@ -242,8 +416,15 @@ def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     cli = CifarCLI(args=args, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    ckpt_path = cli.config.get("ckpt_path")
+
+    def resume_command(ckpt: str) -> str:
+        location = Path(ckpt).parent.parent if Path(ckpt).parent.name == "checkpoints" else Path(ckpt)
+        args = [*without_flag(argv, RESUME_FLAG, optional_value=True), RESUME_FLAG, str(location)]
+        return shlex.join(["python", "scripts/fit.py", *args])
+
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    fit_or_exit(trainer, lambda: trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path), resume_command)
     fit_seconds = time.perf_counter() - start
 
     ckpt_cb = trainer.checkpoint_callback

@@ -9,11 +9,24 @@ Sources, chosen by what ``data_dir`` holds:
 Every source ends up as one uint8 array per split, shape (N, 32, 32, 3), held once in memory
 (about 180 MB for all 60,000 images). Workers forked by the DataLoader share those pages, and
 images become float only one batch at a time.
+
+Two loaders read those arrays (``CIFAR10DataModule(loader=...)``):
+
+- ``torchvision`` (the default): a ``DataLoader`` over a ``Dataset`` whose items go through
+  torchvision transforms one image at a time, in worker processes. Every ``DataLoader`` idiom
+  works with it; the tutorial recipes use it.
+- ``tensor``: a ``TensorLoader`` that gathers a whole batch of uint8 images with one indexing
+  operation and crops, flips and normalises it as one tensor, on the training device (the
+  array moves to the GPU once when training runs on one). No workers, no per-image Python. This
+  is what airbench (https://github.com/KellerJordan/cifar10-airbench) does to feed a GPU at
+  tens of thousands of images per second; ``configs/fastnet.yaml`` and ``scripts/bench.py``
+  use it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import tarfile
@@ -21,6 +34,7 @@ import tempfile
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -28,6 +42,7 @@ from typing import Callable, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.nn.functional as F
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -55,7 +70,20 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGE_SIZE = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
-AugmentPreset = Literal["none", "standard"]
+AugmentPreset = Literal["none", "standard", "flip", "translate"]
+LoaderKind = Literal["torchvision", "tensor"]
+FlipMode = Literal["random", "alternating"]
+
+#: Training augmentation presets: (padding in pixels, padding mode, horizontal flip). A preset
+#: pads every side, takes a random crop of the original size, then flips with probability 1/2.
+AUGMENT_PRESETS: dict[str, tuple[int, str, bool]] = {
+    "none": (0, "constant", False),
+    # He et al. 2016 (arXiv:1512.03385), section 4.2: zero-pad 4, random 32x32 crop, flip.
+    "standard": (4, "constant", True),
+    "flip": (0, "constant", True),
+    # airbench94: reflect-pad 2 (translations of at most 2 pixels with no black border), flip.
+    "translate": (2, "reflect", True),
+}
 
 _TORCHVISION_FOLDER = "cifar-10-batches-py"
 _CACHE_VERSION = 1
@@ -394,13 +422,19 @@ def build_transform(augment: AugmentPreset, mean, std) -> Callable:
     """torchvision transform from a uint8 HWC array to a normalised float (3, 32, 32) tensor.
 
     ``standard`` is the usual CIFAR augmentation: a random 32x32 crop of the image zero-padded by
-    4 pixels on each side, then a horizontal flip with probability 0.5.
+    4 pixels on each side, then a horizontal flip with probability 0.5. ``translate`` crops from a
+    2-pixel reflect padding instead, ``flip`` only flips (see ``AUGMENT_PRESETS``).
     """
-    if augment not in ("none", "standard"):
-        raise UserError(f"unknown augmentation preset {augment!r}. Valid presets: none, standard")
+    if augment not in AUGMENT_PRESETS:
+        raise UserError(
+            f"unknown augmentation preset {augment!r}. Valid presets: {', '.join(AUGMENT_PRESETS)}"
+        )
+    pad, pad_mode, flip = AUGMENT_PRESETS[augment]
     ops: list = [v2.ToImage()]
-    if augment == "standard":
-        ops += [v2.RandomCrop(IMAGE_SIZE, padding=4), v2.RandomHorizontalFlip()]
+    if pad:
+        ops.append(v2.RandomCrop(IMAGE_SIZE, padding=pad, padding_mode=pad_mode))
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(ops)
 
@@ -429,6 +463,237 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 # ---------------------------------------------------------------------------------------------
+# The tensor path: whole batches gathered, augmented and normalised as tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def random_crop_flip(
+    images: torch.Tensor,
+    pad: int,
+    pad_mode: str = "constant",
+    flip: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random same-size crops of the padded images, then flips, for a whole batch at once.
+
+    Args:
+        images: (B, C, H, W), any dtype and memory layout (uint8 is cheapest).
+        pad: pixels of padding on every side; the crop offset is uniform in [0, 2 * pad] per axis.
+        pad_mode: ``constant`` (zeros) or ``reflect``, as in ``torch.nn.functional.pad``.
+        flip: (B,) bool, which images to mirror left-right; None mirrors none.
+        generator: random source of the crop offsets, on the images' device.
+
+    Returns:
+        (B, C, H, W), a new tensor.
+    """
+    b, c, h, w = images.shape
+    out = images
+    if pad > 0:
+        padded = F.pad(images, (pad,) * 4, mode=pad_mode)  # (B, C, H + 2p, W + 2p)
+        n = 2 * pad + 1
+        sb, sc, sh, sw = padded.stride()
+        # crops[i, dy, dx] is the (C, H, W) window of image i at offset (dy, dx): a view of all
+        # n * n windows of every image, from which one advanced-indexing gather picks one each.
+        crops = padded.as_strided((b, n, n, c, h, w), (sb, sh, sw, sc, sh, sw))
+        dy, dx = torch.randint(0, n, (2, b), device=images.device, generator=generator)
+        out = crops[torch.arange(b, device=images.device), dy, dx]
+    if flip is not None:
+        out = torch.where(flip.view(b, 1, 1, 1), out.flip(-1), out)
+    return out
+
+
+def cutout_(images: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero a ``size`` x ``size`` square at a random centre of each image, in place; return it.
+
+    After normalisation zero is the mean colour. The square may extend past the border, as in
+    DeVries & Taylor 2017 (arXiv:1708.04552). ``images``: (B, C, H, W) float.
+    """
+    b, _, h, w = images.shape
+    device = images.device
+    cy = torch.randint(0, h, (b, 1), device=device, generator=generator) - size // 2
+    cx = torch.randint(0, w, (b, 1), device=device, generator=generator) - size // 2
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    in_rows = (rows >= cy) & (rows < cy + size)  # (B, H)
+    in_cols = (cols >= cx) & (cols < cx + size)  # (B, W)
+    return images.masked_fill_(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0.0)
+
+
+def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) to normalised float32, contiguous.
+
+    The operations are those of torchvision's ``ToDtype(scale=True)`` and ``Normalize``, in the
+    same order, so both loaders give bit-identical images. ``mean``, ``std``: (1, C, 1, 1).
+    """
+    return images.contiguous().float().mul_(1.0 / 255).sub_(mean).div_(std)
+
+
+@contextmanager
+def _single_threaded(enabled: bool):
+    """Run the enclosed CPU tensor operations on one thread, then restore the thread count."""
+    if not enabled:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _mix_seed(*parts: int) -> int:
+    """One well-mixed 63-bit seed from several integers (base seed, rank, epoch, purpose)."""
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)[0]) >> 1
+
+
+class EpochShards:
+    """Which items one process sees in one epoch, as a tensor of positions.
+
+    For training (``pad=True``) this is ``torch.utils.data.DistributedSampler``'s rule, computed as
+    one tensor: every epoch a permutation seeded by ``seed + epoch`` (the same on every rank),
+    padded by repeating its start to a multiple of ``num_replicas``, and every
+    ``num_replicas``-th item from ``rank`` on. Ranks get disjoint shards of equal length, so they
+    take the same number of steps. For evaluation (``pad=False``, no shuffle) nothing is repeated
+    and shards may differ by one item, as with Lightning's ``UnrepeatedDistributedSampler``.
+    """
+
+    def __init__(
+        self, n: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, pad: bool = True, seed: int = 0
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+        self.shuffle, self.pad, self.seed = shuffle, pad, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every training epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.pad:
+            return math.ceil(self.n / self.num_replicas)
+        return len(range(self.rank, self.n, self.num_replicas))
+
+    def positions(self, epoch: int | None = None) -> torch.Tensor:
+        """int64 positions in [0, n) for this rank and ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(self.n)
+        if self.pad:
+            total = len(self) * self.num_replicas
+            order = order.repeat(math.ceil(total / self.n))[:total]
+        return order[self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        return iter(self.positions().tolist())
+
+
+class TensorLoader:
+    """Batches of a uint8 image array, gathered, augmented and normalised as whole tensors.
+
+    An iterable with a length, which Lightning accepts wherever it accepts a ``DataLoader``: it
+    calls ``sampler.set_epoch`` every epoch and sizes schedules from ``len(loader)``. Batches come
+    out as ``(images, labels)``: float32 (B, 3, H, W) normalised, int64 (B,), on ``device``.
+
+    Args:
+        images: uint8 (N, H, W, 3), the whole array of a split file; on ``device`` or on the CPU
+            (then each uint8 batch is copied to ``device`` before it is augmented).
+        labels: int64 (N,), on the same device as ``images``.
+        indices: int64 positions in ``images`` that make up this split (train or validation).
+        batch_size: images per batch (per process).
+        train: shuffle, shard with padding and augment; else keep the order and do not augment.
+        augment: a preset of ``AUGMENT_PRESETS``. flip_mode: ``random`` flips each image with
+            probability 1/2; ``alternating`` flips a fixed random half of the images in even
+            epochs and the other half in odd ones (airbench's alternating flip, arXiv:2404.00498).
+        cutout: side of the square zeroed in each training image after normalisation; 0 = off.
+        mean, std: per-channel normalisation, 0-1 scale.
+        device: where batches are made. num_replicas, rank: the process's place under DDP.
+        seed: base seed, the same on every rank: the shuffle order comes from it, and augmentation
+            from it mixed with the rank and the epoch, so ranks augment differently and a resumed
+            run repeats the epochs it resumes.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        augment: AugmentPreset = "none",
+        flip_mode: FlipMode = "random",
+        cutout: int = 0,
+        mean: tuple[float, float, float] = CIFAR10_MEAN,
+        std: tuple[float, float, float] = CIFAR10_STD,
+        device: torch.device | str = "cpu",
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.indices = torch.as_tensor(indices, dtype=torch.long).to(images.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.augment, self.flip_mode, self.cutout = augment, flip_mode, cutout
+        self.device = torch.device(device)
+        self.rank, self.seed = rank, seed
+        self.sampler = EpochShards(len(self.indices), num_replicas, rank, shuffle=train, pad=train, seed=seed)
+        self.batch_sampler = None  # batches are cut here; Lightning reads both attributes
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.flip_parity = None
+        if train and flip_mode == "alternating":
+            # One fixed bit per image, the same on every rank: an image flips when its bit
+            # differs from the epoch's parity, so it is seen both ways in any two epochs.
+            g = torch.Generator().manual_seed(_mix_seed(seed, 2))
+            self.flip_parity = torch.randint(0, 2, (len(images),), generator=g).bool().to(images.device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        # A generator: nothing runs until the first batch is asked for, so a set_epoch() call
+        # made after iter() (as Lightning does) still counts.
+        epoch = self.sampler.epoch
+        self.sampler.set_epoch(epoch + 1)  # a plain loop without set_epoch() still reshuffles
+        order = self.indices[self.sampler.positions(epoch).to(self.indices.device)]
+        generator = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, self.rank, epoch, 1))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            # On a CPU a batch is a handful of small, memory-bound operations: a second OpenMP
+            # thread gains little, and when the cores are shared with other processes each
+            # operation waits for the slower thread (3-4x slower than one thread, measured on a
+            # loaded 2-core machine). The model's convolutions keep every thread.
+            with _single_threaded(self.device.type == "cpu"):
+                x = self.images.index_select(0, idx).to(self.device, non_blocking=True)  # (B, H, W, 3)
+                y = self.labels.index_select(0, idx).to(self.device, non_blocking=True)
+                x = self.make_batch(x.permute(0, 3, 1, 2), idx, epoch, generator)
+            yield x, y
+
+    def make_batch(
+        self, images: torch.Tensor, idx: torch.Tensor, epoch: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """uint8 (B, 3, H, W) of array positions ``idx`` to the normalised float batch."""
+        if self.train:
+            pad, pad_mode, flip = AUGMENT_PRESETS[self.augment]
+            flips = None
+            if flip and self.flip_parity is not None:
+                flips = self.flip_parity[idx].to(self.device) ^ bool(epoch % 2)
+            elif flip:
+                flips = torch.rand(len(images), device=self.device, generator=generator) < 0.5
+            images = random_crop_flip(images, pad, pad_mode, flips, generator)
+        x = normalize_uint8(images, self.mean, self.std)
+        if self.train and self.cutout > 0:
+            cutout_(x, self.cutout, generator)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
 # The DataModule
 # ---------------------------------------------------------------------------------------------
 
@@ -445,10 +710,17 @@ class CIFAR10DataModule(pl.LightningDataModule):
         val_size: training images held out for validation (model selection). Never the test set.
         split_seed: seed of the train/validation split, independent of the training seed.
         batch_size: images per batch (per device under DDP).
-        augment: training augmentation preset, ``none`` or ``standard`` (pad-4 crop + flip).
+        augment: training augmentation preset: ``none``, ``standard`` (zero-pad 4, random crop,
+            flip), ``flip`` or ``translate`` (reflect-pad 2, random crop, flip).
         normalize: subtract ``mean`` and divide by ``std``; off gives plain [0, 1] tensors.
         mean, std: per-channel normalisation constants (default: CIFAR-10 training set).
-        num_workers, pin_memory, persistent_workers: DataLoader settings.
+        num_workers, pin_memory, persistent_workers: DataLoader settings (``torchvision`` loader).
+        loader: ``torchvision`` (default: a DataLoader with per-image transforms in workers) or
+            ``tensor`` (whole batches augmented as tensors on the training device; batches are
+            finished inside the loader, so ``num_workers`` and ``pin_memory`` do not apply).
+        flip_mode: ``random`` or ``alternating`` (``tensor`` loader only; see ``TensorLoader``).
+        cutout: side in pixels of a square zeroed in each training image, 0 = off (``tensor``
+            loader only).
     """
 
     def __init__(
@@ -466,6 +738,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        loader: LoaderKind = "torchvision",
+        flip_mode: FlipMode = "random",
+        cutout: int = 0,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -477,11 +752,22 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if any(s <= 0 for s in std):
             raise UserError(f"std must be positive in every channel, got {tuple(std)}.")
         build_transform(augment, mean, std)  # validates the preset name now, not mid-fit
+        if loader not in ("torchvision", "tensor"):
+            raise UserError(f"unknown loader {loader!r}. Valid names: torchvision, tensor")
+        if flip_mode not in ("random", "alternating"):
+            raise UserError(f"unknown flip_mode {flip_mode!r}. Valid names: random, alternating")
+        if cutout < 0:
+            raise UserError(f"cutout must be 0 (off) or a size in pixels, got {cutout}.")
+        if loader == "torchvision" and (flip_mode != "random" or cutout):
+            raise UserError(
+                "flip_mode 'alternating' and cutout need the tensor loader: pass --data.loader tensor."
+            )
         self.save_hyperparameters()
         self.source = resolve_source(data_dir, download, cache_dir)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._device_arrays: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # Attributes linked into the model, so the checkpoint knows what the data looked like.
     @property
@@ -537,9 +823,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
         std = torch.tensor(self.norm_std).view(1, 3, 1, 1)
         return (x - mean) / std
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader | TensorLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        if self.hparams.loader == "tensor":
+            return self._tensor_loader(dataset, train)
         sampler = None
         trainer = self.trainer
         if not train and trainer is not None and trainer.world_size > 1:
@@ -562,14 +850,58 @@ class CIFAR10DataModule(pl.LightningDataModule):
             drop_last=False,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def _tensor_loader(self, dataset: ArrayDataset, train: bool) -> TensorLoader:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        world_size = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        images, labels = self._arrays_on(dataset, device)
+        # The shuffle seed must agree between ranks: Lightning's global seed (what it gives its own
+        # DistributedSampler), else 0 under DDP, else this process's torch seed.
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        seed = int(seed) if seed is not None else (0 if world_size > 1 else torch.initial_seed())
+        return TensorLoader(
+            images,
+            labels,
+            torch.from_numpy(np.asarray(dataset.indices, dtype=np.int64)),
+            self.hparams.batch_size,
+            train=train,
+            augment=self.hparams.augment if train else "none",
+            flip_mode=self.hparams.flip_mode,
+            cutout=self.hparams.cutout if train else 0,
+            mean=self.norm_mean,
+            std=self.norm_std,
+            device=device,
+            num_replicas=world_size,
+            rank=rank,
+            seed=seed,
+        )
+
+    def _arrays_on(self, dataset: ArrayDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split file's whole image and label arrays as tensors, moved once to a GPU ``device``.
+
+        On the CPU the tensors share the numpy arrays' memory. A GPU copy is made when the array
+        takes at most a quarter of the free GPU memory (CIFAR-10's training file: 150 MB), and
+        then shared by the training and validation loaders; otherwise batches are copied over
+        one at a time.
+        """
+        key = (id(dataset.images), str(device))
+        if key not in self._device_arrays:
+            images = torch.from_numpy(dataset.images)
+            labels = torch.from_numpy(np.asarray(dataset.labels, dtype=np.int64))
+            if device.type == "cuda" and images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
+                images, labels = images.to(device), labels.to(device)
+            self._device_arrays[key] = (images, labels)
+        return self._device_arrays[key]
+
+    def train_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader(self.test_set, train=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader(self.test_set, train=False)

@@ -19,6 +19,8 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 SchedulerName = Literal["none", "multistep", "cosine", "onecycle", "plateau"]
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "multistep", "cosine", "onecycle", "plateau")
+TTAMode = Literal["none", "flip", "flip_translate"]
+TTA_MODES = ("none", "flip", "flip_translate")
 STAGES = ("train", "val", "test")
 
 
@@ -69,6 +71,7 @@ class ClassifierModule(pl.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         channels_last: run the network in channels-last memory format (faster convs on GPUs).
         compile: wrap the network in ``torch.compile``.
+        tta: test-time augmentation of validation and test batches (see ``tta_logits``).
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class ClassifierModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
+        tta: TTAMode = "none",
     ) -> None:
         super().__init__()
         model_info(arch)  # unknown names fail here with the list of valid ones
@@ -114,6 +118,8 @@ class ClassifierModule(pl.LightningModule):
             class_names = list(CIFAR10_CLASSES) if num_classes == 10 else [str(i) for i in range(num_classes)]
         if len(class_names) != num_classes:
             raise UserError(f"{len(class_names)} class names given for num_classes={num_classes}.")
+        if tta not in TTA_MODES:
+            raise UserError(f"unknown tta {tta!r}. Valid names: {', '.join(TTA_MODES)}")
         if scheduler == "multistep" and not milestones:
             raise UserError("scheduler 'multistep' needs milestones, e.g. --model.milestones [100,150].")
         self.save_hyperparameters()
@@ -149,6 +155,27 @@ class ClassifierModule(pl.LightningModule):
         """Apply the stored normalisation to raw images in [0, 1], (B, 3, H, W)."""
         return (x - self.input_mean) / self.input_std
 
+    def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits averaged over test-time views of normalised images (B, 3, H, W), per ``tta``.
+
+        ``flip``: the image and its mirror, equally weighted. ``flip_translate`` (airbench94's
+        level 2, arXiv:2404.00498): half on that pair, half on the pairs of the image shifted one
+        pixel up-left and one pixel down-right (reflect padding), 6 views in all.
+        """
+        mode = self.hparams.get("tta", "none")
+        if mode == "none":
+            return self(x)
+
+        def mirrored(views: torch.Tensor) -> torch.Tensor:
+            return 0.5 * (self(views) + self(views.flip(-1)))
+
+        if mode == "flip":
+            return mirrored(x)
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))
+        return 0.5 * mirrored(x) + 0.5 * shifted
+
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities for normalised images."""
@@ -157,7 +184,7 @@ class ClassifierModule(pl.LightningModule):
     # -- steps ------------------------------------------------------------------------------------
     def _shared_step(self, batch, stage: str) -> dict[str, torch.Tensor]:
         x, y = batch
-        logits = self(x)
+        logits = self(x) if stage == "train" else self.tta_logits(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         preds = logits.detach().argmax(dim=1)
         # Metric objects accumulate on the device; Lightning computes and syncs them once per epoch.

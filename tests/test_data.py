@@ -277,3 +277,21 @@ def test_real_images_subset(real_subset):
     assert np.bincount(dm.test_set.labels).tolist() == [20] * 10
     x, y = next(iter(dm.val_dataloader()))
     assert x.shape == (4, 3, 32, 32) and abs(float(x.mean())) < 1.0
+
+
+def test_translate_and_flip_presets_in_the_pil_path(tiny_folder):
+    # translate: a crop of the 2-pixel reflect-padded image, possibly mirrored; flip: only mirrored
+    dm = make_dm(tiny_folder, augment="translate", normalize=False)
+    dm.setup("fit")
+    raw = torch.from_numpy(dm.train_set.images[dm.train_set.indices[0]]).permute(2, 0, 1).float() / 255
+    padded = torch.nn.functional.pad(raw[None], (2, 2, 2, 2), mode="reflect")[0]
+    crops = [padded[:, dy : dy + 32, dx : dx + 32] for dy in range(5) for dx in range(5)]
+    torch.manual_seed(0)
+    for _ in range(20):
+        out = dm.train_set[0][0]
+        assert any(torch.allclose(out, c, atol=1e-6) or torch.allclose(out, c.flip(-1), atol=1e-6) for c in crops)
+    flip_only = make_dm(tiny_folder, augment="flip", normalize=False)
+    flip_only.setup("fit")
+    outs = [flip_only.train_set[0][0] for _ in range(20)]
+    assert all(torch.allclose(o, raw) or torch.allclose(o, raw.flip(-1)) for o in outs)
+    assert any(torch.allclose(o, raw.flip(-1)) for o in outs) and any(torch.allclose(o, raw) for o in outs)
