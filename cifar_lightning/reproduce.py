@@ -84,7 +84,7 @@ def table(recipes: list[Path], results: Path) -> str:
     """Markdown table over every recipe: measured rows from ``results``, the rest marked not run."""
     rows = [
         "| recipe | reference (source) | ours: test acc, mean ± std (seeds) | epochs | wall time / run "
-        "| hardware | data | extra args |",
+        "| hardware | data | extra args / notes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for recipe in recipes:
@@ -97,7 +97,7 @@ def table(recipes: list[Path], results: Path) -> str:
         accs = [100 * r["test_acc"] for r in reports]
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         secs = statistics.mean(r["fit_seconds"] + r["test_seconds"] for r in reports)
-        extra = " ".join(reports[0].get("extra_args", [])) or "-"
+        extra = " ".join([*reports[0].get("extra_args", []), *filter(None, [reports[0].get("note")])]) or "-"
         rows.append(
             f"| {recipe.stem} | {ref} | {statistics.mean(accs):.2f}%{spread} ({len(accs)}) "
             f"| {reports[0]['epochs']} | {secs / 60:.1f} min | {reports[0]['hardware']} | {reports[0]['data']} "
@@ -115,13 +115,17 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "reproduce")
     p.add_argument("--table", type=Path, default=REPO / "benchmarks" / "reproduce.md")
+    p.add_argument("--note", default=None, help="a remark stored with each run, e.g. that the machine was shared")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more fit.py arguments for every run")
     args = p.parse_args(argv)
     for recipe in args.recipes:
         if not recipe.is_file():
             raise UserError(f"no recipe at {recipe}; recipes live in configs/")
         for seed in args.seeds:
-            run_recipe(recipe, seed, args.data_dir, args.results, args.extra)
+            report = run_recipe(recipe, seed, args.data_dir, args.results, args.extra)
+            if args.note:
+                report["note"] = args.note
+                (args.results / f"{recipe.stem}-seed{seed}.json").write_text(json.dumps(report, indent=2) + "\n")
     # The run folders hold checkpoints: keep the logs and reports, drop the weights.
     shutil.rmtree(args.results / "runs", ignore_errors=True)
     recipes = {r.stem: r for r in [*sorted((REPO / "configs").glob("*.yaml")), *args.recipes]}
