@@ -7,15 +7,20 @@ the test-and-report step after fitting.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from cifar_lightning.callbacks import CHECKPOINT_DEFAULTS, default_callbacks
 from cifar_lightning.data import CIFAR10DataModule
@@ -57,8 +62,6 @@ class CifarCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        import sys
-
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("save_config_callback", ConfigSavingCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -177,13 +180,10 @@ def _run_root(cfg) -> tuple[str, str | None]:
 
 def _log_into(cfg, save_dir: str, name: str, version: int) -> None:
     """Point the versioned loggers (CSV, TensorBoard) at an existing run directory."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-    from jsonargparse import Namespace
-
     for lg in _logger_configs(cfg):
         module, _, cls = str(lg.get("class_path", "")).rpartition(".")
         try:
-            klass = getattr(__import__(module, fromlist=[cls]), cls)
+            klass = getattr(importlib.import_module(module), cls)
         except (ImportError, AttributeError, ValueError):
             continue
         if isinstance(klass, type) and issubclass(klass, (CSVLogger, TensorBoardLogger)):
@@ -203,8 +203,6 @@ def _check_devices(accelerator: Any, devices: Any) -> None:
     More CPU processes than cores would run (gloo does not mind) but every process slows the
     others down and holds its own copy of the data, so it is refused.
     """
-    import torch
-
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(
             f"--accelerator {accelerator} asks for a GPU, but PyTorch sees none (torch.cuda.is_available() "
@@ -223,8 +221,11 @@ def _check_devices(accelerator: Any, devices: Any) -> None:
 
 
 def without_flag(argv: list[str], flag: str, optional_value: bool) -> list[str]:
-    """``argv`` without ``flag`` and its value (``flag=V`` or ``flag V``; with ``optional_value``,
-    a following token that starts with ``--`` is not its value)."""
+    """``argv`` without ``flag`` and its value, given as ``flag=V`` or ``flag V``.
+
+    With ``optional_value`` (``--resume [PATH]``), a next token that starts with ``--`` is a flag
+    of its own, not the value.
+    """
     out, i = [], 0
     while i < len(argv):
         name = argv[i].partition("=")[0]
@@ -400,7 +401,6 @@ def fit_help() -> str:
 @exit_on_user_error
 def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """``scripts/fit.py``: fit, test the best checkpoint, print and save the report (rank 0)."""
-    import sys
     import time
     import warnings
 

@@ -118,7 +118,9 @@ def test_aliases_map_onto_cli_arguments():
     args = expand_aliases(["--arch", "vgg11", "--epochs=3", "--no-download", "--output-dir", "x", "--model.lr", "1"])
     assert args == [
         "--model.arch=vgg11", "--trainer.max_epochs=3", "--data.download=false",
-        "--trainer.default_root_dir=x", "--trainer.logger.init_args.save_dir=x", "--model.lr", "1",
+        "--trainer.default_root_dir=x", "--model.lr", "1",
+        # the default CSV logger follows --output-dir and is named after the architecture
+        "--trainer.logger.init_args.save_dir=x", "--trainer.logger.init_args.name=vgg11",
     ]  # fmt: skip
 
 
@@ -169,3 +171,12 @@ def test_user_error_in_a_real_process_has_no_traceback(tiny_folder):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: unknown architecture 'nonexistent'")
+
+
+def test_resume_deterministic_and_num_nodes_aliases():
+    assert expand_aliases(["--resume"]) == ["--ckpt_path=last"]
+    assert expand_aliases(["--resume", "--epochs", "3"]) == ["--ckpt_path=last", "--trainer.max_epochs=3"]
+    assert expand_aliases(["--resume", "runs/x/version_2", "--deterministic", "--num-nodes", "2"]) == [
+        "--ckpt_path=runs/x/version_2", "--trainer.deterministic=true", "--trainer.num_nodes=2",
+    ]  # fmt: skip
+    assert expand_aliases(["--resume=a.ckpt"]) == ["--ckpt_path=a.ckpt"]

@@ -1,0 +1,489 @@
+"""Reliable runs: resume after a crash or a signal, atomic checkpoints, DDP, determinism, bad input."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import gc
+import io
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+
+from cifar_lightning.cli import cli_main, fit_main
+from cifar_lightning.resilience import AtomicCheckpointIO, CheckpointWriteError, RandomState
+from conftest import REPO
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def write_noise_folder(root: Path, n_train: int = 20, n_test: int = 4, classes=("cat", "dog", "frog")) -> Path:
+    """Images of pure noise. Nothing is learnt, so the loss moves with every weight update: two
+    runs that log the same numbers took the same steps on the same batches."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def fit_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data-dir", str(data), "--output-dir", str(out), "--num-workers", "0", "--batch-size", "4",
+        "--val-size", "6", "--arch", "simple_cnn", "--lr", "0.01", *QUIET, *extra,
+    ]  # fmt: skip
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def epochs_logged(rows: list[dict[str, str]], key: str) -> list[int]:
+    return [int(r["epoch"]) for r in rows if r.get(key)]
+
+
+def user_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, last.ckpt) of a one-epoch simple_cnn run on 3 x 10 noise images."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_noise_folder(root / "data", n_train=10, n_test=5)
+    report = fit_main(fit_args(data, root / "runs", "--epochs", "1"))
+    return data, Path(report["last_checkpoint"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------
+
+
+#: Random crops and flips, and an epoch-interval LR drop at the resume point: the weights,
+#: optimizer, scheduler, loops and RNG must all come back for a resumed run to match.
+EXACT = ("--augment", "standard", "--scheduler", "multistep", "--model.milestones", "[1]")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict, Path]:
+    """(data, report, metrics.csv) of a 2-epoch run on 3 x 10 noise images: 6 steps per epoch."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = write_noise_folder(root / "data", n_train=10)
+    report = fit_main(fit_args(data, root / "runs", "--epochs", "2", *EXACT))
+    return data, report, root / "runs" / "simple_cnn" / "version_0" / "metrics.csv"
+
+
+def test_resumed_run_matches_an_uninterrupted_one(uninterrupted, tmp_path):
+    data, whole, whole_log = uninterrupted
+    fit_main(fit_args(data, tmp_path, "--epochs", "1", *EXACT))
+    resumed = fit_main(fit_args(data, tmp_path, "--epochs", "2", *EXACT, "--resume"))
+
+    run = tmp_path / "simple_cnn" / "version_0"
+    assert resumed["report_path"] == str(run / "test_report.json")  # the same run directory
+    assert not run.with_name("version_1").exists()
+    assert (resumed["epochs"], resumed["global_step"]) == (whole["epochs"], whole["global_step"]) == (2, 12)
+    assert resumed["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-6)
+    assert resumed["test_acc"] == pytest.approx(whole["test_acc"], abs=1e-9)
+    assert Path(resumed["checkpoint"]).name == Path(whole["checkpoint"]).name
+
+    def best_score(report) -> float:
+        state = torch.load(report["last_checkpoint"], weights_only=True)["callbacks"]
+        return next(float(s["best_model_score"]) for k, s in state.items() if k.startswith("ModelCheckpoint"))
+
+    assert best_score(resumed) == pytest.approx(best_score(whole), abs=1e-9)
+    # The log reads like the uninterrupted run's: every epoch once, the same values, and no test
+    # row left over from the first, 1-epoch run.
+    rows = assert_same_log(run / "metrics.csv", whole_log)
+    assert epochs_logged(rows, "val/loss") == [0, 1] and epochs_logged(rows, "test/acc") == [2]
+
+
+def test_stop_during_validation_repeats_that_epoch(uninterrupted, tmp_path, monkeypatch):
+    # Lightning would resume a checkpoint taken mid-validation after the validation, leaving that
+    # epoch unvalidated and unlogged; the run goes back to the previous epoch's last.ckpt instead.
+    import cifar_lightning.cli as cli
+
+    class SigtermInValidation(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if trainer.current_epoch == 1 and not trainer.sanity_checking:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop at the next check
+
+    data, whole, whole_log = uninterrupted
+    args = fit_args(data, tmp_path, "--epochs", "2", *EXACT)
+    defaults = cli.default_callbacks
+    monkeypatch.setattr(cli, "default_callbacks", lambda config: [*defaults(config), SigtermInValidation()])
+    with pytest.raises(SystemExit) as exc:
+        fit_main(args)
+    assert exc.value.code == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    run = tmp_path / "simple_cnn" / "version_0"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    resumed = fit_main([*args, "--resume"])
+    assert resumed["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-6)
+    assert_same_log(run / "metrics.csv", whole_log)
+
+
+def assert_same_log(path: Path, reference: Path) -> list[dict[str, str]]:
+    """The two metrics.csv files hold the same rows, with values equal up to float noise."""
+    rows, expected = read_rows(path), read_rows(reference)
+    assert len(rows) == len(expected)
+    for row, want in zip(rows, expected):
+        assert row.keys() == want.keys()
+        for key in want:
+            got = float(row[key]) if row[key] else None
+            assert got == pytest.approx(float(want[key]) if want[key] else None, rel=1e-6), (key, row)
+    return rows
+
+
+def test_cli_fit_ckpt_path_last_continues_the_latest_run(tmp_path):
+    data = write_noise_folder(tmp_path / "data", n_train=8)
+    args = [
+        "fit", "--model.arch=simple_cnn", f"--data.data_dir={data}", "--data.download=false",
+        "--data.num_workers=0", "--data.batch_size=6", "--data.val_size=6",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET,
+    ]  # fmt: skip
+    cli_main([*args, "--trainer.max_epochs=1"])
+    cli = cli_main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    run = tmp_path / "cifar10" / "version_0"
+    assert cli.trainer.current_epoch == 2 and Path(cli.trainer.log_dir) == run
+    assert epochs_logged(read_rows(run / "metrics.csv"), "val/acc") == [0, 1]
+
+
+def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(tmp_path / "data", tmp_path / "runs", "--resume"))
+    assert exc.value.code == 2
+    looked = tmp_path / "runs" / "simple_cnn" / "version_*" / "checkpoints" / "last.ckpt"
+    assert user_error(capsys) == (
+        f"error: no checkpoint to resume: nothing matches {looked}. Start the run without --resume, "
+        "or pass --resume PATH with a run directory or a .ckpt file."
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random-bytes"])
+@pytest.mark.parametrize("entry", ["fit.py", "cli"])
+def test_corrupt_checkpoint_is_one_error_naming_the_file(tmp_path, capsys, damage, entry):
+    path = tmp_path / "runs" / "simple_cnn" / "version_0" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {"arch": "simple_cnn"}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))
+    with pytest.raises(SystemExit) as exc:
+        if entry == "fit.py":
+            fit_main(fit_args(tmp_path / "data", tmp_path / "runs", "--resume"))
+        else:
+            cli_main(["fit", f"--ckpt_path={path}", f"--data.data_dir={tmp_path}"])
+    assert exc.value.code == 2
+    kind = "truncated or corrupt" if damage == "truncated" else "not a PyTorch checkpoint"
+    assert user_error(capsys).startswith(f"error: checkpoint {path} is {kind}")
+
+
+def test_resume_into_another_architecture_is_refused(trained_run, tmp_path, capsys):
+    data, ckpt = trained_run
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(data, tmp_path, "--arch", "lenet5", "--resume", str(ckpt.parent.parent)))
+    assert exc.value.code == 2
+    assert user_error(capsys).startswith(
+        f"error: cannot resume from {ckpt}: the checkpoint has arch='simple_cnn', but this run builds arch='lenet5'."
+    )
+
+
+def _stop_with(sig: int, args: list[str], written: Callable[[], bool], stderr_path: Path) -> int:
+    """Start scripts/fit.py, send ``sig`` as soon as ``written()`` says so; the exit code."""
+    with open(stderr_path, "w") as stderr:
+        command = [sys.executable, str(REPO / "scripts" / "fit.py"), *args]
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 300
+            while not written():
+                assert proc.poll() is None and time.monotonic() < deadline, stderr_path.read_text()[-3000:]
+                time.sleep(0.01)
+            proc.send_signal(sig)
+            return proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_signals_mid_epoch_checkpoint_and_the_run_resumes(tmp_path):
+    # SIGTERM during the second epoch; resumed, then Ctrl-C (SIGINT) during the third; resumed to the end.
+    data = write_noise_folder(tmp_path / "data", n_train=12)
+    steps = (3 * 12 - 6) // 2  # training batches per epoch
+    args = fit_args(data, tmp_path / "runs", "--epochs", "3", "--batch-size", "2")
+    run = tmp_path / "runs" / "simple_cnn" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    resume_hint = f"--lr 0.01 {' '.join(QUIET)} --epochs 3 --batch-size 2 --resume {run}"
+
+    for sig, resume, epoch in ((signal.SIGTERM, [], 1), (signal.SIGINT, ["--resume"], 2)):
+        # Every write of last.ckpt is a new file (written beside it, then renamed over it).
+        old = last.stat().st_ino if last.exists() else None
+        code = _stop_with(sig, [*args, *resume], lambda: last.exists() and last.stat().st_ino != old, tmp_path / "err")
+        stderr = (tmp_path / "err").read_text()
+        assert code == 128 + sig, stderr[-3000:]
+        hints = [line for line in stderr.splitlines() if line.startswith("interrupted by")]
+        assert len(hints) == 1
+        assert hints[0].startswith(f"interrupted by {signal.Signals(sig).name} at epoch {epoch}, step ")
+        assert hints[0].endswith(resume_hint)
+        stopped = torch.load(last, weights_only=True)
+        assert epoch * steps <= stopped["global_step"] < (epoch + 1) * steps  # written during that epoch
+        before = read_rows(run / "metrics.csv")
+        assert epochs_logged(before, "val/loss") == list(range(epoch))
+
+    report = fit_main([*args, "--resume"])
+    assert report["epochs"] == 3 and report["global_step"] == 3 * steps
+    rows = read_rows(run / "metrics.csv")
+    assert [{k: r[k] for k in before[0]} for r in rows[: len(before)]] == before  # kept as they were
+    assert epochs_logged(rows, "val/loss") == [0, 1, 2] and epochs_logged(rows, "train/loss") == [0, 1, 2]
+    logged_steps = [int(r["step"]) for r in rows if r["val/loss"]]
+    assert logged_steps == [steps - 1, 2 * steps - 1, 3 * steps - 1]
+    assert not run.with_name("version_1").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+_torch_save = torch.save
+
+
+def _save_half_then_raise(exc: BaseException):
+    def save(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        _torch_save(obj, buf)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise exc
+
+    return save
+
+
+@pytest.mark.parametrize(
+    "exc", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KeyboardInterrupt()], ids=["disk-full", "killed"]
+)
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, exc):
+    ckpt_io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt_io.save_checkpoint({"step": 1, "w": torch.arange(5000.0)}, path)
+    monkeypatch.setattr(torch, "save", _save_half_then_raise(exc))
+    with pytest.raises(CheckpointWriteError if isinstance(exc, OSError) else KeyboardInterrupt) as err:
+        ckpt_io.save_checkpoint({"step": 2, "w": torch.zeros(5000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert os.listdir(path.parent) == ["last.ckpt"]  # the temporary file is gone too
+    if isinstance(exc, OSError):
+        assert str(err.value) == (
+            f"cannot write checkpoint {path}: No space left on device. The previous checkpoint there, "
+            "if any, is unchanged. Free some space or pass --output-dir on another disk."
+        )
+
+
+def test_disk_full_during_fit_is_one_error_and_keeps_last_ckpt(tmp_path, monkeypatch, capsys):
+    data = write_noise_folder(tmp_path / "data", n_train=8)
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) <= 2:  # the first epoch's best and last checkpoints
+            return _torch_save(obj, f, *args, **kwargs)
+        return _save_half_then_raise(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))(obj, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(data, tmp_path / "runs", "--epochs", "2"))
+    monkeypatch.undo()
+    assert exc.value.code == 2
+    assert re.fullmatch(r"error: cannot write checkpoint \S+\.ckpt: No space left on device\. .*", user_error(capsys))
+    last = tmp_path / "runs" / "simple_cnn" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed correctness and determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ddp_validation_matches_one_process(trained_run, tmp_path):
+    # 7 validation images over 2 ranks with batches of 4: a padding sampler would count one twice.
+    data, ckpt = trained_run
+    args = [
+        "validate", f"--ckpt_path={ckpt}", f"--data.data_dir={data}", "--data.download=false",
+        "--data.num_workers=0", "--data.batch_size=4", "--data.val_size=7", "--trainer.accelerator=cpu", *QUIET,
+    ]  # fmt: skip
+
+    def out(folder: Path) -> list[str]:
+        return [f"--trainer.default_root_dir={folder}", f"--trainer.logger.init_args.save_dir={folder}"]
+
+    cli_main([*args, "--trainer.devices=1", *out(tmp_path / "one")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar_lightning", *args, "--trainer.devices=2", *out(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = list((tmp_path / "two").rglob("metrics.csv"))
+    assert len(logs) == 1  # only rank 0 writes
+    (one,), (two,) = read_rows(next((tmp_path / "one").rglob("metrics.csv"))), read_rows(logs[0])
+    keys = [k for k in one if k.startswith("val/")]
+    assert {"val/acc", "val/loss", "val/acc/cat"} <= set(keys)
+    for key in keys:
+        assert float(two[key]) == pytest.approx(float(one[key]), rel=1e-5, abs=1e-7), key
+
+
+def test_each_ddp_rank_gets_its_own_random_stream():
+    def draws(rank: int, world_size: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        RandomState().on_fit_start(SimpleNamespace(world_size=world_size, global_rank=rank), None)
+        return torch.rand(8)
+
+    torch.manual_seed(0)
+    seeded = torch.rand(8)
+    assert torch.equal(draws(0, 1), seeded)  # a single process keeps its seeded stream
+    rank0, rank1 = draws(0, 2), draws(1, 2)
+    assert not torch.equal(rank0, rank1)  # augmentation differs between ranks...
+    assert torch.equal(rank0, draws(0, 2)) and torch.equal(rank1, draws(1, 2))  # ...and follows the seed
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    state = RandomState().state_dict()
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    torch.save({"callbacks": {"RandomState": state}}, tmp_path / "x.ckpt")
+    torch.manual_seed(2), np.random.seed(2), random.seed(2)
+    RandomState().load_state_dict(torch.load(tmp_path / "x.ckpt", weights_only=True)["callbacks"]["RandomState"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_deterministic_runs_are_bit_identical(tmp_path):
+    data = write_noise_folder(tmp_path / "data", n_train=6)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for out in ("a", "b"):
+            fit_main(fit_args(data, tmp_path / out, "--epochs", "2", "--seed", "7", "--deterministic"))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    a, b = (tmp_path / out / "simple_cnn" / "version_0" / "metrics.csv" for out in ("a", "b"))
+    assert a.read_text() == b.read_text()  # the log has no time column
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag, value, valid",
+    [
+        ("--optimizer", "sgdd", ["['sgd', 'adam', 'adamw']"]),
+        ("--scheduler", "cosin", ["['none', 'multistep', 'cosine', 'onecycle', 'plateau']"]),
+        ("--precision", "17", ["'16-mixed'", "'bf16-mixed'", "'32-true'"]),
+    ],
+    ids=["optimizer", "scheduler", "precision"],
+)
+def test_unknown_choice_lists_the_valid_ones(tmp_path, capsys, flag, value, valid):
+    # jsonargparse's own message (after the usage text): the key, the valid values, the value given.
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(tmp_path, tmp_path, flag, value))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^error: Parser key \"(model|trainer)\.\w+\"", err, re.M)
+    assert all(v in err for v in valid)
+    assert f"Got value: {value}" in err or f"Given value: {value}" in err
+
+
+@pytest.mark.parametrize("case", ["gpu", "cpu-cores"])
+def test_devices_that_do_not_exist(tmp_path, capsys, case):
+    cores = os.cpu_count()
+    if case == "gpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        extra, message = ["--accelerator", "gpu"], "error: --accelerator gpu asks for a GPU, but PyTorch sees none"
+    else:
+        extra = ["--accelerator", "cpu", "--devices", str(cores + 1)]
+        message = f"error: --devices {cores + 1} asks for {cores + 1} CPU processes, but this machine has {cores} CPU"
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(tmp_path, tmp_path, *extra))
+    assert exc.value.code == 2
+    assert user_error(capsys).startswith(message)
+
+
+@pytest.mark.parametrize("case", ["under-a-file", "not-writable"])
+def test_unwritable_output_dir_fails_before_anything_runs(tmp_path, monkeypatch, capsys, case):
+    # Tests run as root, which chmod does not stop: a path under a file, or os.access saying no.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "runs" if case == "under-a-file" else tmp_path / "read-only"
+    if case == "not-writable":
+        out.mkdir()
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != out and real_access(p, mode, **kw))
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(tmp_path / "no-data", out, "--epochs", "1"))
+    assert exc.value.code == 2
+    reason = f"{blocker} is a file, not a folder" if case == "under-a-file" else f"{out} is not writable"
+    assert user_error(capsys) == (
+        f"error: cannot write to the output folder {out}: {reason}. Pass --output-dir with a writable folder."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Stress
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def _children() -> list[int]:
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+@pytest.mark.slow
+def test_back_to_back_fits_leak_nothing(tmp_path):
+    import matplotlib.pyplot as plt
+
+    data = write_noise_folder(tmp_path / "data", n_train=10)
+
+    def fit(i: int) -> None:
+        # Two persistent workers and TensorBoard (whose test views draw matplotlib figures).
+        extra = ["--num-workers", "2", "--data.persistent_workers=true", "--logger", "tensorboard", "--name", f"r{i}"]
+        fit_main(fit_args(data, tmp_path / "runs", "--epochs", "1", *extra))
+        gc.collect()
+
+    for i in range(2):  # warm-up: imports, caches and first-use allocations
+        fit(i)
+    rss, fds = _rss_mb(), len(os.listdir("/proc/self/fd"))
+    for i in range(2, 7):
+        fit(i)
+    deadline = time.monotonic() + 10
+    while _children() and time.monotonic() < deadline:  # workers get a moment to exit
+        time.sleep(0.1)
+    assert _children() == []
+    assert plt.get_fignums() == []
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+    assert _rss_mb() < rss + 80, f"RSS grew from {rss:.0f} MB to {_rss_mb():.0f} MB over 5 fits"
