@@ -37,7 +37,10 @@ def default_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:
         callbacks.append(RichModelSummary(max_depth=1))
     logger = trainer_config.get("logger", True)
     if logger not in (False, None, []):
-        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        from cifar_lightning.plots import HistoryPlot
+
+        # history.png (loss, accuracy, learning rate per epoch) next to metrics.csv after every fit
+        callbacks += [LearningRateMonitor(logging_interval="epoch"), HistoryPlot()]
     loggers = logger if isinstance(logger, list) else [logger]
     if any(getattr(lg, "watch_mode", None) for lg in loggers):
         from cifar_lightning.tracking import WatchModel

@@ -41,6 +41,10 @@ def test_fit_writes_checkpoints_logs_and_report(tiny_folder, tmp_path):
     assert Path(report["checkpoint"]).is_file() and Path(report["checkpoint"]).parent == run_dir / "checkpoints"
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "config.yaml").is_file()
+    from PIL import Image
+
+    with Image.open(run_dir / "history.png") as img:  # drawn by the default HistoryPlot callback
+        assert img.size[0] > 300 and img.size[1] > 200
     assert report["epochs"] == 2 and report["train_images"] == 30 and report["test_images"] == 12
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc/cat", "test/acc/frog", "lr-SGD"):
