@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tarfile
 from pathlib import Path
@@ -16,6 +17,35 @@ SKIP_NO_ARCHIVE = (
     f"the real CIFAR-10 archive is not at {REAL_ARCHIVE} (it ships beside the project on CI "
     "machines only); these tests read real images from it"
 )
+
+
+#: Networks above this many multiply-accumulates per image are exercised by the slow tests only
+#: (CI runs them); the default run still covers every family.
+HEAVY_MACS = 8e8
+
+
+@functools.lru_cache(maxsize=None)
+def arch_params() -> list:
+    """``list_models()`` as pytest params, the heavy networks marked slow (counted, not listed)."""
+    import torch
+
+    from cifar_lightning.models import create_model, list_models
+    from cifar_lightning.models.card import count_macs
+
+    params = []
+    for name in list_models():
+        with torch.device("meta"):  # shapes only: building and counting cost nothing
+            macs = count_macs(create_model(name))
+        params.append(pytest.param(name, id=name, marks=[pytest.mark.slow] if macs > HEAVY_MACS else []))
+    return params
+
+
+def pytest_configure(config):
+    # Under pytest-xdist, one torch thread per worker: the workers already fill the cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import torch
 
 from cifar_lightning import ClassifierModule, CIFAR10DataModule, list_models
 from cifar_lightning.cli import expand_aliases, fit_main
-from conftest import REPO, write_image_folder
+from conftest import REPO, arch_params, write_image_folder
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
@@ -25,7 +25,7 @@ def fit_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", list_models())
+@pytest.mark.parametrize("arch", arch_params())
 def test_fast_dev_run_every_arch(arch, tiny_folder, tmp_path):
     report = fit_main(fit_args(tiny_folder, tmp_path, "--arch", arch, "--fast-dev-run"))
     assert report["arch"] == arch

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from cifar_lightning.models import UnknownModelError, create_model, list_models, model_info
 from cifar_lightning.models.card import count_macs, count_parameters
+from conftest import arch_params
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = list_models()
@@ -61,14 +62,14 @@ def test_every_model_states_its_parameter_count():
     assert sorted(EXPECTED_PARAMS) == MODELS
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", arch_params())
 def test_parameter_count(name):
     with torch.device("meta"):  # same count, no time spent initialising weights
         model = create_model(name)
     assert count_parameters(model) == EXPECTED_PARAMS[name]
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", arch_params())
 def test_builder_signature(name):
     builder = model_info(name).builder
     params = inspect.signature(builder).parameters
@@ -79,7 +80,7 @@ def test_builder_signature(name):
         create_model(name, no_such_option=1)  # options are checked, never silently ignored
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", arch_params())
 def test_forward_backward(name):
     model = _build(name, num_classes=7).train()
     out = model(_images())
@@ -92,7 +93,7 @@ def test_forward_backward(name):
             assert torch.isfinite(p.grad).all(), pname
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", arch_params())
 def test_state_dict_round_trip(name):
     model = _build(name, seed=0).eval()
     if hasattr(model, "init_from_data"):
@@ -110,7 +111,7 @@ def test_state_dict_round_trip(name):
         assert torch.equal(fresh(x), expected)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", arch_params())
 def test_channels_last(name):
     model = _build(name).eval()
     x = _images()
@@ -219,7 +220,7 @@ def test_model_card(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", arch_params())
 def test_torch_compile(name):
     torch._dynamo.reset()
     model = _build(name).eval()
