@@ -187,7 +187,9 @@ def test_corrupt_checkpoint_is_one_error_naming_the_file(tmp_path, capsys, damag
     path.parent.mkdir(parents=True)
     torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {"arch": "simple_cnn"}}, path)
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))
+    # fixed junk, not os.urandom: random bytes sometimes start like a zip or a pickle
+    junk = (b"not a checkpoint at all \x00\xff" * len(data))[: len(data)]
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else junk)
     with pytest.raises(SystemExit) as exc:
         if entry == "fit.py":
             fit_main(fit_args(tmp_path / "data", tmp_path / "runs", "--resume"))
