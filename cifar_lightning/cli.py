@@ -125,6 +125,7 @@ class CifarCLI(LightningCLI):
         if epochs is not None and epochs <= 0:
             raise UserError(f"the number of epochs must be positive, got {epochs}. Pass e.g. --epochs 30.")
         _check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+        _check_no_validation(cfg)
         # Fail now rather than after the data is loaded, or at the first checkpoint.
         if cfg.trainer.default_root_dir:
             check_writable_dir(cfg.trainer.default_root_dir)
@@ -398,6 +399,27 @@ def fit_help() -> str:
     )
 
 
+def _check_no_validation(cfg: Namespace) -> None:
+    """With ``--data.val_size 0`` there is nothing to select on: keep the last epoch."""
+    data = cfg.get("data")
+    if data is None or data.get("val_size") != 0:
+        return
+    model = cfg.get("model") or {}
+    if model.get("scheduler") == "plateau":
+        raise UserError(
+            "scheduler 'plateau' follows a validation metric, and --data.val_size 0 turns validation "
+            "off. Use another scheduler or hold out validation images."
+        )
+    import warnings
+
+    # Lightning's note about the empty validation loader list, which is what val_size=0 asks for.
+    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+    ckpt = cfg.get("checkpoint")
+    if ckpt is not None and str(ckpt.get("monitor") or "").startswith("val/"):
+        ckpt.monitor = None
+        ckpt.filename = "epoch{epoch:03d}"
+
+
 @exit_on_user_error
 def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """``scripts/fit.py``: fit, test the best checkpoint, print and save the report (rank 0)."""
@@ -453,7 +475,7 @@ def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "devices": trainer.world_size,
             "data_dir": str(datamodule.source.root),
             "train_images": len(datamodule.train_set),
-            "val_images": len(datamodule.val_set),
+            "val_images": len(datamodule.val_set) if datamodule.val_set is not None else 0,
             "test_images": len(datamodule.test_set),
         },
     )

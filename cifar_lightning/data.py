@@ -708,6 +708,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         cache_dir: where archives are extracted and decoded arrays cached when the data folder is
             read-only (default ``$CIFAR_LIGHTNING_CACHE`` or ``~/.cache/cifar_lightning``).
         val_size: training images held out for validation (model selection). Never the test set.
+            0 trains on the whole training split with no validation (a final run once the
+            settings are chosen); the run then keeps its last epoch instead of its best.
         split_seed: seed of the train/validation split, independent of the training seed.
         batch_size: images per batch (per device under DDP).
         augment: training augmentation preset: ``none``, ``standard`` (zero-pad 4, random crop,
@@ -745,8 +747,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size <= 0:
             raise UserError(f"batch_size must be positive, got {batch_size}. Pass e.g. --batch-size 128.")
-        if val_size < 1:
-            raise UserError(f"val_size must be at least 1 (validation selects the best model), got {val_size}.")
+        if val_size < 0:
+            raise UserError(f"val_size must be 0 (no validation) or more, got {val_size}.")
         if num_workers < 0:
             raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
         if any(s <= 0 for s in std):
@@ -804,7 +806,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             train_idx, val_idx = split_indices(len(images), self.hparams.val_size, self.hparams.split_seed)
             train_tf = build_transform(self.hparams.augment, self.norm_mean, self.norm_std)
             self.train_set = ArrayDataset(images, labels, train_idx, train_tf)
-            self.val_set = ArrayDataset(images, labels, val_idx, eval_tf)
+            self.val_set = ArrayDataset(images, labels, val_idx, eval_tf) if len(val_idx) else None
         if stage in (None, "test", "predict") and self.test_set is None:
             images, labels = load_split(self.source, "test", self.hparams.cache_dir)
             self.test_set = ArrayDataset(images, labels, None, eval_tf)
@@ -897,7 +899,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader | TensorLoader:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader | TensorLoader:
+    def val_dataloader(self) -> DataLoader | TensorLoader | list:
+        if self.train_set is not None and self.val_set is None:
+            return []  # val_size=0: Lightning skips validation
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader | TensorLoader:

@@ -14,11 +14,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from cifar_lightning.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from cifar_lightning.errors import UserError
 from cifar_lightning.models import create_model, model_info
+from cifar_lightning.optim import MuonSGD, muon_param_groups
 
-OptimizerName = Literal["sgd", "adam", "adamw"]
-SchedulerName = Literal["none", "multistep", "cosine", "onecycle", "plateau"]
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "multistep", "cosine", "onecycle", "plateau")
+OptimizerName = Literal["sgd", "adam", "adamw", "muon"]
+SchedulerName = Literal["none", "multistep", "cosine", "linear", "onecycle", "plateau"]
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
+SCHEDULERS = ("none", "multistep", "cosine", "linear", "onecycle", "plateau")
 TTAMode = Literal["none", "flip", "flip_translate"]
 TTA_MODES = ("none", "flip", "flip_translate")
 STAGES = ("train", "val", "test")
@@ -56,17 +57,22 @@ class ClassifierModule(pl.LightningModule):
         num_classes: number of output classes (linked from the data).
         class_names: one name per class, in label order (linked from the data).
         norm_mean, norm_std: input normalisation the network expects (linked from the data).
-        optimizer: ``sgd`` (with ``momentum`` and ``nesterov``), ``adam`` or ``adamw``.
+        optimizer: ``sgd`` (with ``momentum`` and ``nesterov``), ``adam``, ``adamw`` or ``muon``
+            (conv filters by Muon at ``muon_lr`` and ``muon_momentum``, everything else by SGD
+            with ``lr``, ``momentum``, ``nesterov`` and ``weight_decay``; see ``optim.MuonSGD``).
         lr: peak learning rate. weight_decay: L2 penalty (decoupled for ``adamw``).
+        muon_lr, muon_momentum: Muon's peak step size (relative to the filters' norm) and momentum;
+            the schedule scales ``muon_lr`` as it scales ``lr``.
         betas: Adam/AdamW betas.
-        scheduler: ``none``, ``multistep``, ``cosine``, ``onecycle`` or ``plateau``.
+        scheduler: ``none``, ``multistep``, ``cosine``, ``linear`` (decay to ``min_lr`` at the last
+            step), ``onecycle`` or ``plateau``.
         milestones: ``multistep`` boundaries, in epochs or steps (``milestone_unit``).
         gamma: ``multistep`` factor per milestone, or a list of absolute factors (one per milestone).
         initial_lr_factor: ``multistep`` factor before the first milestone (a constant warm-up,
             as ResNet-110's 0.01 start in He et al. 2016).
         pct_start: ``onecycle`` share of steps spent warming up.
-        warmup_epochs: linear warm-up before ``cosine`` (may be fractional).
-        min_lr: floor of ``cosine`` and ``plateau``.
+        warmup_epochs: linear warm-up before ``cosine`` or ``linear`` (may be fractional).
+        min_lr: floor of ``cosine``, ``linear`` and ``plateau``.
         plateau_monitor, plateau_factor, plateau_patience: ReduceLROnPlateau settings.
         label_smoothing: cross-entropy label smoothing.
         channels_last: run the network in channels-last memory format (faster convs on GPUs).
@@ -88,6 +94,8 @@ class ClassifierModule(pl.LightningModule):
         nesterov: bool = False,
         weight_decay: float = 5e-4,
         betas: tuple[float, float] = (0.9, 0.999),
+        muon_lr: float = 0.24,
+        muon_momentum: float = 0.6,
         scheduler: SchedulerName = "cosine",
         milestones: list[int] | None = None,
         milestone_unit: Literal["epoch", "step"] = "epoch",
@@ -112,6 +120,8 @@ class ClassifierModule(pl.LightningModule):
             raise UserError(f"unknown scheduler {scheduler!r}. Valid names: {', '.join(SCHEDULERS)}")
         if not lr > 0:
             raise UserError(f"the learning rate must be positive, got {lr}. Pass e.g. --lr 0.1.")
+        if optimizer == "muon" and not muon_lr > 0:
+            raise UserError(f"muon_lr must be positive, got {muon_lr}. Pass e.g. --model.muon_lr 0.24.")
         if num_classes < 2:
             raise UserError(f"num_classes must be at least 2, got {num_classes}.")
         if class_names is None:
@@ -136,12 +146,16 @@ class ClassifierModule(pl.LightningModule):
 
         # One metric object per stage (a shared MetricCollection would mix states between stages).
         # ModuleDict keys get a suffix because "train" is already an nn.Module attribute.
-        self.loss_metrics = torch.nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
+        # Their input checks are off: each one (MeanMetric's NaN filter, the accuracy's label-range
+        # check) reads a tensor back from the GPU at every step, which stalls a fast training loop.
+        # Labels are checked when the data is read, and a NaN loss now shows up in the logged mean
+        # instead of being dropped from it.
+        self.loss_metrics = torch.nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in STAGES})
         self.acc_metrics = torch.nn.ModuleDict(
-            {f"{s}_": MulticlassAccuracy(num_classes, average="micro") for s in STAGES}
+            {f"{s}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in STAGES}
         )
         self.class_acc_metrics = torch.nn.ModuleDict(
-            {f"{s}_": MulticlassAccuracy(num_classes, average=None) for s in ("val", "test")}
+            {f"{s}_": MulticlassAccuracy(num_classes, average=None, validate_args=False) for s in ("val", "test")}
         )
 
     # -- forward ----------------------------------------------------------------------------------
@@ -185,11 +199,14 @@ class ClassifierModule(pl.LightningModule):
     def _shared_step(self, batch, stage: str) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = self(x) if stage == "train" else self.tta_logits(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        losses = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing, reduction="none")
+        loss = losses.mean()
         preds = logits.detach().argmax(dim=1)
         # Metric objects accumulate on the device; Lightning computes and syncs them once per epoch.
+        # Per-sample losses, so that a smaller last batch weighs less (torchmetrics 1.9 drops the
+        # ``weight`` argument when its NaN check is disabled).
         key = f"{stage}_"
-        self.loss_metrics[key].update(loss.detach(), weight=y.numel())
+        self.loss_metrics[key].update(losses.detach())
         self.acc_metrics[key].update(preds, y)
         if key in self.class_acc_metrics:
             self.class_acc_metrics[key].update(preds, y)
@@ -249,6 +266,9 @@ class ClassifierModule(pl.LightningModule):
             opt = torch.optim.SGD(
                 params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
             )
+        elif hp.optimizer == "muon":
+            groups = muon_param_groups(self.model, hp.muon_lr, hp.muon_momentum)
+            opt = MuonSGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay)
         elif hp.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         else:
@@ -278,9 +298,8 @@ class ClassifierModule(pl.LightningModule):
         else:
             steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
             warmup = int(round(hp.warmup_epochs * steps_per_epoch))
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, WarmupCosine(warmup, total, hp.min_lr / hp.lr)
-            )
+            shape = WarmupLinear if hp.scheduler == "linear" else WarmupCosine
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, shape(warmup, total, hp.min_lr / hp.lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -295,3 +314,13 @@ class WarmupCosine:
             return (step + 1) / self.warmup
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class WarmupLinear(WarmupCosine):
+    """LR multiplier: linear warm-up over ``warmup`` steps, then a straight line to ``floor`` at ``total``."""
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 1.0 - (1.0 - self.floor) * progress

@@ -282,7 +282,7 @@ def test_tta_averages_the_views():
 
 def test_scale_gradients_and_freeze_after():
     model = ClassifierModule(arch="fastnet", num_classes=3)
-    trainer = type("T", (), {"current_epoch": 0})()
+    trainer = type("T", (), {"current_epoch": 0, "world_size": 2})()
     scale, freeze = ScaleGradients(r"\.bn\d\.bias$", 64.0), FreezeAfter(r"whiten\.bias$", epochs=3)
     scale.setup(trainer, model, "fit")
     freeze.setup(trainer, model, "fit")
@@ -297,8 +297,30 @@ def test_scale_gradients_and_freeze_after():
     trainer.current_epoch = 3
     freeze.on_before_optimizer_step(trainer, model, None)
     assert model.model.whiten.bias.grad is None
+    assert model.model.whiten.bias.requires_grad  # under DDP every rank keeps the same backward
     with pytest.raises(UserError, match="no trainable parameter name matches"):
         ScaleGradients("nothing-like-this").setup(trainer, model, "fit")
+
+
+def test_freeze_after_skips_the_backward_in_one_process():
+    model = ClassifierModule(arch="fastnet", num_classes=3)
+    bias, conv = model.model.whiten.bias, model.model.groups[0].conv1
+    trainer = type("T", (), {"current_epoch": 2, "world_size": 1})()
+    freeze = FreezeAfter(r"whiten\.bias$", epochs=3)
+    freeze.setup(trainer, model, "fit")
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    conv.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(grad_in[0] is not None))
+    freeze.on_train_epoch_start(trainer, model)
+    model(x).sum().backward()
+    assert bias.grad is not None and seen == [True]  # epoch 2: the input gradient is needed
+    trainer.current_epoch = 3
+    freeze.on_train_epoch_start(trainer, model)
+    model.zero_grad()
+    model(x).sum().backward()
+    assert not bias.requires_grad and bias.grad is None and seen == [True, False]
+    freeze.on_fit_end(trainer, model)
+    assert bias.requires_grad
 
 
 def test_lookahead_pulls_towards_the_average_and_ends_on_it():

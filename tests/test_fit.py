@@ -53,6 +53,23 @@ def test_fit_writes_checkpoints_logs_and_report(tiny_folder, tmp_path):
     assert abs(sum(report["per_class_acc"].values()) / 3 - report["test_acc"]) < 1e-6
 
 
+def test_val_size_zero_trains_on_everything_and_keeps_the_last_epoch(tiny_folder, tmp_path):
+    report = fit_main(fit_args(tiny_folder, tmp_path, "--arch", "simple_cnn", "--epochs", "2", "--val-size", "0"))
+    assert report["train_images"] == 36 and report["val_images"] == 0
+    # no validation ran, and the tested checkpoint is the last epoch's
+    run_dir = tmp_path / "simple_cnn" / "version_0"
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/acc" in header and not any(k.startswith("val/") for k in header)
+    assert Path(report["checkpoint"]).name == "epoch001.ckpt"
+
+
+def test_val_size_zero_with_plateau_scheduler_is_refused(tiny_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(tiny_folder, tmp_path, "--val-size", "0", "--model.scheduler", "plateau"))
+    assert exc.value.code == 2
+    assert "val_size 0 turns validation off" in capsys.readouterr().err
+
+
 def test_checkpoint_round_trip(tiny_folder, tmp_path):
     dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, num_workers=0, batch_size=8, normalize=False)
     model = ClassifierModule(

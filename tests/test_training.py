@@ -1,0 +1,131 @@
+"""ClassifierModule's training parts: MuonSGD, the schedules, and the per-epoch metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifar_lightning import ClassifierModule
+from cifar_lightning.errors import UserError
+from cifar_lightning.module import WarmupCosine, WarmupLinear
+from cifar_lightning.optim import MuonSGD, muon_param_groups, orthogonalize
+
+
+@pytest.mark.parametrize("shape", [(64, 216), (256, 64), (10, 10)])
+def test_orthogonalize_flattens_the_spectrum(shape):
+    torch.manual_seed(0)
+    # a badly conditioned matrix: singular values spread over three orders of magnitude
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0]))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1]))
+    k = min(shape)
+    s = torch.logspace(0, -3, k)
+    g = u[:, :k] @ torch.diag(s) @ v[:, :k].T
+    out = orthogonalize(g, steps=5)
+    sv = torch.linalg.svdvals(out)
+    assert out.shape == g.shape and out.dtype == g.dtype
+    # the large directions end near 1 (the iteration overshoots to about 0.7-1.2 by design),
+    # the ones 1000x smaller are lifted far above their 1e-3
+    assert 0.6 < sv.max() < 1.3
+    assert sv[: k // 2].min() > 0.5
+    assert sv.min() > 0.05
+    # same singular vectors: out is U f(S) V^T, so U^T out V is diagonal
+    inner = u[:, :k].T @ out @ v[:, :k]
+    off = inner - torch.diag(torch.diagonal(inner))
+    assert off.abs().max() < 1e-3
+    with pytest.raises(ValueError, match="2-D"):
+        orthogonalize(torch.ones(3))
+
+
+def test_muon_step_normalizes_filters_and_moves_by_lr():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, bias=False)
+    bias = torch.nn.Parameter(torch.ones(16))
+    opt = MuonSGD(
+        [{"params": [conv.weight], "muon": True, "lr": 0.1, "momentum": 0.0}, {"params": [bias]}],
+        lr=0.5, momentum=0.0, weight_decay=0.0,
+    )  # fmt: skip
+    with torch.no_grad():
+        conv.weight.mul_(10)  # any scale: Muon first brings it back to norm sqrt(out_channels)
+    before = conv.weight.detach().clone()
+    conv.weight.grad = torch.randn_like(conv.weight)
+    bias.grad = torch.full_like(bias, 2.0)
+    opt.step()
+    normalized = before * (16**0.5 / before.norm())
+    update = (normalized - conv.weight.detach()).reshape(16, -1) / 0.1
+    sv = torch.linalg.svdvals(update)
+    assert sv.shape == (16,) and 0.5 < sv.min() and sv.max() < 1.5  # an (about) orthogonal step
+    assert torch.allclose(bias.detach(), torch.full((16,), 1.0 - 0.5 * 2.0))  # plain SGD
+    with pytest.raises(ValueError, match="not vectors"):
+        MuonSGD([{"params": [bias], "muon": True}])
+
+
+def test_muon_sgd_groups_match_torch_sgd_on_non_muon_params():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = MuonSGD([a], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    ref = torch.optim.SGD([b], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    for _ in range(4):
+        g = torch.randn(5)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(a, b)
+
+
+def test_muon_param_groups_put_only_conv_filters_under_muon():
+    model = ClassifierModule(arch="fastnet", num_classes=10).model
+    muon, rest = muon_param_groups(model, 0.2, 0.6)
+    assert muon["muon"] and muon["lr"] == 0.2 and muon["momentum"] == 0.6
+    assert all(p.ndim == 4 for p in muon["params"]) and len(muon["params"]) == 6  # 3 groups x 2 convs
+    ids = lambda params: {id(p) for p in params}  # noqa: E731  (`in` would compare tensors)
+    assert {id(model.head.weight), id(model.whiten.bias)} <= ids(rest["params"])
+    assert id(model.whiten.weight) not in ids(rest["params"]) | ids(muon["params"])  # frozen
+
+
+def test_module_with_muon_learns():
+    torch.manual_seed(0)
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, optimizer="muon", lr=0.05, muon_lr=0.05,
+                             scheduler="none", weight_decay=0.0)  # fmt: skip
+    opt = model.configure_optimizers()
+    assert isinstance(opt, MuonSGD) and [g["muon"] for g in opt.param_groups] == [True, False]
+    x = torch.randn(32, 3, 32, 32)
+    y = torch.arange(32) % 3
+    x[torch.arange(32), y] += 2.0  # the label is the brightest channel
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+    with pytest.raises(UserError, match="muon_lr must be positive"):
+        ClassifierModule(arch="simple_cnn", optimizer="muon", muon_lr=0.0)
+
+
+def test_linear_and_cosine_schedules():
+    lin, cos = WarmupLinear(2, 10, 0.1), WarmupCosine(2, 10, 0.1)
+    assert [lin(s) for s in (0, 1)] == [0.5, 1.0] == [cos(s) for s in (0, 1)]
+    assert lin(2) == 1.0 and lin(6) == pytest.approx(0.55) and lin(10) == pytest.approx(0.1)
+    assert cos(6) == pytest.approx(0.55) and cos(4) > lin(4)  # cosine stays higher early on
+    assert WarmupLinear(0, 4)(3) == pytest.approx(0.25)  # airbench94_muon: 1 - step / total
+
+
+def test_epoch_loss_is_the_mean_over_samples_and_keeps_nan():
+    torch.manual_seed(0)
+    model = ClassifierModule(arch="simple_cnn", num_classes=3)
+    model.log = lambda *a, **k: None  # outside a Trainer
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), (torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))]
+    with torch.no_grad():
+        for batch in batches:
+            model._shared_step(batch, "val")
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        expected = torch.nn.functional.cross_entropy(model(x), y)  # all 11 samples weigh the same
+        expected_acc = (model(x).argmax(1) == y).float().mean()
+    torch.testing.assert_close(model.loss_metrics["val_"].compute(), expected)
+    torch.testing.assert_close(model.acc_metrics["val_"].compute(), expected_acc)
+    # a diverged step is reported as such, not dropped from the average
+    model.loss_metrics["val_"].update(torch.tensor([float("nan")]))
+    assert torch.isnan(model.loss_metrics["val_"].compute())
