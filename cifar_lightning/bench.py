@@ -6,9 +6,12 @@
 2. ``overhead``: training steps/s through ``Trainer.fit`` (the CLI's default callbacks and CSV
    logging) over a bare PyTorch loop with the same model, data, optimizer and batch, in steady
    state; also with the progress bar and model summary off, and with nothing at all.
-3. ``tta`` (time to accuracy): the ``configs/fastnet.yaml`` recipe end to end on the real data,
-   timed as airbench times itself: training plus the final test-time-augmented evaluation, data
-   loading (decoding, caching) excluded. Test accuracy and seconds, mean over seeds.
+3. ``tta`` (time to accuracy): a fastnet recipe (default ``configs/fastnet_muon.yaml``; ``--config
+   configs/fastnet.yaml`` for the SGD one) end to end on the real data, trained as airbench
+   trains (all 50,000 training images, no validation) and timed as it times itself: training
+   plus the final test-time-augmented evaluation, data loading (decoding, caching) excluded.
+   Test accuracy and seconds, mean over seeds. ``-- --trainer.max_steps=N`` fits the recipe to
+   a time budget: its schedule is laid out over the N steps.
 4. ``memory``: peak proportional set size (PSS) of a CPU fit with 2 DataLoader workers, main and
    worker processes summed, and how much of the dataset the workers hold privately (a copy per
    worker would show as about one dataset each).
@@ -38,7 +41,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-FASTNET_CONFIG = REPO / "configs" / "fastnet.yaml"
+FASTNET_CONFIG = REPO / "configs" / "fastnet_muon.yaml"
 SECTIONS = ("data", "overhead", "memory", "tta")
 #: The CPU fits of the memory section: (loader, DataLoader workers).
 MEMORY_RUNS = {

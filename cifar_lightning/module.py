@@ -296,7 +296,13 @@ class ClassifierModule(pl.LightningModule):
         if hp.scheduler == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=hp.pct_start)
         else:
-            steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
+            # Epochs in optimizer steps from the loader itself, so that warm-up_epochs keeps its
+            # meaning when max_steps cuts the run short (total is then max_steps).
+            batches = self.trainer.num_training_batches
+            if isinstance(batches, int) and batches > 0:
+                steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
+            else:
+                steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
             warmup = int(round(hp.warmup_epochs * steps_per_epoch))
             shape = WarmupLinear if hp.scheduler == "linear" else WarmupCosine
             sched = torch.optim.lr_scheduler.LambdaLR(opt, shape(warmup, total, hp.min_lr / hp.lr))

@@ -129,3 +129,21 @@ def test_epoch_loss_is_the_mean_over_samples_and_keeps_nan():
     # a diverged step is reported as such, not dropped from the average
     model.loss_metrics["val_"].update(torch.tensor([float("nan")]))
     assert torch.isnan(model.loss_metrics["val_"].compute())
+
+
+def test_schedule_spans_max_steps_and_warmup_counts_real_epochs(tiny_folder, tmp_path):
+    import lightning.pytorch as pl
+
+    from cifar_lightning import CIFAR10DataModule
+
+    dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, batch_size=5, num_workers=0)
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, scheduler="linear", warmup_epochs=1.0)
+    trainer = pl.Trainer(
+        max_epochs=10, max_steps=9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    shape = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    # 30 training images in batches of 5: 6 steps an epoch; the run stops at 9 steps
+    assert isinstance(shape, WarmupLinear) and shape.warmup == 6 and shape.total == 9
+    assert trainer.global_step == 9
