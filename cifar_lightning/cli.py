@@ -125,7 +125,7 @@ class CifarCLI(LightningCLI):
         if epochs is not None and epochs <= 0:
             raise UserError(f"the number of epochs must be positive, got {epochs}. Pass e.g. --epochs 30.")
         _check_devices(cfg.trainer.accelerator, cfg.trainer.devices)
-        _check_no_validation(cfg)
+        _apply_no_validation(cfg)
         # Fail now rather than after the data is loaded, or at the first checkpoint.
         if cfg.trainer.default_root_dir:
             check_writable_dir(cfg.trainer.default_root_dir)
@@ -399,8 +399,9 @@ def fit_help() -> str:
     )
 
 
-def _check_no_validation(cfg: Namespace) -> None:
-    """With ``--data.val_size 0`` there is nothing to select on: keep the last epoch."""
+def _apply_no_validation(cfg: Namespace) -> None:
+    """With ``--data.val_size 0`` there is nothing to select on: checkpoints keep the last epoch,
+    and a scheduler that follows a validation metric is refused."""
     data = cfg.get("data")
     if data is None or data.get("val_size") != 0:
         return
@@ -410,10 +411,6 @@ def _check_no_validation(cfg: Namespace) -> None:
             "scheduler 'plateau' follows a validation metric, and --data.val_size 0 turns validation "
             "off. Use another scheduler or hold out validation images."
         )
-    import warnings
-
-    # Lightning's note about the empty validation loader list, which is what val_size=0 asks for.
-    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
     ckpt = cfg.get("checkpoint")
     if ckpt is not None and str(ckpt.get("monitor") or "").startswith("val/"):
         ckpt.monitor = None

@@ -319,14 +319,17 @@ class WarmupCosine:
         if step < self.warmup:
             return (step + 1) / self.warmup
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.floor + (1 - self.floor) * self.decay(progress)
+
+    @staticmethod
+    def decay(progress: float) -> float:
+        """Share of the way from ``floor`` to the peak left at ``progress`` (0 -> 1) after warm-up."""
+        return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class WarmupLinear(WarmupCosine):
     """LR multiplier: linear warm-up over ``warmup`` steps, then a straight line to ``floor`` at ``total``."""
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return 1.0 - (1.0 - self.floor) * progress
+    @staticmethod
+    def decay(progress: float) -> float:
+        return 1.0 - progress

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
-from cifar_lightning import ClassifierModule
+from cifar_lightning import CIFAR10DataModule, ClassifierModule
 from cifar_lightning.errors import UserError
 from cifar_lightning.module import WarmupCosine, WarmupLinear
 from cifar_lightning.optim import MuonSGD, muon_param_groups, orthogonalize
@@ -132,10 +133,6 @@ def test_epoch_loss_is_the_mean_over_samples_and_keeps_nan():
 
 
 def test_schedule_spans_max_steps_and_warmup_counts_real_epochs(tiny_folder, tmp_path):
-    import lightning.pytorch as pl
-
-    from cifar_lightning import CIFAR10DataModule
-
     dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, batch_size=5, num_workers=0)
     model = ClassifierModule(arch="simple_cnn", num_classes=3, scheduler="linear", warmup_epochs=1.0)
     trainer = pl.Trainer(
