@@ -39,6 +39,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from cifar_lightning.report import write_report
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 FASTNET_CONFIG = REPO / "configs" / "fastnet_muon.yaml"
@@ -837,6 +839,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.output:
         out = Path(a.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        write_report(results, out)
         print(f"results: {out}")
     return results

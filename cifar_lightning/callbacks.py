@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 
+from cifar_lightning.progress import progress_callback
 from cifar_lightning.resilience import ContinueLogs, LastCheckpoint, RandomState
 
 #: ModelCheckpoint settings of every run: keep the best epoch by validation accuracy. ``last.ckpt``
@@ -21,8 +22,8 @@ CHECKPOINT_DEFAULTS = {
 
 
 def default_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:
-    """Resumability, and progress bar, model summary and learning-rate monitor unless the trainer
-    config turns them off.
+    """Resumability, and a progress display and learning-rate monitor unless the trainer config
+    turns them off: a rich bar on a terminal, one line per epoch otherwise (``progress``).
 
     Every run keeps its RNG state in checkpoints, continues its logs when resumed, and writes
     ``last.ckpt`` after every epoch and when Ctrl-C or SIGTERM stops it (see
@@ -32,9 +33,8 @@ def default_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:
     if trainer_config.get("enable_checkpointing", True) is not False:
         callbacks.append(LastCheckpoint())
     if trainer_config.get("enable_progress_bar", True) is not False:
-        callbacks.append(RichProgressBar())
-    if trainer_config.get("enable_model_summary", True) is not False:
-        callbacks.append(RichModelSummary(max_depth=1))
+        callbacks.append(progress_callback())
+    # The model summary is Lightning's own default (RichModelSummary, depth 1 when rich is installed).
     logger = trainer_config.get("logger", True)
     if logger not in (False, None, []):
         from cifar_lightning.plots import HistoryPlot

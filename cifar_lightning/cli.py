@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
+import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,6 +55,32 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Lightning's advertisement for its hosted logger, printed by every Trainer without one.
+_LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+
+
+def _not_litlogger_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_LITLOGGER_TIP)
+
+
+def quiet_lightning_notes() -> None:
+    """Filter out two things Lightning prints on every run that say nothing about the run.
+
+    Each filter matches one exact message: the litlogger tip, and torch 2.14's deprecation of
+    ``LeafSpec``, which Lightning 2.6's own batch flattening triggers (not our call to change).
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if _not_litlogger_tip not in log.filters:
+            log.addFilter(_not_litlogger_tip)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
 class CifarCLI(LightningCLI):
     """LightningCLI with the project's default callbacks, links and argument checks.
 
@@ -71,6 +100,7 @@ class CifarCLI(LightningCLI):
         self.argv: list[str] = list(given) if isinstance(given, (list, tuple)) else sys.argv[1:]
         #: (path, hyperparameters) of the checkpoint a fit resumes from.
         self.resume_from: tuple[str, dict[str, Any]] | None = None
+        quiet_lightning_notes()
         super().__init__(ClassifierModule, CIFAR10DataModule, *args, **kwargs)
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
@@ -406,7 +436,7 @@ def _apply_no_validation(cfg: Namespace) -> None:
     if data is None or data.get("val_size") != 0:
         return
     model = cfg.get("model") or {}
-    if model.get("scheduler") == "plateau":
+    if model.get("scheduler") == "plateau" and str(model.get("plateau_monitor", "val/")).startswith("val/"):
         raise UserError(
             "scheduler 'plateau' follows a validation metric, and --data.val_size 0 turns validation "
             "off. Use another scheduler or hold out validation images."
@@ -417,11 +447,26 @@ def _apply_no_validation(cfg: Namespace) -> None:
         ckpt.filename = "epoch{epoch:03d}"
 
 
+def in_fit_terms(message: str) -> str:
+    """``message`` with each CLI argument that has a short flag named by that flag instead
+    (``--data.val_size`` -> ``--val-size``), as a ``scripts/fit.py`` user typed it."""
+    for alias, targets in FIT_ALIASES.items():
+        if len(targets) == 1:
+            message = re.sub(re.escape(targets[0]) + r"(?![\w.])", alias, message)
+    return message
+
+
 @exit_on_user_error
 def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """``scripts/fit.py``: fit, test the best checkpoint, print and save the report (rank 0)."""
+    try:
+        return _fit_test_report(argv)
+    except UserError as err:
+        raise UserError(in_fit_terms(str(err))) from None
+
+
+def _fit_test_report(argv: list[str] | None) -> dict[str, Any] | None:
     import time
-    import warnings
 
     from cifar_lightning.report import build_report, print_report, write_report
 
@@ -474,6 +519,9 @@ def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "train_images": len(datamodule.train_set),
             "val_images": len(datamodule.val_set) if datamodule.val_set is not None else 0,
             "test_images": len(datamodule.test_set),
+            # Fewer than the split when the run limits its batches (limit_*_batches, fast_dev_run).
+            "val_images_seen": model.images_seen.get("val", 0),
+            "test_images_seen": model.images_seen.get("test", 0),
         },
     )
     report["report_path"] = f"{run_dir}/test_report.json"

@@ -456,8 +456,41 @@ class ArrayDataset(Dataset):
         return self.transform(self.images[j]), int(self.labels[j])
 
 
+def check_val_size(val_size: int | float) -> None:
+    """``UserError`` unless ``val_size`` is a count (0, 1, 2, ...) or a fraction strictly between 0 and 1."""
+    if val_size < 0 or (val_size >= 1 and not float(val_size).is_integer()):
+        raise UserError(
+            f"--data.val_size must be a number of images (0 = no validation, e.g. 5000) or a fraction of "
+            f"the training split between 0 and 1 (e.g. 0.1), got {val_size}."
+        )
+
+
+def val_count(val_size: int | float, n: int) -> int:
+    """Validation images out of ``n`` training-split images: a fraction (0 < v < 1) of ``n``, rounded
+    and at least 1, or else ``val_size`` itself as a count."""
+    check_val_size(val_size)
+    return max(1, round(val_size * n)) if 0 < val_size < 1 else int(val_size)
+
+
+#: Seed of the one fixed order in which validation and test loaders visit their images.
+EVALUATION_ORDER_SEED = 0
+
+
+def evaluation_order(indices: np.ndarray) -> np.ndarray:
+    """``indices`` in one fixed, seeded random order, the same in every run and on every rank.
+
+    Image folders list their files class by class, so the first batches of a split in file order
+    are one or two classes: ``limit_val_batches``, ``limit_test_batches`` or ``fast_dev_run`` would
+    measure those alone. In this order any prefix is a fair sample, and metrics over the whole split
+    are unchanged.
+    """
+    indices = np.asarray(indices)
+    return indices[np.random.default_rng(EVALUATION_ORDER_SEED).permutation(len(indices))]
+
+
 def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random (train, val) index split of ``n`` items, each part sorted."""
+    """Seeded random (train, val) index split of ``n`` items, ``val_size`` of them for validation,
+    each part sorted."""
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
@@ -707,9 +740,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
         download: download CIFAR-10 with torchvision when ``data_dir`` holds no data.
         cache_dir: where archives are extracted and decoded arrays cached when the data folder is
             read-only (default ``$CIFAR_LIGHTNING_CACHE`` or ``~/.cache/cifar_lightning``).
-        val_size: training images held out for validation (model selection). Never the test set.
-            0 trains on the whole training split with no validation (a final run once the
-            settings are chosen); the run then keeps its last epoch instead of its best.
+        val_size: training images held out for validation (model selection), never the test set:
+            a count (5000) or a fraction of the training split strictly between 0 and 1 (0.1, the
+            default: 5,000 of CIFAR-10's 50,000). 0 trains on the whole training split with no
+            validation (a final run once the settings are chosen); the run then keeps its last
+            epoch instead of its best.
         split_seed: seed of the train/validation split, independent of the training seed.
         batch_size: images per batch (per device under DDP).
         augment: training augmentation preset: ``none``, ``standard`` (zero-pad 4, random crop,
@@ -730,7 +765,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         data_dir: str = "data",
         download: bool = True,
         cache_dir: str | None = None,
-        val_size: int = 5000,
+        val_size: int | float = 0.1,
         split_seed: int = 0,
         batch_size: int = 128,
         augment: AugmentPreset = "standard",
@@ -747,8 +782,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size <= 0:
             raise UserError(f"batch_size must be positive, got {batch_size}. Pass e.g. --batch-size 128.")
-        if val_size < 0:
-            raise UserError(f"val_size must be 0 (no validation) or more, got {val_size}.")
+        check_val_size(val_size)
         if num_workers < 0:
             raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
         if any(s <= 0 for s in std):
@@ -769,6 +803,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.predict_set: Dataset | None = None
         self._device_arrays: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # Attributes linked into the model, so the checkpoint knows what the data looked like.
@@ -798,18 +833,32 @@ class CIFAR10DataModule(pl.LightningDataModule):
         eval_tf = build_transform("none", self.norm_mean, self.norm_std)
         if stage in (None, "fit", "validate") and self.train_set is None:
             images, labels = load_split(self.source, "train", self.hparams.cache_dir)
-            if self.hparams.val_size >= len(images):
+            n_val = val_count(self.hparams.val_size, len(images))
+            if n_val >= len(images):
                 raise UserError(
-                    f"val_size={self.hparams.val_size} leaves no training images "
-                    f"({len(images)} in the training split). Lower --data.val_size."
+                    f"--data.val_size {self.hparams.val_size} holds out {n_val} images for validation, which "
+                    f"leaves none of the {len(images)} training-split images for training. Pass a smaller "
+                    "count or a fraction such as --data.val_size 0.1."
                 )
-            train_idx, val_idx = split_indices(len(images), self.hparams.val_size, self.hparams.split_seed)
+            train_idx, val_idx = split_indices(len(images), n_val, self.hparams.split_seed)
             train_tf = build_transform(self.hparams.augment, self.norm_mean, self.norm_std)
             self.train_set = ArrayDataset(images, labels, train_idx, train_tf)
-            self.val_set = ArrayDataset(images, labels, val_idx, eval_tf) if len(val_idx) else None
+            self.val_set = ArrayDataset(images, labels, evaluation_order(val_idx), eval_tf) if len(val_idx) else None
         if stage in (None, "test", "predict") and self.test_set is None:
             images, labels = load_split(self.source, "test", self.hparams.cache_dir)
-            self.test_set = ArrayDataset(images, labels, None, eval_tf)
+            self.test_set = ArrayDataset(images, labels, evaluation_order(np.arange(len(images))), eval_tf)
+            # trainer.predict returns its outputs in file order, so they line up with the files.
+            self.predict_set = ArrayDataset(images, labels, None, eval_tf)
+
+    def split_arrays(self, split: Literal["val", "test"]) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 images (N, 32, 32, 3), int64 labels (N,)) of the validation or test split, in file
+        order (the loaders visit them in ``evaluation_order``)."""
+        self.setup("fit" if split == "val" else "test")
+        ds = self.val_set if split == "val" else self.test_set
+        if ds is None:
+            raise UserError("there is no validation split: --data.val_size is 0.")
+        idx = np.sort(ds.indices)
+        return ds.images[idx], np.asarray(ds.labels)[idx]
 
     def sample_train_images(self, n: int) -> torch.Tensor:
         """The first ``n`` training-split images, normalised, without augmentation: (n, 3, 32, 32).
@@ -911,4 +960,4 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return self._loader(self.test_set, train=False)
 
     def predict_dataloader(self) -> DataLoader | TensorLoader:
-        return self._loader(self.test_set, train=False)
+        return self._loader(self.predict_set, train=False)

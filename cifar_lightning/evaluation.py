@@ -355,9 +355,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     data_dir = args.data_dir or stored_data_dir(ckpt, args.checkpoint) or "data"
     dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0, batch_size=args.batch_size)
     check_compatible(module, class_names=dm.class_names, checkpoint=args.checkpoint, against=f"the data in {data_dir}")
-    dm.setup("test")
-    test = dm.test_set
-    images, labels = test.images[test.indices], test.labels[test.indices]
+    images, labels = dm.split_arrays("test")
     tta = args.tta or module.hparams.get("tta", "none")
     evaluation = evaluate(module, images, labels, batch_size=args.batch_size, device=device, tta=tta)
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.checkpoint)

@@ -59,7 +59,7 @@ def export_metadata(module: ClassifierModule) -> dict[str, str]:
     hp = module.hparams
     return {
         "arch": hp.arch,
-        "class_names": json.dumps(list(module.class_names)),
+        "class_names": json.dumps(list(module.class_names), ensure_ascii=False),
         "input": "RGB in [0, 1], shape (B, 3, 32, 32), float32; normalisation is inside the model",
         "norm_mean": json.dumps(list(hp.norm_mean)),
         "norm_std": json.dumps(list(hp.norm_std)),
@@ -147,10 +147,9 @@ def verification_images(data_dir: str | None, n: int = VERIFY_IMAGES, seed: int 
     from cifar_lightning.data import CIFAR10DataModule
 
     dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0)
-    dm.setup("test")
-    test = dm.test_set
-    idx = np.sort(np.random.default_rng(seed).permutation(len(test))[:n])
-    images = test.images[test.indices[idx]]  # (n, 32, 32, 3) uint8
+    test_images, _ = dm.split_arrays("test")
+    idx = np.sort(np.random.default_rng(seed).permutation(len(test_images))[:n])
+    images = test_images[idx]  # (n, 32, 32, 3) uint8
     return images_to_tensor(images).numpy(), f"{len(idx)} test images from {data_dir}"
 
 

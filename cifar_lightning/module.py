@@ -134,6 +134,8 @@ class ClassifierModule(pl.LightningModule):
             raise UserError("scheduler 'multistep' needs milestones, e.g. --model.milestones [100,150].")
         self.save_hyperparameters()
         self.class_names = list(class_names)
+        #: Images evaluated in the latest validation and test epoch, over all ranks ("val", "test").
+        self.images_seen: dict[str, int] = {}
         self.model = create_model(arch, num_classes=num_classes, **(arch_kwargs or {}))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -239,11 +241,22 @@ class ClassifierModule(pl.LightningModule):
             sync_dist=True,
         )
 
+    def _count_images(self, stage: str) -> None:
+        # The loss metric's weight is the number of per-sample losses it averaged on this rank;
+        # one collective per epoch sums the ranks. A run that limits its batches sees fewer.
+        count = self.loss_metrics[f"{stage}_"].weight.detach().clone()
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        self.images_seen[stage] = int(count.item())
+
     def on_validation_epoch_end(self) -> None:
         self._log_per_class("val")
+        if not self.trainer.sanity_checking:
+            self._count_images("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_per_class("test")
+        self._count_images("test")
 
     def on_train_start(self) -> None:
         # The sanity check leaves partial validation state behind; start the real epochs clean.

@@ -15,7 +15,6 @@ import argparse
 import csv
 import glob
 import io
-import json
 import socket
 import sys
 import time
@@ -36,6 +35,7 @@ from cifar_lightning.data import IMAGE_SIZE, IMAGE_SUFFIXES
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.evaluation import positive, predict_logits
 from cifar_lightning.module import ClassifierModule
+from cifar_lightning.report import to_json
 
 DEFAULT_TIMEOUT_S = 10.0  # whole download of one URL, connect to last byte
 DEFAULT_MAX_BYTES = 20 * 2**20  # 20 MiB: a large phone photo is under 10 MiB
@@ -247,7 +247,7 @@ def _try_load(item: str, limits: Limits) -> np.ndarray | InputError:
 def write_predictions(predictions: Sequence[Prediction], fmt: str, k: int, file: TextIO) -> None:
     """Write the predictions as a rich table (successes only), CSV or JSON (failures with their error)."""
     if fmt == "json":
-        file.write(json.dumps([p.as_dict() for p in predictions], indent=2) + "\n")
+        file.write(to_json([p.as_dict() for p in predictions]))
     elif fmt == "csv":
         writer = csv.writer(file, lineterminator="\n")
         ranked = [f"{col}_{r}" for r in range(1, k + 1) for col in ("class", "probability")]
@@ -319,7 +319,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         predictions.append(pred)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w", newline="") as f:
+        with open(args.output, "w", newline="", encoding="utf-8") as f:
             write_predictions(predictions, fmt, k, f)
     else:
         write_predictions(predictions, fmt, k, sys.stdout)

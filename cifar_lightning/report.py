@@ -34,11 +34,16 @@ def build_report(
     }
 
 
-def write_report(report: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``report`` as indented JSON; returns the path."""
+def to_json(data: Any) -> str:
+    """Indented JSON that keeps non-ASCII text readable (``ü``, not ``\\u00fc``), with a final newline."""
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_report(report: Any, path: str | Path) -> Path:
+    """Write ``report`` as indented UTF-8 JSON (``to_json``); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(to_json(report), encoding="utf-8")
     return path
 
 
@@ -53,5 +58,10 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
     table.add_section()
     table.add_row("[bold]overall[/bold]", f"[bold]{100 * report['test_acc']:.2f}%[/bold]")
     console.print(table)
-    console.print(f"checkpoint: {report['checkpoint'] or '(none saved)'}")
+    for stage, name in (("test", "test"), ("val", "validation (last epoch)")):
+        seen, total = report.get(f"{stage}_images_seen"), report.get(f"{stage}_images")
+        if seen is not None and total and seen < total:
+            console.print(f"{name} on {seen:,} of {total:,} images: a subset, not the whole split", soft_wrap=True)
+    # soft_wrap: a path stays on one line in a log file, where rich would break it at 80 columns.
+    console.print(f"checkpoint: {report['checkpoint'] or '(none saved)'}", soft_wrap=True)
     console.print(f"time: fit {report['fit_seconds']:.1f} s, test {report['test_seconds']:.1f} s")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from cifar_lightning.errors import UserError, exit_on_user_error
+from cifar_lightning.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +77,7 @@ def run_recipe(recipe: Path, seed: int, data_dir: str, results: Path, extra: lis
     report = json.loads(report_path.read_text())
     report.update(recipe=recipe.stem, seed=seed, hardware=hardware(), data=data_label(data_dir),
                   date=date.today().isoformat(), extra_args=extra)  # fmt: skip
-    (results / f"{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, results / f"{tag}.json")
     return report
 
 
@@ -106,11 +107,25 @@ def table(recipes: list[Path], results: Path) -> str:
     return "\n".join(rows) + "\n"
 
 
+def resolve_recipe(recipe: Path, configs: Path = REPO / "configs") -> Path:
+    """A recipe file: ``recipe`` itself when it exists, else ``configs/<recipe>.yaml`` (a recipe's name)."""
+    if recipe.is_file():
+        return recipe
+    named = configs / (recipe.name if recipe.suffix == ".yaml" else f"{recipe.name}.yaml")
+    if recipe.parent == Path(".") and named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in configs.glob("*.yaml")))
+    raise UserError(f"no recipe {str(recipe)!r}: not a file, and not a recipe name in {configs}/ ({known}).")
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> str:
     """``scripts/reproduce.py``: run recipes over seeds, then write the markdown table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("recipes", nargs="*", type=Path, help="recipes to run (none: only rebuild the table)")
+    p.add_argument(
+        "recipes", nargs="*", type=Path,
+        help="recipe files or names in configs/ (mynet_tutorial); none: only rebuild the table",
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--data-dir", default="data")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "reproduce")
@@ -118,14 +133,13 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--note", default=None, help="a remark stored with each run, e.g. that the machine was shared")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more fit.py arguments for every run")
     args = p.parse_args(argv)
+    args.recipes = [resolve_recipe(r) for r in args.recipes]
     for recipe in args.recipes:
-        if not recipe.is_file():
-            raise UserError(f"no recipe at {recipe}; recipes live in configs/")
         for seed in args.seeds:
             report = run_recipe(recipe, seed, args.data_dir, args.results, args.extra)
             if args.note:
                 report["note"] = args.note
-                (args.results / f"{recipe.stem}-seed{seed}.json").write_text(json.dumps(report, indent=2) + "\n")
+                write_report(report, args.results / f"{recipe.stem}-seed{seed}.json")
     # The run folders hold checkpoints: keep the logs and reports, drop the weights.
     shutil.rmtree(args.results / "runs", ignore_errors=True)
     recipes = {r.stem: r for r in [*sorted((REPO / "configs").glob("*.yaml")), *args.recipes]}

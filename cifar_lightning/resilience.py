@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import logging
 import os
 import random
 import re
@@ -24,6 +25,7 @@ import signal
 import sys
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -375,7 +377,7 @@ class LastCheckpoint(Checkpoint):
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint):
                 cb.last_model_path = path  # part of the state being saved, and of the run's report
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: it resumes the run
         self._written_step = trainer.global_step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -396,7 +398,9 @@ class LastCheckpoint(Checkpoint):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if self._rank_zero:
             print("\nstopping after this batch (Ctrl-C again to quit now, without a checkpoint)", file=sys.stderr)
-        signal.getsignal(signal.SIGTERM)(signum, frame)
+        # Lightning's handler would also log "Received SIGTERM: 2"; the line above already says it.
+        with _without_sigterm_note():
+            signal.getsignal(signal.SIGTERM)(signum, frame)
 
     def _restore_sigint(self) -> None:
         if self._previous_sigint is not None and _in_main_thread():
@@ -421,6 +425,21 @@ class LastCheckpoint(Checkpoint):
         path = self._path(trainer)
         if os.path.isfile(path):
             self.checkpoint = path
+
+
+@contextmanager
+def _without_sigterm_note():
+    """Drop Lightning's "Received SIGTERM: N" log record while the enclosed code runs."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "Received SIGTERM" not in record.getMessage()
+
+    log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 def _in_main_thread() -> bool:

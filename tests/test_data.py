@@ -64,7 +64,8 @@ def test_normalization_and_eval_transform(tiny_folder):
     dm = make_dm(tiny_folder, augment="none")
     dm.setup("test")
     x, _ = dm.test_set[0]
-    raw = torch.from_numpy(dm.test_set.images[0]).permute(2, 0, 1).float() / 255
+    first = dm.test_set.indices[0]  # the loaders' first image (evaluation_order), not the first file
+    raw = torch.from_numpy(dm.test_set.images[first]).permute(2, 0, 1).float() / 255
     expected = (raw - torch.tensor(CIFAR10_MEAN).view(3, 1, 1)) / torch.tensor(CIFAR10_STD).view(3, 1, 1)
     torch.testing.assert_close(x, expected)
     plain = make_dm(tiny_folder, normalize=False)

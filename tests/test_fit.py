@@ -67,7 +67,7 @@ def test_val_size_zero_with_plateau_scheduler_is_refused(tiny_folder, tmp_path, 
     with pytest.raises(SystemExit) as exc:
         fit_main(fit_args(tiny_folder, tmp_path, "--val-size", "0", "--model.scheduler", "plateau"))
     assert exc.value.code == 2
-    assert "val_size 0 turns validation off" in capsys.readouterr().err
+    assert "--val-size 0 turns validation off" in capsys.readouterr().err
 
 
 def test_checkpoint_round_trip(tiny_folder, tmp_path):

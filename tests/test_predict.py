@@ -265,3 +265,13 @@ def test_cuda_without_gpu_exits_2(run, capsys):
         predict_main([str(run[0]), "x.png", "--device", "cuda"])
     assert exc.value.code == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_json_output_keeps_non_ascii_names_readable(run, tmp_path):
+    image = tmp_path / "große Katze ü.png"
+    image.write_bytes(png_bytes(labelled_image(0, np.random.default_rng(1))))
+    out = tmp_path / "pred.json"
+    assert predict_main([str(run[0]), str(image), "--format", "json", "--output", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "große Katze ü.png" in text and "\\u00fc" not in text
+    assert json.loads(text)[0]["input"] == str(image)

@@ -1,7 +1,10 @@
 """``mynet``: the plain conv-BN-ReLU network of the course tutorial this project grew from.
 
 Four 3x3 conv layers (3 -> 64 -> 128, pool, 128 -> 64 -> 32, pool) and a wide two-layer
-classifier; most of its 5.5M parameters sit in the 2592 -> 2048 linear layer.
+classifier; most of its 5.5M parameters sit in the 2592 -> 2048 linear layer. PyTorch's default
+initialisation, as in the tutorial's code: with Xavier-uniform weights and zero biases instead,
+the tutorial's recipe (SGD 0.1, momentum 0.9) stayed at chance (training loss ln 10) for three
+epochs on CIFAR-10.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from cifar_lightning.models.registry import register_model
 
 
 class MyNet(nn.Module):
-    """Conv-BN-ReLU x4 with two padded max-pools, then 2592 -> 2048 -> classes, Xavier-initialised."""
+    """Conv-BN-ReLU x4 with two padded max-pools, then 2592 -> 2048 -> classes (default init)."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -26,20 +29,14 @@ class MyNet(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(32 * 9 * 9, 2048), nn.ReLU(inplace=True), nn.Linear(2048, num_classes)
         )
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(m.weight)  # Glorot & Bengio 2010
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-@register_model(family="tutorial", source="Course tutorial network (conv-BN-ReLU x4, Xavier init)")
+@register_model(family="tutorial", source="Course tutorial network (conv-BN-ReLU x4, PyTorch default init)")
 def mynet(*, num_classes: int = 10, **kwargs) -> MyNet:
     """The tutorial's ``MyNet``: 5,499,434 parameters for 10 classes.
-
-    Xavier initialisation: Glorot & Bengio 2010, https://proceedings.mlr.press/v9/glorot10a.html
 
     Args:
         num_classes: number of output logits.
