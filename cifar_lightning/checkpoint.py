@@ -1,4 +1,5 @@
-"""Load a training checkpoint safely, with one clear error for every way a file can be wrong.
+"""Checkpoints: read safely with one clear error for every way a file can be wrong, written
+atomically, and found again when a run resumes.
 
 A checkpoint of this project is a Lightning checkpoint whose ``hyper_parameters`` hold plain
 data (the arch, its kwargs, the class names, the normalisation) and whose ``state_dict`` holds
@@ -8,15 +9,19 @@ unrestricted unpickling: a file that needs it is refused, because unpickling run
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from cifar_lightning.errors import UserError
 from cifar_lightning.module import ClassifierModule
@@ -193,3 +198,160 @@ def _first_line(err: Exception) -> str:
     """The first sentence of an exception's message: torch's run to a paragraph."""
     text = str(err).strip()
     return re.split(r"(?<=[.!?])\s|\n", text, maxsplit=1)[0].rstrip(".") if text else "no details"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing atomically, and finding what to resume
+# ---------------------------------------------------------------------------------------------
+
+
+#: ``ckpt_path`` values of a fit that Lightning resolves by itself ("last" is resolved here).
+LIGHTNING_CKPT_NAMES = ("best", "hpc")
+
+
+LAST = "last.ckpt"
+
+
+_VERSION_DIR = re.compile(r"version_(\d+)")
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written; the file that was there before is unchanged."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside its target, fsyncs it, then renames it.
+
+    ``os.replace`` within one folder is atomic, so a kill or a full disk during a save leaves the
+    previous ``last.ckpt`` intact: a reader sees the old file or the new one, never half of one.
+    Lightning's own save goes through a temporary file in ``/tmp`` and ``shutil.move``, which is a
+    plain copy when ``/tmp`` is another file system, and does not fsync.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as err:
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {err.strerror or err}.") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as err:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                hint = " Free some space or pass --output-dir on another disk." if err.errno == errno.ENOSPC else ""
+                raise CheckpointWriteError(
+                    f"cannot write checkpoint {path}: {err.strerror or err}. The previous "
+                    f"checkpoint there, if any, is unchanged.{hint}"
+                ) from None
+            raise
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; some file systems cannot open a folder, which is harmless.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
+    """The trainer's ``plugins`` plus ``AtomicCheckpointIO``, unless they already name a ``CheckpointIO``."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+def _latest_last_checkpoint(name_dir: Path) -> Path | None:
+    found = [
+        (int(m.group(1)), d / "checkpoints" / LAST)
+        for d in name_dir.glob("version_*")
+        if (m := _VERSION_DIR.fullmatch(d.name)) and (d / "checkpoints" / LAST).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def find_resume_checkpoint(target: str | None, save_dir: str | os.PathLike, name: str | None) -> Path:
+    """The checkpoint that ``--resume [target]`` (``--ckpt_path target``) continues from.
+
+    ``target`` is ``None`` or ``"last"`` for the latest ``<save_dir>/<name>/version_N`` holding
+    ``checkpoints/last.ckpt``, a run directory (its ``last.ckpt``), a folder of runs (the latest),
+    or a checkpoint file. Raises ``UserError`` that names where it looked when there is none.
+    """
+    if target in (None, "", "last"):
+        if name is None:
+            where = Path(save_dir) / "checkpoints" / LAST
+            found = where if where.is_file() else None
+        else:
+            where = Path(save_dir) / name / "version_*" / "checkpoints" / LAST
+            found = _latest_last_checkpoint(Path(save_dir) / name)
+        if found is None:
+            raise UserError(
+                f"no checkpoint to resume: nothing matches {where}. Start the run without --resume, "
+                "or pass --resume PATH with a run directory or a .ckpt file."
+            )
+        return found
+    path = Path(target).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / LAST, path / LAST):
+            if candidate.is_file():
+                return candidate
+        latest = _latest_last_checkpoint(path)
+        if latest is not None:
+            return latest
+        raise UserError(
+            f"no checkpoint to resume in {path}: looked for {path / 'checkpoints' / LAST}, {path / LAST} "
+            f"and {path / 'version_*' / 'checkpoints' / LAST}. Pass a run directory or a .ckpt file."
+        )
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist. Pass a run directory or a .ckpt file to resume.")
+    return path
+
+
+def run_location(checkpoint: str | os.PathLike, stored_dir: str | None = None) -> tuple[str, str, int] | None:
+    """``(save_dir, name, version)`` of a checkpoint under ``<save_dir>/<name>/version_N/checkpoints/``.
+
+    ``stored_dir`` is the checkpoint folder the run recorded (``ModelCheckpoint.dirpath``). When it
+    is the same folder, its spelling is kept (relative or absolute): Lightning restores the
+    best-checkpoint tracking only when the folder string matches.
+    """
+    ckpt_dir = Path(checkpoint).parent
+    if stored_dir and Path(stored_dir).resolve() == ckpt_dir.resolve():
+        ckpt_dir = Path(stored_dir)
+    run_dir = ckpt_dir.parent
+    m = _VERSION_DIR.fullmatch(run_dir.name)
+    if ckpt_dir.name != "checkpoints" or m is None:
+        return None
+    return str(run_dir.parent.parent), run_dir.parent.name, int(m.group(1))
+
+
+#: Hyperparameters that must agree between a checkpoint and the model it is resumed into.
+RESUME_KEYS = ("arch", "arch_kwargs", "num_classes", "class_names")
+
+
+def check_resumable(stored: dict[str, Any], path: str | os.PathLike, hparams: dict[str, Any]) -> None:
+    """``UserError`` when a checkpoint's hyperparameters (``stored``) build another network than ``hparams``."""
+    for key in RESUME_KEYS:
+        a, b = stored.get(key), hparams.get(key)
+        if key == "class_names":
+            a, b = list(a or []), list(b or [])
+        if (a or None) != (b or None):
+            raise UserError(
+                f"cannot resume from {path}: the checkpoint has {key}={a!r}, but this run builds "
+                f"{key}={b!r}. Resume with the same --arch and data, or start a new run without --resume."
+            )

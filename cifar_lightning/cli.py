@@ -1,22 +1,21 @@
 """Command line: one LightningCLI over ``ClassifierModule`` and ``CIFAR10DataModule``.
 
-``python -m cifar_lightning fit|validate|test|predict --config recipe.yaml`` is the full CLI;
-``scripts/fit.py`` maps its short flags onto the same arguments (see ``FIT_ALIASES``) and adds
-the test-and-report step after fitting.
+``python -m cifar_lightning fit|validate|test|predict --config recipe.yaml`` is the full CLI.
+``scripts/fit.py`` (``cifar_lightning.fit``) maps its short flags onto the same arguments and adds
+the test-and-report step after fitting. ``scan_args`` is the one reader of raw argument lists.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
-import re
 import shlex
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 import torch
 from jsonargparse import Namespace
@@ -25,21 +24,93 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from cifar_lightning.callbacks import CHECKPOINT_DEFAULTS, default_callbacks
-from cifar_lightning.data import CIFAR10DataModule
-from cifar_lightning.errors import UserError, exit_on_user_error
-from cifar_lightning.module import ClassifierModule
-from cifar_lightning.resilience import (
-    LIGHTNING_CKPT_NAMES,
-    check_checkpoint_file,
-    check_resumable,
-    check_writable_dir,
-    find_resume_checkpoint,
+from cifar_lightning.callbacks import (
+    CHECKPOINT_DEFAULTS,
+    ConfigSavingCallback,
+    TestResultsLogger,
+    default_callbacks,
     fit_or_exit,
+)
+from cifar_lightning.checkpoint import (
+    LIGHTNING_CKPT_NAMES,
+    check_resumable,
+    find_resume_checkpoint,
+    read_checkpoint,
     run_location,
     with_atomic_checkpoint_io,
 )
-from cifar_lightning.tracking import ConfigSavingCallback, TestResultsLogger
+from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.errors import UserError, exit_on_user_error
+from cifar_lightning.module import ClassifierModule
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw argument lists
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One flag with its value as written (``--f=v`` or ``--f v``), or one bare token (``flag`` None)."""
+
+    flag: str | None
+    value: str | None
+    tokens: tuple[str, ...]
+
+
+def scan_args(argv: list[str], switches: Collection[str] = (), optional: Collection[str] = ()) -> list[Arg]:
+    """Group ``argv`` into flags and their values.
+
+    A flag takes ``=value`` or the next token. Flags in ``switches`` take no value; a flag in
+    ``optional`` (``--resume [PATH]``), or any other flag, takes the next token only when that does
+    not start with ``--``.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        flag, eq, value = token.partition("=")
+        if not token.startswith("--"):
+            out.append(Arg(None, token, (token,)))
+        elif eq:
+            out.append(Arg(flag, value, (token,)))
+        elif flag not in switches and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(Arg(flag, argv[i + 1], (token, argv[i + 1])))
+            i += 1
+        else:
+            out.append(Arg(flag, None, (token,)))
+        i += 1
+    return out
+
+
+def without_flag(argv: list[str], flag: str, switches: Collection[str] = ()) -> list[str]:
+    """``argv`` without ``flag`` and its value."""
+    return [t for a in scan_args(argv, switches) if a.flag != flag for t in a.tokens]
+
+
+def value_of(argv: list[str], flag: str, switches: Collection[str] = ()) -> str | None:
+    """The last value given to ``flag`` in ``argv``, else None."""
+    return next((a.value for a in reversed(scan_args(argv, switches)) if a.flag == flag), None)
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> None:
+    """``UserError`` unless ``path`` is, or can be created as, a writable folder (nothing is created)."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        reason = f"{probe} is a file, not a folder"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        reason = f"{probe} is not writable"
+    else:
+        return
+    raise UserError(f"cannot write to the {what} {path}: {reason}. Pass --output-dir with a writable folder.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The LightningCLI
+# ---------------------------------------------------------------------------------------------
+
 
 #: Trainer settings that differ from Lightning's defaults.
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -47,7 +118,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "max_epochs": 30,
     "logger": {
         # Lightning's CSVLogger, except that a resumed run continues its metrics.csv.
-        "class_path": "cifar_lightning.resilience.ResumableCSVLogger",
+        "class_path": "cifar_lightning.loggers.ResumableCSVLogger",
         "init_args": {"save_dir": "runs", "name": "cifar10"},
     },
     # Metrics are epoch-level; a larger interval keeps the step-level LR/loss logging cheap.
@@ -139,10 +210,10 @@ class CifarCLI(LightningCLI):
             return
         if self.config.get("subcommand", "fit") != "fit":
             if ckpt != "last":  # validate/test/predict: Lightning's own meaning of 'last'
-                check_checkpoint_file(ckpt)
+                read_checkpoint(ckpt)
             return
         path = find_resume_checkpoint(ckpt, *_run_root(cfg))
-        checkpoint = check_checkpoint_file(path)
+        checkpoint = read_checkpoint(path)
         self.resume_from = (str(path), checkpoint["hyper_parameters"])
         cfg.ckpt_path = str(path)
         location = run_location(path, _stored_checkpoint_dir(checkpoint))
@@ -182,7 +253,7 @@ class CifarCLI(LightningCLI):
         """The ``fit`` subcommand: ``trainer.fit``, and a resume command when a signal stops it."""
 
         def command(ckpt: str) -> str:
-            args = [*without_flag(self.argv, "--ckpt_path", optional_value=False), f"--ckpt_path={ckpt}"]
+            args = [*without_flag(self.argv, "--ckpt_path"), f"--ckpt_path={ckpt}"]
             return shlex.join(["python", "-m", "cifar_lightning", *args])
 
         fit_or_exit(self.trainer, lambda: self.trainer.fit(model, **kwargs), command)
@@ -251,184 +322,6 @@ def _check_devices(accelerator: Any, devices: Any) -> None:
         )
 
 
-def without_flag(argv: list[str], flag: str, optional_value: bool) -> list[str]:
-    """``argv`` without ``flag`` and its value, given as ``flag=V`` or ``flag V``.
-
-    With ``optional_value`` (``--resume [PATH]``), a next token that starts with ``--`` is a flag
-    of its own, not the value.
-    """
-    out, i = [], 0
-    while i < len(argv):
-        name = argv[i].partition("=")[0]
-        if name == flag:
-            has_next = i + 1 < len(argv) and "=" not in argv[i]
-            if has_next and not (optional_value and argv[i + 1].startswith("--")):
-                i += 1
-        else:
-            out.append(argv[i])
-        i += 1
-    return out
-
-
-@exit_on_user_error
-def cli_main(args: list[str] | None = None, **kwargs: Any) -> CifarCLI:
-    """Run the CLI (``args`` default to ``sys.argv[1:]``); returns it for ``run=False`` callers."""
-    return CifarCLI(args=args, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# scripts/fit.py: short flags over the same CLI, then test the best checkpoint and report
-# ---------------------------------------------------------------------------------------------
-
-#: Short flag -> the CLI argument(s) it stands for. A flag never has its own implementation.
-FIT_ALIASES: dict[str, tuple[str, ...]] = {
-    "--arch": ("--model.arch",),
-    "--epochs": ("--trainer.max_epochs",),
-    "--batch-size": ("--data.batch_size",),
-    "--lr": ("--model.lr",),
-    "--optimizer": ("--model.optimizer",),
-    "--scheduler": ("--model.scheduler",),
-    "--weight-decay": ("--model.weight_decay",),
-    "--label-smoothing": ("--model.label_smoothing",),
-    "--augment": ("--data.augment",),
-    "--data-dir": ("--data.data_dir",),
-    "--val-size": ("--data.val_size",),
-    "--num-workers": ("--data.num_workers",),
-    "--devices": ("--trainer.devices",),
-    "--num-nodes": ("--trainer.num_nodes",),
-    "--accelerator": ("--trainer.accelerator",),
-    "--precision": ("--trainer.precision",),
-    "--seed": ("--seed_everything",),
-    "--output-dir": ("--trainer.default_root_dir",),
-}
-#: Flags that take no value.
-FIT_SWITCHES: dict[str, tuple[str, ...]] = {
-    "--download": ("--data.download=true",),
-    "--no-download": ("--data.download=false",),
-    "--fast-dev-run": ("--trainer.fast_dev_run=true",),
-    "--deterministic": ("--trainer.deterministic=true",),
-}
-#: ``--resume [PATH]``: ``--ckpt_path PATH``, or ``--ckpt_path last`` (the run's latest last.ckpt).
-RESUME_FLAG = "--resume"
-#: Flags that together describe ``--trainer.logger`` (see ``logger_spec``).
-LOGGER_FLAGS = ("--logger", "--name", "--wandb-project", "--wandb-entity", "--group", "--tags", "--watch")
-LOGGER_SWITCHES = ("--log-graph",)
-LOGGERS = {
-    "csv": "cifar_lightning.resilience.ResumableCSVLogger",
-    "tensorboard": "cifar_lightning.tracking.TensorBoardLogger",
-    "wandb": "cifar_lightning.tracking.WandbLogger",
-}
-
-
-def next_version(folder: Path) -> int:
-    """The next free ``version_<N>`` number under ``folder``."""
-    taken = [int(p.name[8:]) for p in folder.glob("version_*") if p.name[8:].isdigit()]
-    return max(taken, default=-1) + 1
-
-
-def logger_spec(opts: dict[str, list[str]], save_dir: str, name: str) -> list[dict[str, Any]]:
-    """The ``--trainer.logger`` list for fit.py's logger flags.
-
-    The CSV logger always comes first: its folder is the run directory (checkpoints, report,
-    config), and it needs no account. ``--logger tensorboard`` / ``--logger wandb`` add to it.
-    """
-    names = ["csv"] + [n for n in opts.get("--logger", []) if n != "csv"]
-    unknown = [n for n in names if n not in LOGGERS]
-    if unknown:
-        raise UserError(f"unknown logger {unknown[0]!r}. Valid names: {', '.join(LOGGERS)}")
-    # CSV and TensorBoard share one version folder (TensorBoard in its "tensorboard" subfolder);
-    # left to themselves, each would pick its own next free version number.
-    version = next_version(Path(save_dir) / name)
-    specs = []
-    for logger in dict.fromkeys(names):
-        args: dict[str, Any] = {"save_dir": save_dir, "name": name}
-        if logger == "csv":
-            args.update(version=version)
-        if logger == "tensorboard":
-            args.update(version=version, sub_dir="tensorboard", default_hp_metric=False, log_graph="--log-graph" in opts)
-        if logger == "wandb":
-            args.update(
-                project=opts.get("--wandb-project", ["cifar-lightning"])[-1],
-                entity=opts.get("--wandb-entity", [None])[-1],
-                group=opts.get("--group", [None])[-1],
-                tags=[t for v in opts.get("--tags", []) for t in v.split(",") if t] or None,
-                watch=opts.get("--watch", [None])[-1],
-            )
-        specs.append({"class_path": LOGGERS[logger], "init_args": args})
-    return specs
-
-
-def expand_aliases(argv: list[str]) -> list[str]:
-    """Rewrite ``fit.py`` short flags into LightningCLI arguments; anything else passes through.
-
-    The run is named after ``--name``, else the architecture, else the ``--config`` file's stem:
-    ``runs/<name>/version_<N>``.
-    """
-    out: list[str] = []
-    opts: dict[str, list[str]] = {}
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        flag, eq, value = token.partition("=")
-        if flag == RESUME_FLAG:
-            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                i += 1
-                value = argv[i]
-            out.append(f"--ckpt_path={value or 'last'}")
-        elif (flag in FIT_SWITCHES or flag in LOGGER_SWITCHES) and not eq:
-            out += FIT_SWITCHES.get(flag, ())
-            opts.setdefault(flag, []).append("true")
-        elif flag in FIT_ALIASES or flag in LOGGER_FLAGS:
-            if not eq:
-                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise UserError(f"{flag} needs a value, e.g. {flag} {_ALIAS_EXAMPLES.get(flag, 'VALUE')}")
-                i += 1
-                value = argv[i]
-            out += [f"{target}={value}" for target in FIT_ALIASES.get(flag, ())]
-            opts.setdefault(flag, []).append(value)
-        else:
-            out.append(token)
-        i += 1
-    config = _value_of(out, "--config")
-    name = (opts.get("--name") or [None])[-1] or _value_of(out, "--model.arch") or (Path(config).stem if config else None)
-    save_dir = (opts.get("--output-dir") or [None])[-1]
-    if any(f in opts for f in LOGGER_FLAGS + LOGGER_SWITCHES if f != "--name"):
-        specs = logger_spec(opts, save_dir or TRAINER_DEFAULTS["default_root_dir"], name or "cifar10")
-        out.append(f"--trainer.logger={json.dumps(specs)}")
-    else:
-        # Only the default CSV logger: adjust its folder and name, keep the rest of any config.
-        out += [f"--trainer.logger.init_args.save_dir={save_dir}"] if save_dir else []
-        out += [f"--trainer.logger.init_args.name={name}"] if name else []
-    return out
-
-
-_ALIAS_EXAMPLES = {
-    "--arch": "resnet18", "--epochs": "30", "--batch-size": "128", "--lr": "0.1",
-    "--logger": "tensorboard", "--watch": "gradients",
-}  # fmt: skip
-
-
-def fit_help() -> str:
-    """The alias table shown by ``scripts/fit.py --help`` above the full CLI help."""
-    rows = [f"  {a:<18} {' + '.join(t)}" for a, t in {**FIT_ALIASES, **FIT_SWITCHES}.items()]
-    return (
-        "usage: scripts/fit.py [short flags] [--config FILE.yaml] [any 'fit' argument of the CLI]\n\n"
-        "Fits, tests the best checkpoint, prints the test report and writes it to\n"
-        "<run dir>/test_report.json. Short flags are aliases of the CLI arguments:\n"
-        + "\n".join(rows)
-        + "\n\nLogging (build --trainer.logger; the CSV log is always kept as the run directory):\n"
-        "  --logger NAME      add tensorboard or wandb (repeatable)\n"
-        "  --name NAME        run name: runs/<name>/version_N (default: the arch or the config's name)\n"
-        "  --wandb-project P, --wandb-entity E, --group G, --tags a,b\n"
-        "  --watch MODE       W&B gradient/parameter histograms: gradients, parameters or all\n"
-        "  --log-graph        TensorBoard model graph\n"
-        "\nResuming:\n"
-        "  --resume [PATH]    continue from last.ckpt: of the latest run of this name, or of the run\n"
-        "                     directory / checkpoint file PATH (same flags as the first run)\n"
-        "\nAll arguments of `python -m cifar_lightning fit` follow.\n"
-    )
-
-
 def _apply_no_validation(cfg: Namespace) -> None:
     """With ``--data.val_size 0`` there is nothing to select on: checkpoints keep the last epoch,
     and a scheduler that follows a validation metric is refused."""
@@ -447,104 +340,7 @@ def _apply_no_validation(cfg: Namespace) -> None:
         ckpt.filename = "epoch{epoch:03d}"
 
 
-def in_fit_terms(message: str) -> str:
-    """``message`` with each CLI argument that has a short flag named by that flag instead
-    (``--data.val_size`` -> ``--val-size``), as a ``scripts/fit.py`` user typed it."""
-    for alias, targets in FIT_ALIASES.items():
-        if len(targets) == 1:
-            message = re.sub(re.escape(targets[0]) + r"(?![\w.])", alias, message)
-    return message
-
-
 @exit_on_user_error
-def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """``scripts/fit.py``: fit, test the best checkpoint, print and save the report (rank 0)."""
-    try:
-        return _fit_test_report(argv)
-    except UserError as err:
-        raise UserError(in_fit_terms(str(err))) from None
-
-
-def _fit_test_report(argv: list[str] | None) -> dict[str, Any] | None:
-    import time
-
-    from cifar_lightning.report import build_report, print_report, write_report
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(fit_help())
-        argv = ["--help"]
-    args = expand_aliases(argv)
-
-    # The arguments are sys.argv rewritten, so Lightning's "args and sys.argv both given" note does not apply.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = CifarCLI(args=args, run=False)
-    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    ckpt_path = cli.config.get("ckpt_path")
-
-    def resume_command(ckpt: str) -> str:
-        location = Path(ckpt).parent.parent if Path(ckpt).parent.name == "checkpoints" else Path(ckpt)
-        args = [*without_flag(argv, RESUME_FLAG, optional_value=True), RESUME_FLAG, str(location)]
-        return shlex.join(["python", "scripts/fit.py", *args])
-
-    start = time.perf_counter()
-    fit_or_exit(trainer, lambda: trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path), resume_command)
-    fit_seconds = time.perf_counter() - start
-
-    ckpt_cb = trainer.checkpoint_callback
-    # Read before testing: loading a checkpoint for the test restores the callback's older state.
-    best = ckpt_cb.best_model_path if ckpt_cb else ""
-    last = (ckpt_cb.last_model_path if ckpt_cb else "") or None
-    start = time.perf_counter()
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-    test_seconds = time.perf_counter() - start
-    run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP: every rank
-    if not trainer.is_global_zero:
-        return None
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    report = build_report(
-        metrics,
-        datamodule.class_names,
-        arch=model.hparams.arch,
-        checkpoint=best or None,
-        fit_seconds=fit_seconds,
-        test_seconds=test_seconds,
-        extra={
-            "last_checkpoint": last,
-            "epochs": trainer.current_epoch,
-            "global_step": trainer.global_step,
-            "seed": cli.config.get("seed_everything"),
-            "devices": trainer.world_size,
-            "data_dir": str(datamodule.source.root),
-            "train_images": len(datamodule.train_set),
-            "val_images": len(datamodule.val_set) if datamodule.val_set is not None else 0,
-            "test_images": len(datamodule.test_set),
-            # Fewer than the split when the run limits its batches (limit_*_batches, fast_dev_run).
-            "val_images_seen": model.images_seen.get("val", 0),
-            "test_images_seen": model.images_seen.get("test", 0),
-        },
-    )
-    report["report_path"] = f"{run_dir}/test_report.json"
-    write_report(report, report["report_path"])
-    print_report(report)
-    print(f"report: {report['report_path']}")
-    finish_wandb_runs(trainer)
-    return report
-
-
-def finish_wandb_runs(trainer) -> None:
-    """Close W&B runs now rather than at interpreter exit, so callers in the same process can read them."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
-
-
-def _value_of(args: list[str], key: str) -> str | None:
-    value = None
-    for i, a in enumerate(args):
-        flag, eq, v = a.partition("=")
-        if flag == key:
-            value = v if eq else (args[i + 1] if i + 1 < len(args) else None)
-    return value
+def cli_main(args: list[str] | None = None, **kwargs: Any) -> CifarCLI:
+    """Run the CLI (``args`` default to ``sys.argv[1:]``); returns it for ``run=False`` callers."""
+    return CifarCLI(args=args, **kwargs)

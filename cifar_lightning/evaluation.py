@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on a test set: metrics per class, confusion, mistakes, plots and a report.
 
-Images go through the checkpoint's own normalisation (``module.normalize``), the same path that
-``predict`` and the exported models take, so every consumer sees the same numbers. Metrics are
+Images go through ``inference.predict_logits``: the checkpoint's own normalisation, applied by the
+same function as in training, so every consumer sees the same numbers. Metrics are
 torchmetrics objects, as in training, and the overall accuracy equals what ``trainer.test``
 reports for the same checkpoint and data.
 
@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -33,50 +30,14 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from cifar_lightning.errors import UserError, exit_on_user_error
+from cifar_lightning.errors import UserError, exit_on_user_error, positive
+from cifar_lightning.inference import predict_logits, resolve_device
 from cifar_lightning.module import TTA_MODES, ClassifierModule
+from cifar_lightning.report import build_report, print_report, write_report
 
 # ---------------------------------------------------------------------------------------------
-# Predictions
+# Predictions and metrics
 # ---------------------------------------------------------------------------------------------
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) to float (N, 3, H, W) in [0, 1]: the raw input ``normalize`` expects."""
-    images = np.ascontiguousarray(images)
-    if not images.flags.writeable:  # torch.from_numpy warns on read-only memory (decoded PIL images)
-        images = images.copy()
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
-
-
-@contextmanager
-def tta_mode(module: ClassifierModule, mode: str) -> Iterator[None]:
-    """Make ``module.tta_logits`` use ``mode``: it reads the mode from the hyperparameters."""
-    saved = module.hparams.get("tta", "none")
-    module.hparams["tta"] = mode
-    try:
-        yield
-    finally:
-        module.hparams["tta"] = saved
-
-
-@torch.no_grad()
-def predict_logits(
-    module: ClassifierModule,
-    images: np.ndarray,
-    *,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    tta: str = "none",
-) -> torch.Tensor:
-    """Logits (N, C) on the CPU for uint8 images (N, H, W, 3), plain or with a TTA mode."""
-    module = module.to(device).eval()
-    out = []
-    with tta_mode(module, tta):
-        for start in range(0, len(images), batch_size):
-            x = images_to_tensor(images[start : start + batch_size]).to(device)  # (B, 3, H, W)
-            out.append(module.tta_logits(module.normalize(x)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, module.hparams.num_classes)
 
 
 @dataclass
@@ -108,24 +69,26 @@ class Evaluation:
         """Overall and per-class metrics (torchmetrics), the confusion matrix and the loss."""
         c, preds, y = self.num_classes, self.preds, self.labels
         confusion = MulticlassConfusionMatrix(c)(preds, y)  # rows: true class, columns: predicted
+        per_class = _per_class(self.class_names, preds, y, confusion)
         out = {
-            "accuracy": float(MulticlassAccuracy(c, average="micro")(preds, y)),
-            "loss": self._loss(self.logits),
+            "test_acc": float(MulticlassAccuracy(c, average="micro")(preds, y)),
+            "test_loss": self._loss(self.logits),
+            "per_class_acc": {name: m["accuracy"] for name, m in per_class.items()},
             "macro_precision": float(MulticlassPrecision(c, average="macro")(preds, y)),
             "macro_recall": float(MulticlassRecall(c, average="macro")(preds, y)),
-            "per_class": _per_class(self.class_names, preds, y, confusion),
+            "per_class": per_class,
             "confusion_matrix": confusion.tolist(),
         }
         if self.tta_logits is not None:
             tta_preds = self.tta_logits.argmax(dim=1)
             acc = float(MulticlassAccuracy(c, average="micro")(tta_preds, y))
-            per_class = MulticlassAccuracy(c, average=None)(tta_preds, y).tolist()
+            tta_per_class = MulticlassAccuracy(c, average=None)(tta_preds, y).tolist()
             out["tta"] = {
                 "mode": self.tta,
-                "accuracy": acc,
-                "gain": acc - out["accuracy"],
-                "loss": self._loss(self.tta_logits),
-                "per_class_accuracy": dict(zip(self.class_names, per_class)),
+                "test_acc": acc,
+                "gain": acc - out["test_acc"],
+                "test_loss": self._loss(self.tta_logits),
+                "per_class_acc": dict(zip(self.class_names, tta_per_class)),
             }
         return out
 
@@ -150,18 +113,23 @@ class Evaluation:
             for i in order
         ]
 
-    def report(self, *, k_mistakes: int = 16, k_pairs: int = 10, **extra: Any) -> dict[str, Any]:
-        """JSON-ready report: metrics, confusion, most-confused pairs, confident mistakes, ``extra``."""
+    def report(
+        self, *, arch: str, checkpoint: str | None, k_mistakes: int = 16, k_pairs: int = 10, **extra: Any
+    ) -> dict[str, Any]:
+        """The report (``report.build_report``): metrics, confusion, most-confused pairs, confident
+        mistakes, then ``extra``."""
         metrics = self.metrics()
-        return {
-            **extra,
-            "num_images": len(self.labels),
-            "class_names": self.class_names,
+        return build_report(
+            arch=arch,
+            class_names=self.class_names,
+            test_images=len(self.labels),
+            checkpoint=checkpoint,
             **metrics,
-            "confused_pairs": confused_pairs(metrics["confusion_matrix"], self.class_names, k=k_pairs),
-            "confident_mistakes": self.confident_mistakes(k_mistakes),
-            "seconds": round(self.seconds, 2),
-        }
+            confused_pairs=confused_pairs(metrics["confusion_matrix"], self.class_names, k=k_pairs),
+            confident_mistakes=self.confident_mistakes(k_mistakes),
+            seconds=round(self.seconds, 2),
+            **extra,
+        )
 
 
 def _per_class(class_names: list[str], preds: torch.Tensor, y: torch.Tensor, confusion: torch.Tensor) -> dict:
@@ -241,31 +209,6 @@ def confused_pairs(
 # ---------------------------------------------------------------------------------------------
 
 
-def print_evaluation(report: dict[str, Any], console: Console | None = None) -> None:
-    """Per-class accuracy, precision, recall and support as a rich table, TTA accuracy when present."""
-    console = console or Console()
-    tta = report.get("tta")
-    table = Table(title=f"Evaluation: {report.get('arch', '')} on {report['num_images']} images")
-    for name in ("class", "accuracy", "precision", "recall", "images") + (("TTA accuracy",) if tta else ()):
-        table.add_column(name, justify="left" if name == "class" else "right")
-    for name, m in report["per_class"].items():
-        row = [name, _pct(m["accuracy"]), _pct(m["precision"]), _pct(m["recall"]), str(m["support"])]
-        table.add_row(*row, *([_pct(tta["per_class_accuracy"][name])] if tta else []))
-    table.add_section()
-    overall = [_pct(report["accuracy"]), _pct(report["macro_precision"]), _pct(report["macro_recall"])]
-    table.add_row("overall", *overall, str(report["num_images"]), *([_pct(tta["accuracy"])] if tta else []))
-    console.print(table)
-    gain = f"; TTA ({tta['mode']}) changes accuracy by {100 * tta['gain']:+.2f} points" if tta else ""
-    console.print(f"loss {report['loss']:.4f}{gain}")
-    if report["confused_pairs"]:
-        top = ", ".join(f"{p['true']}->{p['predicted']} ({p['count']})" for p in report["confused_pairs"][:5])
-        console.print(f"most confused (true->predicted): {top}")
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
 def write_evaluation_plots(evaluation: Evaluation, report: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Write confusion_matrix.png, per_class_accuracy.png, predictions_grid.png and mistakes.png."""
     from cifar_lightning import plots
@@ -277,8 +220,8 @@ def write_evaluation_plots(evaluation: Evaluation, report: dict[str, Any], out_d
         "confusion_matrix": plots.confusion_matrix_figure(report["confusion_matrix"], names),
         "per_class_accuracy": plots.per_class_accuracy_figure(
             {n: m["accuracy"] for n, m in report["per_class"].items()},
-            overall=report["accuracy"],
-            tta=tta.get("per_class_accuracy"),
+            overall=report["test_acc"],
+            tta=tta.get("per_class_acc"),
             tta_label=f"TTA ({tta.get('mode')})",
         ),
         "predictions_grid": plots.predictions_grid_figure(
@@ -325,28 +268,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """An argparse ``type`` that parses ``kind`` and refuses zero and negative values."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
-
-
 @exit_on_user_error
 def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     """``scripts/evaluate.py``: evaluate, write report.json and the plots, print the table."""
     from cifar_lightning.checkpoint import build_classifier, check_compatible, read_checkpoint, stored_data_dir
     from cifar_lightning.data import CIFAR10DataModule
-    from cifar_lightning.predict import resolve_device
-    from cifar_lightning.report import write_report
 
     args = evaluate_parser().parse_args(argv)
     device = resolve_device(args.device)
@@ -363,6 +289,6 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     report["files"] = write_evaluation_plots(evaluation, report, out_dir)
     report["files"]["report"] = str(out_dir / "report.json")
     write_report(report, out_dir / "report.json")
-    print_evaluation(report)
+    print_report(report)
     print(f"report and plots: {out_dir}")
     return report

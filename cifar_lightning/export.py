@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifar_lightning.data.transforms import normalize
 from cifar_lightning.errors import UserError, exit_on_user_error
-from cifar_lightning.evaluation import images_to_tensor
+from cifar_lightning.inference import images_to_tensor
 from cifar_lightning.module import ClassifierModule
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -47,11 +48,11 @@ class RawImageClassifier(nn.Module):
     def __init__(self, module: ClassifierModule) -> None:
         super().__init__()
         self.net = module.model
-        self.register_buffer("mean", module.input_mean.detach().clone().float().cpu())  # (1, 3, 1, 1)
-        self.register_buffer("std", module.input_std.detach().clone().float().cpu())
+        self.register_buffer("mean", torch.tensor(module.hparams.norm_mean, dtype=torch.float32))  # (3,)
+        self.register_buffer("std", torch.tensor(module.hparams.norm_std, dtype=torch.float32))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net((image - self.mean) / self.std)
+        return self.net(normalize(image, self.mean, self.std))
 
 
 def export_metadata(module: ClassifierModule) -> dict[str, str]:

@@ -1,9 +1,8 @@
-"""ClassifierModule: any registered architecture, its metrics, optimizer and learning-rate schedule."""
+"""ClassifierModule: any registered architecture with its metrics; optimizer and schedule from ``optim``."""
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -11,37 +10,15 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifar_lightning.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from cifar_lightning.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from cifar_lightning.data.transforms import normalize
 from cifar_lightning.errors import UserError
 from cifar_lightning.models import create_model, model_info
-from cifar_lightning.optim import MuonSGD, muon_param_groups
+from cifar_lightning.optim import OPTIMIZERS, SCHEDULERS, OptimizerName, SchedulerName, build_optimizer, build_scheduler
 
-OptimizerName = Literal["sgd", "adam", "adamw", "muon"]
-SchedulerName = Literal["none", "multistep", "cosine", "linear", "onecycle", "plateau"]
-OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
-SCHEDULERS = ("none", "multistep", "cosine", "linear", "onecycle", "plateau")
 TTAMode = Literal["none", "flip", "flip_translate"]
 TTA_MODES = ("none", "flip", "flip_translate")
 STAGES = ("train", "val", "test")
-
-
-class PiecewiseConstant:
-    """LR multiplier ``factors[i]`` from ``milestones[i]`` on (``initial`` before the first one).
-
-    A class rather than a lambda so that ``LambdaLR`` can be pickled into checkpoints.
-    """
-
-    def __init__(self, milestones: Sequence[int], factors: Sequence[float], initial: float = 1.0) -> None:
-        self.milestones = list(milestones)
-        self.factors = list(factors)
-        self.initial = initial
-
-    def __call__(self, step: int) -> float:
-        factor = self.initial
-        for milestone, f in zip(self.milestones, self.factors):
-            if step >= milestone:
-                factor = f
-        return factor
 
 
 class ClassifierModule(pl.LightningModule):
@@ -139,8 +116,6 @@ class ClassifierModule(pl.LightningModule):
         self.model = create_model(arch, num_classes=num_classes, **(arch_kwargs or {}))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.register_buffer("input_mean", torch.tensor(norm_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_std", torch.tensor(norm_std).view(1, 3, 1, 1), persistent=False)
         # Lets the model summary show shapes and TensorBoard draw the graph (log_graph=True).
         self.example_input_array = torch.zeros(1, 3, 32, 32)
         # Kept out of the module tree so the state dict has one copy of the weights, not two.
@@ -168,17 +143,20 @@ class ClassifierModule(pl.LightningModule):
         return self._forward(x)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the stored normalisation to raw images in [0, 1], (B, 3, H, W)."""
-        return (x - self.input_mean) / self.input_std
+        """Raw images in [0, 1], (B, 3, H, W), normalised as the data the model was trained on."""
+        return normalize(x, self.hparams.norm_mean, self.hparams.norm_std)
 
-    def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits averaged over test-time views of normalised images (B, 3, H, W), per ``tta``.
+    def tta_logits(self, x: torch.Tensor, mode: TTAMode | None = None) -> torch.Tensor:
+        """Logits averaged over test-time views of normalised images (B, 3, H, W).
 
-        ``flip``: the image and its mirror, equally weighted. ``flip_translate`` (airbench94's
-        level 2, arXiv:2404.00498): half on that pair, half on the pairs of the image shifted one
-        pixel up-left and one pixel down-right (reflect padding), 6 views in all.
+        ``mode`` (default: the module's ``tta``): ``none`` is the plain forward pass; ``flip``
+        averages the image and its mirror, equally weighted; ``flip_translate`` (airbench94's
+        level 2, arXiv:2404.00498) puts half on that pair and half on the pairs of the image
+        shifted one pixel up-left and one pixel down-right (reflect padding), 6 views in all.
         """
-        mode = self.hparams.get("tta", "none")
+        mode = self.hparams.get("tta", "none") if mode is None else mode
+        if mode not in TTA_MODES:
+            raise UserError(f"unknown TTA mode {mode!r}. Valid modes: {', '.join(TTA_MODES)}")
         if mode == "none":
             return self(x)
 
@@ -273,76 +251,6 @@ class ClassifierModule(pl.LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
-            )
-        elif hp.optimizer == "muon":
-            groups = muon_param_groups(self.model, hp.muon_lr, hp.muon_momentum)
-            opt = MuonSGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-
-        if hp.scheduler == "none":
-            return opt
-        if hp.scheduler == "plateau":
-            mode = "min" if "loss" in hp.plateau_monitor else "max"
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, mode=mode, factor=hp.plateau_factor, patience=hp.plateau_patience, min_lr=hp.min_lr
-            )
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": hp.plateau_monitor}}
-        if hp.scheduler == "multistep":
-            gammas = hp.gamma if isinstance(hp.gamma, (list, tuple)) else [
-                hp.gamma ** (i + 1) for i in range(len(hp.milestones))
-            ]
-            if len(gammas) != len(hp.milestones):
-                raise UserError(f"gamma has {len(gammas)} factors for {len(hp.milestones)} milestones.")
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, PiecewiseConstant(hp.milestones, gammas, hp.initial_lr_factor))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp.milestone_unit}}
-
+        opt = build_optimizer(self.model, self.hparams)
         # Per-step schedules size themselves from the trainer (epochs, data, devices, accumulation).
-        total = int(self.trainer.estimated_stepping_batches)
-        if hp.scheduler == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=hp.pct_start)
-        else:
-            # Epochs in optimizer steps from the loader itself, so that warm-up_epochs keeps its
-            # meaning when max_steps cuts the run short (total is then max_steps).
-            batches = self.trainer.num_training_batches
-            if isinstance(batches, int) and batches > 0:
-                steps_per_epoch = math.ceil(batches / self.trainer.accumulate_grad_batches)
-            else:
-                steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
-            warmup = int(round(hp.warmup_epochs * steps_per_epoch))
-            shape = WarmupLinear if hp.scheduler == "linear" else WarmupCosine
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, shape(warmup, total, hp.min_lr / hp.lr))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class WarmupCosine:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
-
-    def __init__(self, warmup: int, total: int, floor: float = 0.0) -> None:
-        self.warmup, self.total, self.floor = warmup, max(total, 1), floor
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.floor + (1 - self.floor) * self.decay(progress)
-
-    @staticmethod
-    def decay(progress: float) -> float:
-        """Share of the way from ``floor`` to the peak left at ``progress`` (0 -> 1) after warm-up."""
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class WarmupLinear(WarmupCosine):
-    """LR multiplier: linear warm-up over ``warmup`` steps, then a straight line to ``floor`` at ``total``."""
-
-    @staticmethod
-    def decay(progress: float) -> float:
-        return 1.0 - progress
+        return build_scheduler(opt, self.hparams, self._trainer)  # None outside a fit: per-step schedules need one

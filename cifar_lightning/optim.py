@@ -1,4 +1,7 @@
-"""Muon for convolution filters, SGD for everything else, in one optimizer.
+"""Optimizers and learning-rate schedules: ``build_optimizer`` and ``build_scheduler`` turn a
+module's hyperparameters into what ``configure_optimizers`` returns.
+
+Muon for convolution filters, SGD for everything else, in one optimizer (``MuonSGD``):
 
 Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) replaces each filter bank's
 momentum update by the nearest semi-orthogonal matrix: every direction of the update gets about
@@ -10,9 +13,17 @@ filters (out, in, kh, kw) to (out, in * kh * kw) and works in float32 off the GP
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
+
+from cifar_lightning.errors import UserError
+
+OptimizerName = Literal["sgd", "adam", "adamw", "muon"]
+SchedulerName = Literal["none", "multistep", "cosine", "linear", "onecycle", "plateau"]
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
+SCHEDULERS = ("none", "multistep", "cosine", "linear", "onecycle", "plateau")
 
 #: Quintic Newton-Schulz coefficients that push singular values towards 1 fastest from near 0
 #: (Jordan et al.); the iteration lands them in about [0.7, 1.2] rather than exactly on 1.
@@ -116,3 +127,119 @@ def muon_param_groups(module: torch.nn.Module, muon_lr: float, muon_momentum: fl
     rest = [p for p in module.parameters() if p.requires_grad and p.ndim != 4]
     groups = [{"params": conv, "lr": muon_lr, "momentum": muon_momentum, "weight_decay": 0.0, "muon": True}]
     return [g for g in groups if g["params"]] + ([{"params": rest}] if rest else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules: classes rather than lambdas, so that LambdaLR pickles into checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class PiecewiseConstant:
+    """LR multiplier ``factors[i]`` from ``milestones[i]`` on (``initial`` before the first one).
+    """
+
+    def __init__(self, milestones: Sequence[int], factors: Sequence[float], initial: float = 1.0) -> None:
+        self.milestones = list(milestones)
+        self.factors = list(factors)
+        self.initial = initial
+
+    def __call__(self, step: int) -> float:
+        factor = self.initial
+        for milestone, f in zip(self.milestones, self.factors):
+            if step >= milestone:
+                factor = f
+        return factor
+
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
+
+    def __init__(self, warmup: int, total: int, floor: float = 0.0) -> None:
+        self.warmup, self.total, self.floor = warmup, max(total, 1), floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + (1 - self.floor) * self.decay(progress)
+
+    @staticmethod
+    def decay(progress: float) -> float:
+        """Share of the way from ``floor`` to the peak left at ``progress`` (0 -> 1) after warm-up."""
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class WarmupLinear(WarmupCosine):
+    """LR multiplier: linear warm-up over ``warmup`` steps, then a straight line to ``floor`` at ``total``."""
+
+    @staticmethod
+    def decay(progress: float) -> float:
+        return 1.0 - progress
+
+
+# ---------------------------------------------------------------------------------------------
+# From hyperparameters to optimizer and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, hp: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer ``hp["optimizer"]`` names, over ``model``'s trainable parameters.
+
+    ``hp`` holds ``ClassifierModule``'s hyperparameters (lr, momentum, nesterov, weight_decay,
+    betas, muon_lr, muon_momentum).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = hp["optimizer"]
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"], weight_decay=hp["weight_decay"]
+        )
+    if name == "muon":
+        groups = muon_param_groups(model, hp["muon_lr"], hp["muon_momentum"])
+        return MuonSGD(groups, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"], weight_decay=hp["weight_decay"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=hp["lr"], betas=tuple(hp["betas"]), weight_decay=hp["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=hp["lr"], betas=tuple(hp["betas"]), weight_decay=hp["weight_decay"])
+    raise UserError(f"unknown optimizer {name!r}. Valid names: {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: Any) -> Any:
+    """What ``configure_optimizers`` returns for ``opt`` and the schedule ``hp["scheduler"]`` names.
+
+    Per-step schedules (``cosine``, ``linear``, ``onecycle``) take their length from
+    ``trainer.estimated_stepping_batches``; warm-up epochs count the loader's real steps, so they
+    keep their meaning when ``max_steps`` cuts a run short.
+    """
+    name = hp["scheduler"]
+    if name == "none":
+        return opt
+    if name == "plateau":
+        mode = "min" if "loss" in hp["plateau_monitor"] else "max"
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode=mode, factor=hp["plateau_factor"], patience=hp["plateau_patience"], min_lr=hp["min_lr"]
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": hp["plateau_monitor"]}}
+    if name == "multistep":
+        milestones, gamma = hp["milestones"], hp["gamma"]
+        gammas = gamma if isinstance(gamma, (list, tuple)) else [gamma ** (i + 1) for i in range(len(milestones))]
+        if len(gammas) != len(milestones):
+            raise UserError(f"gamma has {len(gammas)} factors for {len(milestones)} milestones.")
+        rule = PiecewiseConstant(milestones, gammas, hp["initial_lr_factor"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, rule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp["milestone_unit"]}}
+    total = int(trainer.estimated_stepping_batches)
+    if name == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=total, pct_start=hp["pct_start"])
+    elif name in ("cosine", "linear"):
+        batches = trainer.num_training_batches
+        if isinstance(batches, int) and batches > 0:
+            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        else:
+            steps_per_epoch = total / max(1, trainer.max_epochs or 1)
+        warmup = int(round(hp["warmup_epochs"] * steps_per_epoch))
+        shape = WarmupLinear if name == "linear" else WarmupCosine
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, shape(warmup, total, hp["min_lr"] / hp["lr"]))
+    else:
+        raise UserError(f"unknown scheduler {name!r}. Valid names: {', '.join(SCHEDULERS)}")
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

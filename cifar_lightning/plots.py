@@ -4,8 +4,7 @@ Every function returns a matplotlib ``Figure`` drawn on an Agg canvas, without p
 figure state, no GUI backend, safe in threads and callbacks, and a notebook still displays the
 returned figure. ``save_figure`` writes a PNG and frees the figure.
 
-``HistoryPlot`` is a Lightning callback that draws ``history.png`` from the CSV logger's
-``metrics.csv`` when fitting ends.
+``callbacks.HistoryPlot`` draws ``history.png`` with ``plot_history`` when a fit ends.
 """
 
 from __future__ import annotations
@@ -13,18 +12,15 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-from lightning.pytorch.callbacks import Callback
 
 from cifar_lightning.errors import UserError, exit_on_user_error
 
 if TYPE_CHECKING:
-    import lightning.pytorch as pl
     from matplotlib.figure import Figure
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"  # green and red that stay distinct on white and in print
@@ -255,34 +251,6 @@ def plot_history(run: str | Path, output: str | Path | None = None) -> Path:
     return save_figure(history_figure(history, title=str(csv_path.parent)), out)
 
 
-class HistoryPlot(Callback):
-    """Draw ``history.png`` beside the CSV logger's ``metrics.csv`` when fitting ends (rank 0 only).
-
-    Without a CSV logger there is nothing to read and the callback does nothing. A run too short
-    to have logged an epoch gets a warning instead of a plot.
-    """
-
-    def __init__(self, filename: str = "history.png") -> None:
-        self.filename = filename
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning.pytorch.loggers import CSVLogger
-
-        if not trainer.is_global_zero:
-            return
-        logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        if logger is None:
-            return
-        logger.save()  # the logger buffers rows until its next flush; the plot needs them all
-        csv_path = Path(logger.log_dir) / "metrics.csv"
-        if not csv_path.is_file():
-            return
-        try:
-            plot_history(csv_path, csv_path.parent / self.filename)
-        except UserError as err:
-            warnings.warn(f"HistoryPlot: {err}", stacklevel=2)
-
-
 @exit_on_user_error
 def plot_history_main(argv: list[str] | None = None) -> Path:
     """``scripts/plot_history.py RUN_DIR [--output PNG]``."""
@@ -295,3 +263,10 @@ def plot_history_main(argv: list[str] | None = None) -> Path:
     path = plot_history(args.run_dir, args.output)
     print(f"history: {path}")
     return path
+
+
+def __getattr__(name: str):
+    # Class paths of configs written before the callbacks moved (see cifar_lightning.compat).
+    from cifar_lightning.compat import moved
+
+    return moved(__name__, name)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import io
 import socket
 import sys
 import time
@@ -31,9 +30,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cifar_lightning.data import IMAGE_SIZE, IMAGE_SUFFIXES
-from cifar_lightning.errors import UserError, exit_on_user_error
-from cifar_lightning.evaluation import positive, predict_logits
+from cifar_lightning.constants import IMAGE_SUFFIXES
+from cifar_lightning.data.sources import NotAnImage, UnreadableImage, decode_image
+from cifar_lightning.errors import exit_on_user_error, positive
+from cifar_lightning.inference import predict_logits, resolve_device
 from cifar_lightning.module import ClassifierModule
 from cifar_lightning.report import to_json
 
@@ -146,33 +146,23 @@ def fetch_url(url: str, limits: Limits = Limits()) -> tuple[bytes, str]:
         raise InputError(f"the download failed ({type(err).__name__}: {err})") from None
 
 
-def decode_image(data: bytes, limits: Limits = Limits(), content_type: str | None = None) -> np.ndarray:
-    """Encoded image bytes to a (32, 32, 3) uint8 array, else ``InputError`` with the reason."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
+def decode_input(data: bytes, limits: Limits = Limits(), content_type: str | None = None) -> np.ndarray:
+    """Encoded image bytes to a (32, 32, 3) uint8 array with the data module's decoder, else
+    ``InputError`` with the reason (naming what a server sent when it was not an image)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if w * h > limits.max_pixels:  # checked from the header, before decoding anything
-                raise InputError(f"the image is {w}x{h} = {w * h:,} pixels, over the limit of {limits.max_pixels:,}")
-            img = ImageOps.exif_transpose(img).convert("RGB")  # phone photos store their rotation in EXIF
-            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            return np.array(img, dtype=np.uint8)
-    except Image.DecompressionBombError as err:
-        raise InputError(f"the image is too large to decode safely ({err})") from None
-    except UnidentifiedImageError:
+        return decode_image(data, max_pixels=limits.max_pixels)
+    except NotAnImage:
         served = f" (the server sent {content_type})" if content_type and not content_type.startswith("image/") else ""
         raise InputError(f"not an image{served}") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"truncated or corrupt image ({err})") from None
+    except UnreadableImage as err:
+        raise InputError(str(err)) from None
 
 
 def load_input(item: str, limits: Limits = Limits()) -> np.ndarray:
     """A file path or http(s) URL as a (32, 32, 3) uint8 array, else ``InputError``."""
     if is_url(item):
         data, ctype = fetch_url(item, limits)
-        return decode_image(data, limits, ctype)
+        return decode_input(data, limits, ctype)
     path = Path(item).expanduser()
     try:
         size = path.stat().st_size
@@ -183,7 +173,7 @@ def load_input(item: str, limits: Limits = Limits()) -> np.ndarray:
         raise InputError("no such file") from None
     except OSError as err:
         raise InputError(f"cannot read it ({err.strerror or err})") from None
-    return decode_image(data, limits)
+    return decode_input(data, limits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,21 +255,6 @@ def write_predictions(predictions: Sequence[Prediction], fmt: str, k: int, file:
                 table.add_row(p.input, *[f"{name} {100 * prob:.1f}%" for name, prob in p.top])
         # A file gets a fixed width; the terminal its own.
         Console(file=file, width=None if file is sys.stdout else 120).print(table)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``torch.device(name)``, with a ``UserError`` for a malformed name or a missing accelerator."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"unknown device {name!r} ({err}). Use e.g. cpu, cuda or cuda:1.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but this machine has no CUDA GPU. Use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r} asked for, but MPS is not available here. Use --device cpu.")
-    return device
 
 
 def predict_parser() -> argparse.ArgumentParser:

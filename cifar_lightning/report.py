@@ -1,36 +1,46 @@
-"""The end-of-run report: overall and per-class test accuracy, checkpoint and timings."""
+"""The one report format of a tested model, its JSON file and its printed table.
+
+``scripts/fit.py`` (``test_report.json``) and ``scripts/evaluate.py`` (``report.json``) both build
+their report here, so the same numbers have the same keys everywhere:
+
+- ``arch``, ``checkpoint``, ``class_names``;
+- ``test_acc``, ``test_loss``, ``per_class_acc`` (class name -> accuracy), ``test_images``.
+
+Each adds its own keys beside them: fit.py its timings and image counts, evaluate.py precision,
+recall, the confusion matrix, TTA, calibration and corruption results.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
 
 def build_report(
-    metrics: Mapping[str, float],
-    class_names: list[str],
     *,
     arch: str,
+    class_names: Sequence[str],
+    test_acc: float,
+    test_loss: float,
+    per_class_acc: Mapping[str, float],
+    test_images: int,
     checkpoint: str | None,
-    fit_seconds: float,
-    test_seconds: float,
-    extra: Mapping[str, Any] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """Collect the test metrics logged under ``test/...`` into a JSON-ready dict."""
-    per_class = {name: float(metrics[f"test/acc/{name}"]) for name in class_names if f"test/acc/{name}" in metrics}
+    """The report dict: the shared keys first, then ``extra``."""
     return {
         "arch": arch,
-        "test_acc": float(metrics["test/acc"]),
-        "test_loss": float(metrics["test/loss"]),
-        "per_class_acc": per_class,
         "checkpoint": checkpoint,
-        "fit_seconds": round(fit_seconds, 2),
-        "test_seconds": round(test_seconds, 2),
-        **dict(extra or {}),
+        "class_names": list(class_names),
+        "test_acc": float(test_acc),
+        "test_loss": float(test_loss),
+        "per_class_acc": {name: float(per_class_acc[name]) for name in class_names if name in per_class_acc},
+        "test_images": int(test_images),
+        **extra,
     }
 
 
@@ -47,21 +57,44 @@ def write_report(report: Any, path: str | Path) -> Path:
     return path
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
 def print_report(report: Mapping[str, Any], console: Console | None = None) -> None:
-    """Print the report as a rich table."""
+    """Per-class table (accuracy; precision, recall and images when measured; TTA accuracy when
+    asked for), then the notes that go with it: loss, subsets, confusions, checkpoint, times."""
     console = console or Console()
-    table = Table(title=f"Test results: {report['arch']}", show_footer=False)
-    table.add_column("class")
-    table.add_column("accuracy", justify="right")
+    detail = report.get("per_class") or {}
+    tta = report.get("tta")
+    table = Table(title=f"Test results: {report['arch']} on {report['test_images']:,} images")
+    columns = ["class", "accuracy"] + (["precision", "recall", "images"] if detail else []) + (["TTA accuracy"] if tta else [])
+    for name in columns:
+        table.add_column(name, justify="left" if name == "class" else "right")
     for name, acc in report["per_class_acc"].items():
-        table.add_row(name, f"{100 * acc:.2f}%")
+        row = [name, _pct(acc)]
+        if detail:
+            d = detail[name]
+            row += [_pct(d["precision"]), _pct(d["recall"]), str(d["support"])]
+        table.add_row(*row, *([_pct(tta["per_class_acc"][name])] if tta else []))
     table.add_section()
-    table.add_row("[bold]overall[/bold]", f"[bold]{100 * report['test_acc']:.2f}%[/bold]")
+    overall = ["[bold]overall[/bold]", f"[bold]{_pct(report['test_acc'])}[/bold]"]
+    if detail:
+        overall += [_pct(report["macro_precision"]), _pct(report["macro_recall"]), str(report["test_images"])]
+    table.add_row(*overall, *([_pct(tta["test_acc"])] if tta else []))
     console.print(table)
+    # soft_wrap: a long line (a path) stays whole in a log file, where rich would break it at 80 columns.
+    gain = f"; TTA ({tta['mode']}) changes accuracy by {100 * tta['gain']:+.2f} points" if tta else ""
+    console.print(f"test loss {report['test_loss']:.4f}{gain}", soft_wrap=True)
     for stage, name in (("test", "test"), ("val", "validation (last epoch)")):
         seen, total = report.get(f"{stage}_images_seen"), report.get(f"{stage}_images")
         if seen is not None and total and seen < total:
             console.print(f"{name} on {seen:,} of {total:,} images: a subset, not the whole split", soft_wrap=True)
-    # soft_wrap: a path stays on one line in a log file, where rich would break it at 80 columns.
+    if report.get("confused_pairs"):
+        top = ", ".join(f"{p['true']}->{p['predicted']} ({p['count']})" for p in report["confused_pairs"][:5])
+        console.print(f"most confused (true->predicted): {top}", soft_wrap=True)
     console.print(f"checkpoint: {report['checkpoint'] or '(none saved)'}", soft_wrap=True)
-    console.print(f"time: fit {report['fit_seconds']:.1f} s, test {report['test_seconds']:.1f} s")
+    if "fit_seconds" in report:
+        console.print(f"time: fit {report['fit_seconds']:.1f} s, test {report['test_seconds']:.1f} s")
+    elif "seconds" in report:
+        console.print(f"time: {report['seconds']:.1f} s")

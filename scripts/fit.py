@@ -4,7 +4,7 @@
 The short flags are aliases of ``python -m cifar_lightning fit`` arguments; ``--help`` lists them.
 """
 
-from cifar_lightning.cli import fit_main
+from cifar_lightning.fit import fit_main
 
 if __name__ == "__main__":
     fit_main()

@@ -7,9 +7,9 @@ import os
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from cifar_lightning.data.synthetic import labelled_image, write_image_folder  # noqa: F401 (shared by the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -30,7 +30,7 @@ def arch_params() -> list:
     import torch
 
     from cifar_lightning.models import create_model, list_models
-    from cifar_lightning.models.card import count_macs
+    from cifar_lightning.tools.model_card import count_macs
 
     params = []
     for name in list_models():
@@ -53,33 +53,6 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     # Archive extractions and decoded caches of one test never leak into another, or into ~/.cache.
     monkeypatch.setenv("CIFAR_LIGHTNING_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("WANDB_MODE", "offline")
-
-
-def labelled_image(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """Noise plus a bright channel/stripe pattern that encodes ``label``: learnable in a few steps."""
-    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-    img[..., label % 3] += 120
-    img[(label * 3) % size : (label * 3) % size + 3, :, :] = 255
-    return img
-
-
-def write_image_folder(
-    root: Path,
-    classes=("cat", "dog", "frog"),
-    n_train: int = 12,
-    n_test: int = 4,
-    suffix: str = ".png",
-    seed: int = 0,
-) -> Path:
-    """Write ``root/{train,test}/<class>/NNN<suffix>`` with images that encode their class."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for label, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(labelled_image(label, rng)).save(folder / f"{i:03d}{suffix}")
-    return root
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from torch.utils.data import DistributedSampler
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
 from cifar_lightning import ClassifierModule
-from cifar_lightning.cli import fit_main
+from cifar_lightning.fit import fit_main
 from cifar_lightning.data import (
     AUGMENT_PRESETS,
     CIFAR10_MEAN,
@@ -26,7 +26,7 @@ from cifar_lightning.data import (
     random_crop_flip,
 )
 from cifar_lightning.errors import UserError
-from cifar_lightning.training_tricks import FreezeAfter, Lookahead, ScaleGradients
+from cifar_lightning.callbacks import FreezeAfter, Lookahead, ScaleGradients
 from conftest import labelled_image
 
 MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
@@ -222,7 +222,7 @@ def test_tensor_and_pil_paths_give_the_same_images(tiny_folder, normalize):
 
 def test_tensor_only_options_are_user_errors(tiny_folder):
     with pytest.raises(UserError, match="--data.loader tensor"):
-        make_dm(tiny_folder, cutout=8)
+        make_dm(tiny_folder, cutout=8, loader="torchvision")
     with pytest.raises(UserError, match="unknown loader"):
         make_dm(tiny_folder, loader="dali")
 

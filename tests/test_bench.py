@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from cifar_lightning.bench import BenchConfig, MemorySampler, main, summary_rows
+from cifar_lightning.tools.bench import main, summary_rows
+from cifar_lightning.tools.bench_memory import MemorySampler
+from cifar_lightning.tools.bench_speed import BenchConfig
 from conftest import REPO
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from cifar_lightning.cli import cli_main, fit_main
+from cifar_lightning.cli import cli_main
+from cifar_lightning.fit import fit_main
 from conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_lightning import data as data_mod
+from cifar_lightning.data import archives, sources
 from cifar_lightning.data import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -134,8 +134,9 @@ def test_download_failure_says_where_and_how(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(CIFAR10, "download", offline)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path / "nothing"), download=True)  # downloads nothing yet
     with pytest.raises(UserError) as err:
-        CIFAR10DataModule(data_dir=str(tmp_path / "nothing"), download=True)
+        dm.prepare_data()
     msg = str(err.value)
     assert str(tmp_path / "nothing") in msg and "network unreachable" in msg
     assert "--data-dir" in msg and "--download" in msg
@@ -159,7 +160,7 @@ def test_archive_is_extracted_once(tmp_path, monkeypatch, kind):
     assert len(dm.train_set) + len(dm.val_set) == 12
 
     calls = []
-    monkeypatch.setattr(data_mod, "safe_extract", lambda *a: calls.append(a))
+    monkeypatch.setattr(archives, "safe_extract", lambda *a: calls.append(a))
     again = make_dm(archive, val_size=2)
     assert calls == [] and again.source.root == dm.source.root
 
@@ -221,7 +222,7 @@ def test_decoded_cache_is_used_and_rebuilt_when_stale(tiny_folder, monkeypatch):
     def no_decoding(*a, **k):
         raise AssertionError("decoded again although the cache matches")
 
-    monkeypatch.setattr(data_mod, "decode_image_folder", no_decoding)
+    monkeypatch.setattr(sources, "decode_image_folder", no_decoding)
     cached, cached_labels = load_image_folder_split(tiny_folder, "train", classes)
     assert np.array_equal(cached, images) and np.array_equal(cached_labels, labels)
 

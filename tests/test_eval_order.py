@@ -70,13 +70,13 @@ def test_full_set_metrics_equal_those_of_file_order(ordered_folder, tmp_path):
     images, labels = dm.split_arrays("test")
     assert np.array_equal(labels, np.sort(labels))  # split_arrays keeps file order
     report = evaluate(module, images, labels).metrics()
-    assert shuffled["test/acc"] == pytest.approx(report["accuracy"], abs=1e-6)
-    assert shuffled["test/loss"] == pytest.approx(report["loss"], rel=1e-5)
+    assert shuffled["test/acc"] == pytest.approx(report["test_acc"], abs=1e-6)
+    assert shuffled["test/loss"] == pytest.approx(report["test_loss"], rel=1e-5)
     assert module.images_seen["test"] == len(labels)
 
 
 def test_a_limited_test_run_reports_the_subset(ordered_folder, tmp_path, capsys):
-    from cifar_lightning.cli import fit_main
+    from cifar_lightning.fit import fit_main
 
     report = fit_main(["--arch", "simple_cnn", "--data-dir", str(ordered_folder), "--output-dir", str(tmp_path),
                        "--epochs", "1", "--num-workers", "0", "--batch-size", "8", "--val-size", "24",

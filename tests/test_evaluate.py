@@ -18,10 +18,11 @@ from PIL import Image
 
 from cifar_lightning import CIFAR10DataModule, create_model
 from cifar_lightning.checkpoint import check_compatible, load_classifier
-from cifar_lightning.cli import fit_main
+from cifar_lightning.fit import fit_main
 from cifar_lightning.errors import UserError
 from cifar_lightning.evaluation import confused_pairs, default_output_dir, evaluate_main
-from cifar_lightning.plots import HistoryPlot, history_figure, plot_history_main, read_history
+from cifar_lightning.callbacks import HistoryPlot
+from cifar_lightning.plots import history_figure, plot_history_main, read_history
 from conftest import write_image_folder
 
 CLASSES = ("cat", "dog", "frog", "ship")
@@ -85,18 +86,18 @@ def test_evaluate_writes_report_and_plots(run, evaluated):
     saved = json.loads((out / "report.json").read_text())
     assert saved == report
     assert saved["data_dir"] == str(data)  # found in the checkpoint, not passed
-    for key in ("accuracy", "loss", "per_class", "confusion_matrix", "confused_pairs", "confident_mistakes", "tta"):
+    for key in ("test_acc", "test_loss", "per_class_acc", "per_class", "confusion_matrix", "confused_pairs", "confident_mistakes", "tta"):
         assert key in saved
-    assert saved["class_names"] == list(CLASSES) and saved["num_images"] == 24
-    assert set(saved["tta"]) == {"mode", "accuracy", "gain", "loss", "per_class_accuracy"}
+    assert saved["class_names"] == list(CLASSES) and saved["test_images"] == 24
+    assert set(saved["tta"]) == {"mode", "test_acc", "gain", "test_loss", "per_class_acc"}
     assert saved["tta"]["mode"] == "flip"  # what a bare --tta means
 
 
 def test_report_numbers_agree_with_the_confusion_matrix(evaluated):
     report, _ = evaluated
     m = np.array(report["confusion_matrix"])
-    assert m.sum() == report["num_images"]
-    assert report["accuracy"] == pytest.approx(np.trace(m) / m.sum(), abs=1e-6)
+    assert m.sum() == report["test_images"]
+    assert report["test_acc"] == pytest.approx(np.trace(m) / m.sum(), abs=1e-6)
     for i, name in enumerate(report["class_names"]):
         per = report["per_class"][name]
         assert per["support"] == m[i].sum()
@@ -127,8 +128,8 @@ def test_evaluation_matches_lightning_test(run, evaluated):
     ckpt, data = run
     report, _ = evaluated
     lightning = lightning_test(ckpt, data)
-    assert report["accuracy"] == pytest.approx(lightning["test/acc"], abs=1e-6)
-    assert report["loss"] == pytest.approx(lightning["test/loss"], rel=1e-4, abs=1e-6)
+    assert report["test_acc"] == pytest.approx(lightning["test/acc"], abs=1e-6)
+    assert report["test_loss"] == pytest.approx(lightning["test/loss"], rel=1e-4, abs=1e-6)
     for name in CLASSES:
         assert report["per_class"][name]["accuracy"] == pytest.approx(lightning[f"test/acc/{name}"], abs=1e-6)
 
@@ -142,9 +143,9 @@ def test_checkpoint_trained_with_tta_is_evaluated_as_lightning_tests_it(run, tmp
     report = evaluate_main([str(tmp_path / "tta.ckpt"), "--output-dir", str(tmp_path / "out")])
     lightning = lightning_test(tmp_path / "tta.ckpt", data)
     assert report["tta"]["mode"] == "flip"
-    assert report["tta"]["accuracy"] == pytest.approx(lightning["test/acc"], abs=1e-6)
-    assert report["tta"]["loss"] == pytest.approx(lightning["test/loss"], rel=1e-4, abs=1e-6)
-    assert report["loss"] != pytest.approx(report["tta"]["loss"], rel=1e-6)
+    assert report["tta"]["test_acc"] == pytest.approx(lightning["test/acc"], abs=1e-6)
+    assert report["tta"]["test_loss"] == pytest.approx(lightning["test/loss"], rel=1e-4, abs=1e-6)
+    assert report["test_loss"] != pytest.approx(report["tta"]["test_loss"], rel=1e-6)
 
 
 def test_evaluate_refuses_data_with_other_classes(run, tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch
 
 from cifar_lightning import CIFAR10DataModule
 from cifar_lightning.checkpoint import load_classifier
-from cifar_lightning.evaluation import images_to_tensor
+from cifar_lightning.inference import images_to_tensor
 from cifar_lightning.export import (
     DEFAULT_ATOL,
     RUNNERS,

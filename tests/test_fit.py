@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cifar_lightning import ClassifierModule, CIFAR10DataModule, list_models
-from cifar_lightning.cli import expand_aliases, fit_main
+from cifar_lightning.fit import expand_aliases, fit_main
 from conftest import REPO, arch_params, write_image_folder
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar_lightning.cli import CifarCLI, expand_aliases, fit_main
+from cifar_lightning.cli import CifarCLI
+from cifar_lightning.fit import expand_aliases, fit_main
 from conftest import REPO
 from wandb_records import summarize
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-from cifar_lightning.cli import fit_main, in_fit_terms
+from cifar_lightning.fit import fit_main, in_fit_terms
 from cifar_lightning.data import CIFAR10DataModule, val_count
 from cifar_lightning.errors import UserError
-from cifar_lightning.progress import EpochLines, QuietRichProgressBar, format_seconds, progress_callback
-from cifar_lightning.reproduce import resolve_recipe
+from cifar_lightning.callbacks.progress import EpochLines, QuietRichProgressBar, format_seconds, progress_callback
+from cifar_lightning.tools.reproduce import resolve_recipe
 from conftest import REPO, write_image_folder
 
 #: Lines that say nothing about the run, each traced to where it came from and removed there.
@@ -130,10 +130,11 @@ def test_errors_name_the_flag_the_user_typed(folder_200, tmp_path, capsys):
 
 
 def test_recipes_are_found_by_name(tmp_path):
-    assert resolve_recipe(Path("mynet_tutorial")) == REPO / "configs" / "mynet_tutorial.yaml"
-    assert resolve_recipe(Path("mynet_tutorial.yaml")) == REPO / "configs" / "mynet_tutorial.yaml"
+    configs = REPO / "configs"
+    assert resolve_recipe(Path("mynet_tutorial"), configs) == configs / "mynet_tutorial.yaml"
+    assert resolve_recipe(Path("mynet_tutorial.yaml"), configs) == configs / "mynet_tutorial.yaml"
     own = tmp_path / "mine.yaml"
     own.write_text("model:\n  arch: lenet5\n")
-    assert resolve_recipe(own) == own
+    assert resolve_recipe(own, configs) == own
     with pytest.raises(UserError, match=r"no recipe 'mynet_tutorail'.*mynet_tutorial"):
-        resolve_recipe(Path("mynet_tutorail"))
+        resolve_recipe(Path("mynet_tutorail"), configs)

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from cifar_lightning.checkpoint import load_classifier
-from cifar_lightning.evaluation import predict_logits
-from cifar_lightning.predict import Limits, decode_image, expand_inputs, predict_main
+from cifar_lightning.inference import predict_logits
+from cifar_lightning.predict import Limits, expand_inputs, predict_main
+from cifar_lightning.predict import decode_input as decode_image
 from conftest import labelled_image
 from test_evaluate import trained_run
 

@@ -23,8 +23,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from cifar_lightning.cli import cli_main, fit_main
-from cifar_lightning.resilience import AtomicCheckpointIO, CheckpointWriteError, RandomState
+from cifar_lightning.cli import cli_main
+from cifar_lightning.fit import fit_main
+from cifar_lightning.callbacks import RandomState
+from cifar_lightning.checkpoint import AtomicCheckpointIO, CheckpointWriteError
 from conftest import REPO
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

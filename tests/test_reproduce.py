@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cifar_lightning.reproduce import main, recipe_header
+from cifar_lightning.tools.reproduce import main, recipe_header
 from conftest import REPO
 
 
@@ -21,8 +21,13 @@ def test_runs_seeds_keeps_logs_and_writes_table(tiny_folder, tmp_path):
         "# epochs: 1\n# time: seconds\nmodel:\n  arch: simple_cnn\n  lr: 0.05\ntrainer:\n  max_epochs: 1\n"
     )
     results, table = tmp_path / "results", tmp_path / "table.md"
+    smoke = tmp_path / "smoke.json"
+    smoke.write_text(json.dumps({"results": [
+        {"recipe": "resnet20_paper", "steps": 60, "late_loss": 1.86, "val_acc": 0.2676},
+    ]}))  # fmt: skip
     main([str(recipe), "--seeds", "0", "1", "--data-dir", str(tiny_folder), "--results", str(results),
-          "--table", str(table), "--extra", "--num-workers", "0", "--val-size", "6", "--batch-size", "8"])  # fmt: skip
+          "--table", str(table), "--configs", str(REPO / "configs"), "--smoke", str(smoke),
+          "--extra", "--num-workers", "0", "--val-size", "6", "--batch-size", "8"])  # fmt: skip
     reports = [json.loads((results / f"tiny_recipe-seed{s}.json").read_text()) for s in (0, 1)]
     logs = [(results / f"tiny_recipe-seed{s}.log").read_text() for s in (0, 1)]
     assert "--seed 0" in logs[0] and "--seed 1" in logs[1]
@@ -31,6 +36,7 @@ def test_runs_seeds_keeps_logs_and_writes_table(tiny_folder, tmp_path):
     rows = {line.split("|")[1].strip(): line for line in table.read_text().splitlines() if line.startswith("| ")}
     mean = sum(100 * r["test_acc"] for r in reports) / 2
     assert f"{mean:.2f}%" in rows["tiny_recipe"] and "(2)" in rows["tiny_recipe"]
-    assert "--num-workers 0" in rows["tiny_recipe"]
-    # recipes without results are listed as not run, with no number
-    assert "not run here" in rows["resnet110_paper"] and "%" not in rows["resnet110_paper"].split("|")[3]
+    assert "measured, 2 seed(s)" in rows["tiny_recipe"] and "--num-workers 0" in rows["tiny_recipe"]
+    # every row says how it stands: a smoke check is not a measurement, and nothing is estimated
+    assert "smoke-checked only: 60 steps" in rows["resnet20_paper"] and rows["resnet20_paper"].split("|")[4].strip() == "-"
+    assert "| not run |" in rows["resnet110_paper"] and rows["resnet110_paper"].split("|")[4].strip() == "-"

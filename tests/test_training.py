@@ -8,7 +8,7 @@ import torch
 
 from cifar_lightning import CIFAR10DataModule, ClassifierModule
 from cifar_lightning.errors import UserError
-from cifar_lightning.module import WarmupCosine, WarmupLinear
+from cifar_lightning.optim import WarmupCosine, WarmupLinear
 from cifar_lightning.optim import MuonSGD, muon_param_groups, orthogonalize
 
 

@@ -1,12 +1,14 @@
 """The model card: parameter and MAC counts for every registered network, as a markdown table.
 
-``scripts/model_card.py`` writes it to ``docs/models.md``; ``tests/test_models.py`` checks that
-the committed numbers match the code.
+``scripts/model_card.py`` writes it to ``docs/models.md``; the tests check that the committed
+numbers match the code.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -86,3 +88,16 @@ def model_card_markdown(rows: list[CardRow]) -> str:
         source = r.source.replace("|", "\\|")
         lines.append(f"| `{r.name}` | {r.family} | {r.parameters:,} | {r.macs / 1e6:,.1f}M | {source} |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``scripts/model_card.py [--output docs/models.md]``: print or write the card."""
+    parser = argparse.ArgumentParser(description="Write the model card: parameters and MACs of every network.")
+    parser.add_argument("--output", type=Path, help="write the card here instead of printing it")
+    args = parser.parse_args(argv)
+    card = model_card_markdown(model_card_rows())
+    if args.output is None:
+        print(card, end="")
+    else:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(card)

@@ -1,0 +1,352 @@
+"""``CIFAR10DataModule``: a source, a seeded train/validation split, and the loaders over it.
+
+Every source ends up as one uint8 array per split, shape (N, 32, 32, 3), held once in memory
+(about 180 MB for all 60,000 images). Workers forked by the DataLoader share those pages, and
+images become float only one batch at a time.
+
+Two loaders read those arrays (``CIFAR10DataModule(loader=...)``):
+
+- ``tensor`` (the default, measured fastest on a CPU and a GPU with the same augmentation; see
+  ``benchmarks/README.md``): a ``TensorLoader`` that crops, flips and normalises whole batches
+  as tensors on the training device.
+- ``torchvision``: a ``DataLoader`` over a ``Dataset`` whose items go through torchvision
+  transforms one image at a time, in worker processes. Every ``DataLoader`` idiom works with it.
+
+Validation and test loaders visit their images in one fixed shuffled order
+(``evaluation_order``), so any prefix of them is a fair sample.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
+from cifar_lightning.data.sources import DataSource, download_cifar10, load_split, resolve_source
+from cifar_lightning.data.tensor_loader import FlipMode, TensorLoader
+from cifar_lightning.data.transforms import AugmentPreset, build_transform, to_input
+from cifar_lightning.errors import UserError
+
+LoaderKind = Literal["torchvision", "tensor"]
+
+
+class ArrayDataset(Dataset):
+    """A view of a shared uint8 image array through an index list: no copy per split or worker."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray | None, transform: Callable):
+        self.images = images
+        self.labels = labels
+        self.indices = np.arange(len(images)) if indices is None else indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = self.indices[i]
+        return self.transform(self.images[j]), int(self.labels[j])
+
+
+def check_val_size(val_size: int | float) -> None:
+    """``UserError`` unless ``val_size`` is a count (0, 1, 2, ...) or a fraction strictly between 0 and 1."""
+    if val_size < 0 or (val_size >= 1 and not float(val_size).is_integer()):
+        raise UserError(
+            f"--data.val_size must be a number of images (0 = no validation, e.g. 5000) or a fraction of "
+            f"the training split between 0 and 1 (e.g. 0.1), got {val_size}."
+        )
+
+
+def val_count(val_size: int | float, n: int) -> int:
+    """Validation images out of ``n`` training-split images: a fraction (0 < v < 1) of ``n``, rounded
+    and at least 1, or else ``val_size`` itself as a count."""
+    check_val_size(val_size)
+    return max(1, round(val_size * n)) if 0 < val_size < 1 else int(val_size)
+
+
+#: Seed of the one fixed order in which validation and test loaders visit their images.
+EVALUATION_ORDER_SEED = 0
+
+
+def evaluation_order(indices: np.ndarray) -> np.ndarray:
+    """``indices`` in one fixed, seeded random order, the same in every run and on every rank.
+
+    Image folders list their files class by class, so the first batches of a split in file order
+    are one or two classes: ``limit_val_batches``, ``limit_test_batches`` or ``fast_dev_run`` would
+    measure those alone. In this order any prefix is a fair sample, and metrics over the whole split
+    are unchanged.
+    """
+    indices = np.asarray(indices)
+    return indices[np.random.default_rng(EVALUATION_ORDER_SEED).permutation(len(indices))]
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random (train, val) index split of ``n`` items, ``val_size`` of them for validation,
+    each part sorted."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+# ---------------------------------------------------------------------------------------------
+# The DataModule
+# ---------------------------------------------------------------------------------------------
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """CIFAR-10 (or any image-folder dataset of 32x32 images) for Lightning.
+
+    Args:
+        data_dir: a folder in torchvision's CIFAR-10 format, an image-folder tree
+            (``train/<class>/*``, ``test/<class>/*``) or an archive of one.
+        download: download CIFAR-10 with torchvision when ``data_dir`` holds no data (in
+            ``prepare_data``, once per node; building the module downloads nothing).
+        cache_dir: where archives are extracted and decoded arrays cached when the data folder is
+            read-only (default ``$CIFAR_LIGHTNING_CACHE`` or ``~/.cache/cifar_lightning``).
+        val_size: training images held out for validation (model selection), never the test set:
+            a count (5000) or a fraction of the training split strictly between 0 and 1 (0.1, the
+            default: 5,000 of CIFAR-10's 50,000). 0 trains on the whole training split with no
+            validation (a final run once the settings are chosen); the run then keeps its last
+            epoch instead of its best.
+        split_seed: seed of the train/validation split, independent of the training seed.
+        batch_size: images per batch (per device under DDP).
+        augment: training augmentation preset: ``none``, ``standard`` (zero-pad 4, random crop,
+            flip), ``flip`` or ``translate`` (reflect-pad 2, random crop, flip).
+        normalize: subtract ``mean`` and divide by ``std``; off gives plain [0, 1] tensors.
+        mean, std: per-channel normalisation constants (default: CIFAR-10 training set).
+        num_workers, pin_memory, persistent_workers: DataLoader settings (``torchvision`` loader).
+        loader: ``tensor`` (default: whole batches augmented as tensors on the training device;
+            batches are finished inside the loader, so ``num_workers`` and ``pin_memory`` do not
+            apply) or ``torchvision`` (a DataLoader with per-image transforms in workers).
+        flip_mode: ``random`` or ``alternating`` (``tensor`` loader only; see ``TensorLoader``).
+        cutout: side in pixels of a square zeroed in each training image, 0 = off (``tensor``
+            loader only).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = True,
+        cache_dir: str | None = None,
+        val_size: int | float = 0.1,
+        split_seed: int = 0,
+        batch_size: int = 128,
+        augment: AugmentPreset = "standard",
+        normalize: bool = True,
+        mean: tuple[float, float, float] = CIFAR10_MEAN,
+        std: tuple[float, float, float] = CIFAR10_STD,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        loader: LoaderKind = "tensor",
+        flip_mode: FlipMode = "random",
+        cutout: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise UserError(f"batch_size must be positive, got {batch_size}. Pass e.g. --batch-size 128.")
+        check_val_size(val_size)
+        if num_workers < 0:
+            raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
+        if any(s <= 0 for s in std):
+            raise UserError(f"std must be positive in every channel, got {tuple(std)}.")
+        build_transform(augment, mean, std)  # validates the preset name now, not mid-fit
+        if loader not in ("torchvision", "tensor"):
+            raise UserError(f"unknown loader {loader!r}. Valid names: torchvision, tensor")
+        if flip_mode not in ("random", "alternating"):
+            raise UserError(f"unknown flip_mode {flip_mode!r}. Valid names: random, alternating")
+        if cutout < 0:
+            raise UserError(f"cutout must be 0 (off) or a size in pixels, got {cutout}.")
+        if loader == "torchvision" and (flip_mode != "random" or cutout):
+            raise UserError(
+                "flip_mode 'alternating' and cutout need the tensor loader: pass --data.loader tensor."
+            )
+        self.save_hyperparameters()
+        # Finds the data (extracting an archive once) but downloads nothing: that is prepare_data's
+        # job, run once per node. Missing data without download fails here, at once.
+        self.source: DataSource = resolve_source(data_dir, download, cache_dir)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.predict_set: Dataset | None = None
+        self._device_arrays: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # Attributes linked into the model, so the checkpoint knows what the data looked like.
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.source.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.source.class_names)
+
+    @property
+    def norm_mean(self) -> tuple[float, float, float]:
+        return tuple(self.hparams.mean) if self.hparams.normalize else (0.0, 0.0, 0.0)
+
+    @property
+    def norm_std(self) -> tuple[float, float, float]:
+        return tuple(self.hparams.std) if self.hparams.normalize else (1.0, 1.0, 1.0)
+
+    def prepare_data(self) -> None:
+        """Download CIFAR-10 when asked and absent, and decode image folders into their cache.
+
+        Lightning runs it on one process per node while the others wait, so a download or a
+        decode happens once and the other ranks read the result in ``setup``.
+        """
+        self._find_downloaded()
+        if self.source.needs_download:
+            download_cifar10(self.source.root)
+            self._find_downloaded()
+        if self.source.kind == "folder":
+            for split in ("train", "test"):
+                load_split(self.source, split, self.hparams.cache_dir)
+
+    def _find_downloaded(self) -> None:
+        if self.source.needs_download:
+            self.source = resolve_source(self.hparams.data_dir, True, self.hparams.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._find_downloaded()  # another process of this node may have downloaded it
+        if self.source.needs_download:  # used without a Trainer, which would have called prepare_data
+            self.prepare_data()
+        eval_tf = build_transform("none", self.norm_mean, self.norm_std)
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            images, labels = load_split(self.source, "train", self.hparams.cache_dir)
+            n_val = val_count(self.hparams.val_size, len(images))
+            if n_val >= len(images):
+                raise UserError(
+                    f"--data.val_size {self.hparams.val_size} holds out {n_val} images for validation, which "
+                    f"leaves none of the {len(images)} training-split images for training. Pass a smaller "
+                    "count or a fraction such as --data.val_size 0.1."
+                )
+            train_idx, val_idx = split_indices(len(images), n_val, self.hparams.split_seed)
+            train_tf = build_transform(self.hparams.augment, self.norm_mean, self.norm_std)
+            self.train_set = ArrayDataset(images, labels, train_idx, train_tf)
+            self.val_set = ArrayDataset(images, labels, evaluation_order(val_idx), eval_tf) if len(val_idx) else None
+        if stage in (None, "test", "predict") and self.test_set is None:
+            images, labels = load_split(self.source, "test", self.hparams.cache_dir)
+            self.test_set = ArrayDataset(images, labels, evaluation_order(np.arange(len(images))), eval_tf)
+            # trainer.predict returns its outputs in file order, so they line up with the files.
+            self.predict_set = ArrayDataset(images, labels, None, eval_tf)
+
+    def split_arrays(self, split: Literal["val", "test"]) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 images (N, 32, 32, 3), int64 labels (N,)) of the validation or test split, in file
+        order (the loaders visit them in ``evaluation_order``)."""
+        self.setup("fit" if split == "val" else "test")
+        ds = self.val_set if split == "val" else self.test_set
+        if ds is None:
+            raise UserError("there is no validation split: --data.val_size is 0.")
+        idx = np.sort(ds.indices)
+        return ds.images[idx], np.asarray(ds.labels)[idx]
+
+    def sample_train_images(self, n: int) -> torch.Tensor:
+        """The first ``n`` training-split images, normalised, without augmentation: (n, 3, 32, 32).
+
+        Deterministic, so every DDP rank gets the same images (used for data-dependent init).
+        """
+        if self.train_set is None:
+            self.setup("fit")
+        ds = self.train_set
+        idx = ds.indices[: min(n, len(ds))]
+        return to_input(torch.from_numpy(ds.images[idx]).permute(0, 3, 1, 2), self.norm_mean, self.norm_std)
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader | TensorLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        if self.hparams.loader == "tensor":
+            return self.tensor_loader(dataset, train)
+        sampler = None
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads the last batch with repeated samples,
+            # which would count them twice in validation/test metrics. This sampler does not.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+            drop_last=False,
+        )
+
+    def tensor_loader(
+        self, dataset: ArrayDataset, train: bool, device: torch.device | None = None, seed: int | None = None
+    ) -> TensorLoader:
+        """A ``TensorLoader`` over ``dataset`` (``train_set``, ``val_set`` or ``test_set``).
+
+        ``device`` defaults to the trainer's (the CPU without one). ``seed`` defaults to what the
+        ranks agree on: Lightning's global seed (what it gives its own DistributedSampler), else 0
+        under DDP, else this process's torch seed.
+        """
+        trainer = self.trainer
+        if device is None:
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        world_size = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        images, labels = self.arrays_on(dataset, device)
+        if seed is None:
+            seed = os.environ.get("PL_GLOBAL_SEED")
+            seed = int(seed) if seed is not None else (0 if world_size > 1 else torch.initial_seed())
+        return TensorLoader(
+            images,
+            labels,
+            torch.from_numpy(np.asarray(dataset.indices, dtype=np.int64)),
+            self.hparams.batch_size,
+            train=train,
+            augment=self.hparams.augment if train else "none",
+            flip_mode=self.hparams.flip_mode,
+            cutout=self.hparams.cutout if train else 0,
+            mean=self.norm_mean,
+            std=self.norm_std,
+            device=device,
+            num_replicas=world_size,
+            rank=rank,
+            seed=seed,
+        )
+
+    def arrays_on(self, dataset: ArrayDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split file's whole image and label arrays as tensors, moved once to a GPU ``device``.
+
+        On the CPU the tensors share the numpy arrays' memory. A GPU copy is made when the array
+        takes at most a quarter of the free GPU memory (CIFAR-10's training file: 150 MB), and
+        then shared by the training and validation loaders; otherwise batches are copied over
+        one at a time.
+        """
+        key = (id(dataset.images), str(device))
+        if key not in self._device_arrays:
+            images = torch.from_numpy(dataset.images)
+            labels = torch.from_numpy(np.asarray(dataset.labels, dtype=np.int64))
+            if device.type == "cuda" and images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
+                images, labels = images.to(device), labels.to(device)
+            self._device_arrays[key] = (images, labels)
+        return self._device_arrays[key]
+
+    def train_dataloader(self) -> DataLoader | TensorLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | TensorLoader | list:
+        if self.hparams.val_size == 0:
+            # No validation asked for: Lightning skips the loop, and its note about an empty
+            # loader list would only repeat that.
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+            return []
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader | TensorLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader | TensorLoader:
+        return self._loader(self.predict_set, train=False)

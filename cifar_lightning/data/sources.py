@@ -1,0 +1,291 @@
+"""Where the images come from, and the one decoder that turns an image file into a CIFAR array.
+
+Sources, chosen by what ``data_dir`` holds:
+
+1. torchvision's CIFAR-10 format (``cifar-10-batches-py/``), downloaded by ``download_cifar10``
+   when asked (the data module calls it from ``prepare_data``: once per node, never from a
+   constructor);
+2. an image-folder tree ``train/<class>/*`` and ``test/<class>/*`` (png/jpg/...);
+3. an archive of such a tree (``archives.py``), extracted once into a cache.
+
+Every source ends up as one uint8 array per split, shape (N, 32, 32, 3). Image folders are decoded
+once, by threads, and cached as ``.npz`` keyed by every file's name, size and modification time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from cifar_lightning.constants import ARCHIVE_SUFFIXES, CIFAR10_CLASSES, IMAGE_SIZE, IMAGE_SUFFIXES
+from cifar_lightning.data.archives import default_cache_dir, extract_archive_cached, is_archive
+from cifar_lightning.errors import UserError
+
+_TORCHVISION_FOLDER = "cifar-10-batches-py"
+#: Part of the decoded cache's key: a change to the decoder makes older caches invisible.
+#: 2: EXIF orientation applied (as prediction always did).
+_CACHE_VERSION = 2
+
+# ---------------------------------------------------------------------------------------------
+# The decoder
+# ---------------------------------------------------------------------------------------------
+
+
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded; the message says why."""
+
+
+class NotAnImage(UnreadableImage):
+    """Bytes that no image format recognises."""
+
+
+def decode_image(source: bytes | str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """An image file (path or bytes) as (32, 32, 3) uint8 RGB; ``UnreadableImage`` with the reason.
+
+    The one decoder of the project: image folders for training and evaluation, and prediction,
+    all go through it. The EXIF orientation is applied (phone photos store their rotation there),
+    other modes (grey, palette, RGBA) are converted to RGB, and other sizes are resized to 32x32
+    bilinearly. ``max_pixels`` refuses larger images from their header, before decoding.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise UnreadableImage(f"the image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            return np.array(img, dtype=np.uint8)
+    except Image.DecompressionBombError as err:
+        raise UnreadableImage(f"the image is too large to decode safely ({err})") from None
+    except UnidentifiedImageError:
+        raise NotAnImage("not an image") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UnreadableImage(f"truncated or corrupt image ({err})") from None
+
+
+def _decode_or_none(path: Path) -> np.ndarray | None:
+    try:
+        return decode_image(path)
+    except UnreadableImage:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders: discovery, decoding and the decoded-array cache
+# ---------------------------------------------------------------------------------------------
+
+
+def _find_split_root(root: Path) -> Path | None:
+    """The folder holding ``train/`` and ``test/``: ``root`` itself or one level below it."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return root
+    children = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    if len(children) == 1:
+        return _find_split_root(children[0]) if children[0] != root else None
+    return None
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively, by suffix), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def folder_class_names(root: Path) -> tuple[str, ...]:
+    """Class names of an image-folder tree, checked for agreement between ``train`` and ``test``."""
+    names = {}
+    for split in ("train", "test"):
+        names[split] = sorted(
+            d.name for d in (root / split).iterdir() if d.is_dir() and not d.name.startswith(".")
+        )
+        if not names[split]:
+            raise UserError(
+                f"{root / split} has no class folders. Expected {root}/{split}/<class>/<image files>."
+            )
+    if names["train"] != names["test"]:
+        only_train = sorted(set(names["train"]) - set(names["test"]))
+        only_test = sorted(set(names["test"]) - set(names["train"]))
+        raise UserError(
+            f"the train and test class folders under {root} differ: only in train: {only_train or '-'}; "
+            f"only in test: {only_test or '-'}. Give both splits the same class folders."
+        )
+    for split in ("train", "test"):
+        for name in names[split]:
+            if not list_images(root / split / name):
+                raise UserError(
+                    f"the class folder {root / split / name} holds no images "
+                    f"({', '.join(IMAGE_SUFFIXES)}). Add images or remove the folder."
+                )
+    return tuple(names["train"])
+
+
+def decode_image_folder(split_dir: Path, class_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image under ``split_dir/<class>/`` into (N, 32, 32, 3) uint8 and int64 labels.
+
+    A file that cannot be decoded is skipped with a warning that names it, and the count is
+    summarised.
+    """
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        paths = list_images(split_dir / name)
+        files += paths
+        labels += [label] * len(paths)
+    # PIL releases the GIL while decoding, so threads use every core without copying arrays.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = list(pool.map(_decode_or_none, files, chunksize=256))
+    bad = [str(f) for f, img in zip(files, decoded) if img is None]
+    for path in bad[:10]:
+        warnings.warn(f"skipping {path}: not a readable image", stacklevel=2)
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unreadable file(s) of {len(files)} under {split_dir}", stacklevel=2)
+    keep = [i for i, img in enumerate(decoded) if img is not None]
+    if not keep:
+        raise UserError(f"no readable images under {split_dir}.")
+    images = np.stack([decoded[i] for i in keep])
+    return images, np.asarray([labels[i] for i in keep], dtype=np.int64)
+
+
+def _folder_signature(split_dir: Path, class_names: tuple[str, ...]) -> str:
+    h = hashlib.sha1(f"v{_CACHE_VERSION}|{','.join(class_names)}".encode())
+    for name in class_names:
+        for p in list_images(split_dir / name):
+            st = p.stat()
+            h.update(f"{p.relative_to(split_dir)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def decoded_cache_dir(split_root: Path, cache_dir: str | os.PathLike | None) -> Path:
+    """Cache next to the data when that folder is writable, else under the user cache."""
+    if os.access(split_root, os.W_OK):
+        return split_root / ".cifar_lightning_cache"
+    base = Path(cache_dir) if cache_dir else default_cache_dir()
+    return base / "decoded" / hashlib.sha1(str(split_root.resolve()).encode()).hexdigest()[:12]
+
+
+def load_image_folder_split(
+    split_root: Path, split: str, class_names: tuple[str, ...], cache_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded arrays of one split, from the cache when it matches the files, else decoded and cached.
+
+    The cache file name carries a signature of every file's path, size and mtime, so a change to
+    the images makes the old cache invisible; it is then replaced.
+    """
+    split_dir = split_root / split
+    folder = decoded_cache_dir(split_root, cache_dir)
+    sig = _folder_signature(split_dir, class_names)
+    path = folder / f"{split}-{sig}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return z["images"], z["labels"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # unreadable cache: decode again below
+    images, labels = decode_image_folder(split_dir, class_names)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f"{split}-*.npz"):
+            stale.unlink(missing_ok=True)
+        # Written under a temporary name and renamed, so a reader never sees half a file.
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=images, labels=labels)
+        os.replace(tmp, path)
+    except OSError as err:
+        warnings.warn(f"could not cache decoded images in {folder}: {err}", stacklevel=2)
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Source resolution and download
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where the images come from once ``data_dir`` has been resolved.
+
+    ``needs_download``: a torchvision source that is not on disk yet (``download_cifar10`` fetches it).
+    """
+
+    kind: Literal["torchvision", "folder"]
+    root: Path
+    class_names: tuple[str, ...]
+    needs_download: bool = False
+
+
+def _missing_data_message(data_dir: Path, reason: str) -> str:
+    return (
+        f"no CIFAR-10 data at {data_dir} ({reason}). Either pass --data-dir with an image folder "
+        "(train/<class>/*, test/<class>/*) or an archive of one (.tar.gz/.zip), or let torchvision "
+        f"download it into {data_dir} with --download on a machine with network access."
+    )
+
+
+def resolve_source(data_dir: str | os.PathLike, download: bool, cache_dir: str | os.PathLike | None = None) -> DataSource:
+    """Work out which kind of source ``data_dir`` is (extracting an archive once); downloads nothing.
+
+    Missing data is a ``UserError`` at once when ``download`` is off; with it on, the source is
+    marked ``needs_download`` and ``download_cifar10`` fetches it later.
+    """
+    path = Path(data_dir).expanduser()
+    if path.is_file():
+        if not is_archive(path):
+            raise UserError(
+                f"{path} is a file but not a supported archive ({', '.join(ARCHIVE_SUFFIXES)}). "
+                "Pass a folder or an archive of an image-folder tree."
+            )
+        path = extract_archive_cached(path, cache_dir)
+        root = _find_split_root(path)
+        if root is None:
+            raise UserError(
+                f"the archive {data_dir} does not hold train/ and test/ folders at its top level "
+                "(or inside one top-level folder). Expected train/<class>/* and test/<class>/*."
+            )
+        return DataSource("folder", root, folder_class_names(root))
+    if path.is_dir():
+        if (path / _TORCHVISION_FOLDER).is_dir():
+            return DataSource("torchvision", path, CIFAR10_CLASSES)
+        root = _find_split_root(path)
+        if root is not None:
+            return DataSource("folder", root, folder_class_names(root))
+    if path.exists() and not path.is_dir():
+        raise UserError(_missing_data_message(path, "it is not a folder or an archive"))
+    if not download:
+        reason = "the folder does not exist" if not path.exists() else (
+            "it holds neither cifar-10-batches-py/ nor train/ and test/ folders"
+        )
+        raise UserError(_missing_data_message(path, reason) + " Download is off.")
+    return DataSource("torchvision", path, CIFAR10_CLASSES, needs_download=True)
+
+
+def download_cifar10(root: str | os.PathLike) -> None:
+    """Download CIFAR-10 into ``root`` with torchvision (both splits); ``UserError`` when it fails."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        CIFAR10(str(root), train=True, download=True)
+        CIFAR10(str(root), train=False, download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise UserError(_missing_data_message(Path(root), f"the download failed: {err}")) from None
+
+
+def load_split(source: DataSource, split: Literal["train", "test"], cache_dir=None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 32, 32, 3), labels int64 (N,)) for one split of a resolved source."""
+    if source.kind == "torchvision":
+        from torchvision.datasets import CIFAR10
+
+        ds = CIFAR10(str(source.root), train=split == "train", download=False)
+        return np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
+    return load_image_folder_split(source.root, split, source.class_names, cache_dir)

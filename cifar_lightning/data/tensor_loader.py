@@ -1,0 +1,187 @@
+"""The tensor path: whole batches gathered, augmented and normalised as tensors, on the training device.
+
+``TensorLoader`` gathers a batch of uint8 images with one indexing operation and crops, flips and
+normalises it as one tensor (the array moves to the GPU once when training runs on one). No
+workers, no per-image Python: what airbench (https://github.com/KellerJordan/cifar10-airbench)
+does to feed a GPU at tens of thousands of images per second.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Literal
+
+import numpy as np
+import torch
+
+from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
+from cifar_lightning.data.transforms import AUGMENT_PRESETS, AugmentPreset, cutout_, random_crop_flip, to_input
+
+FlipMode = Literal["random", "alternating"]
+
+
+@contextmanager
+def _single_threaded(enabled: bool):
+    """Run the enclosed CPU tensor operations on one thread, then restore the thread count."""
+    if not enabled:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _mix_seed(*parts: int) -> int:
+    """One well-mixed 63-bit seed from several integers (base seed, rank, epoch, purpose)."""
+    return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(1, np.uint64)[0]) >> 1
+
+
+class EpochShards:
+    """Which items one process sees in one epoch, as a tensor of positions.
+
+    For training (``pad=True``) this is ``torch.utils.data.DistributedSampler``'s rule, computed as
+    one tensor: every epoch a permutation seeded by ``seed + epoch`` (the same on every rank),
+    padded by repeating its start to a multiple of ``num_replicas``, and every
+    ``num_replicas``-th item from ``rank`` on. Ranks get disjoint shards of equal length, so they
+    take the same number of steps. For evaluation (``pad=False``, no shuffle) nothing is repeated
+    and shards may differ by one item, as with Lightning's ``UnrepeatedDistributedSampler``.
+    """
+
+    def __init__(
+        self, n: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, pad: bool = True, seed: int = 0
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+        self.shuffle, self.pad, self.seed = shuffle, pad, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every training epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.pad:
+            return math.ceil(self.n / self.num_replicas)
+        return len(range(self.rank, self.n, self.num_replicas))
+
+    def positions(self, epoch: int | None = None) -> torch.Tensor:
+        """int64 positions in [0, n) for this rank and ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(self.n)
+        if self.pad:
+            total = len(self) * self.num_replicas
+            order = order.repeat(math.ceil(total / self.n))[:total]
+        return order[self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        return iter(self.positions().tolist())
+
+
+class TensorLoader:
+    """Batches of a uint8 image array, gathered, augmented and normalised as whole tensors.
+
+    An iterable with a length, which Lightning accepts wherever it accepts a ``DataLoader``: it
+    calls ``sampler.set_epoch`` every epoch and sizes schedules from ``len(loader)``. Batches come
+    out as ``(images, labels)``: float32 (B, 3, H, W) normalised, int64 (B,), on ``device``.
+
+    Args:
+        images: uint8 (N, H, W, 3), the whole array of a split file; on ``device`` or on the CPU
+            (then each uint8 batch is copied to ``device`` before it is augmented).
+        labels: int64 (N,), on the same device as ``images``.
+        indices: int64 positions in ``images`` that make up this split (train or validation).
+        batch_size: images per batch (per process).
+        train: shuffle, shard with padding and augment; else keep the order and do not augment.
+        augment: a preset of ``AUGMENT_PRESETS``. flip_mode: ``random`` flips each image with
+            probability 1/2; ``alternating`` flips a fixed random half of the images in even
+            epochs and the other half in odd ones (airbench's alternating flip, arXiv:2404.00498).
+        cutout: side of the square zeroed in each training image after normalisation; 0 = off.
+        mean, std: per-channel normalisation, 0-1 scale.
+        device: where batches are made. num_replicas, rank: the process's place under DDP.
+        seed: base seed, the same on every rank: the shuffle order comes from it, and augmentation
+            from it mixed with the rank and the epoch, so ranks augment differently and a resumed
+            run repeats the epochs it resumes.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        augment: AugmentPreset = "none",
+        flip_mode: FlipMode = "random",
+        cutout: int = 0,
+        mean: tuple[float, float, float] = CIFAR10_MEAN,
+        std: tuple[float, float, float] = CIFAR10_STD,
+        device: torch.device | str = "cpu",
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.indices = torch.as_tensor(indices, dtype=torch.long).to(images.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.augment, self.flip_mode, self.cutout = augment, flip_mode, cutout
+        self.device = torch.device(device)
+        self.rank, self.seed = rank, seed
+        self.sampler = EpochShards(len(self.indices), num_replicas, rank, shuffle=train, pad=train, seed=seed)
+        self.batch_sampler = None  # batches are cut here; Lightning reads both attributes
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device)
+        self.flip_parity = None
+        if train and flip_mode == "alternating":
+            # One fixed bit per image, the same on every rank: an image flips when its bit
+            # differs from the epoch's parity, so it is seen both ways in any two epochs.
+            g = torch.Generator().manual_seed(_mix_seed(seed, 2))
+            self.flip_parity = torch.randint(0, 2, (len(images),), generator=g).bool().to(images.device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        # A generator: nothing runs until the first batch is asked for, so a set_epoch() call
+        # made after iter() (as Lightning does) still counts.
+        epoch = self.sampler.epoch
+        self.sampler.set_epoch(epoch + 1)  # a plain loop without set_epoch() still reshuffles
+        order = self.indices[self.sampler.positions(epoch).to(self.indices.device)]
+        generator = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, self.rank, epoch, 1))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            # On a CPU a batch is a handful of small, memory-bound operations: a second OpenMP
+            # thread gains little, and when the cores are shared with other processes each
+            # operation waits for the slower thread (3-4x slower than one thread, measured on a
+            # loaded 2-core machine). The model's convolutions keep every thread.
+            with _single_threaded(self.device.type == "cpu"):
+                x = self.images.index_select(0, idx).to(self.device, non_blocking=True)  # (B, H, W, 3)
+                y = self.labels.index_select(0, idx).to(self.device, non_blocking=True)
+                x = self.make_batch(x.permute(0, 3, 1, 2), idx, epoch, generator)
+            yield x, y
+
+    def make_batch(
+        self, images: torch.Tensor, idx: torch.Tensor, epoch: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """uint8 (B, 3, H, W) of array positions ``idx`` to the normalised float batch."""
+        if self.train:
+            pad, pad_mode, flip = AUGMENT_PRESETS[self.augment]
+            flips = None
+            if flip and self.flip_parity is not None:
+                flips = self.flip_parity[idx].to(self.device) ^ bool(epoch % 2)
+            elif flip:
+                flips = torch.rand(len(images), device=self.device, generator=generator) < 0.5
+            images = random_crop_flip(images, pad, pad_mode, flips, generator)
+        x = to_input(images, self.mean, self.std)
+        if self.train and self.cutout > 0:
+            cutout_(x, self.cutout, generator)
+        return x
+

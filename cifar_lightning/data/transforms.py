@@ -1,0 +1,136 @@
+"""Augmentation and normalisation: per image for the DataLoader, per batch for the tensor loader.
+
+``normalize`` is the one normalisation of the project: both loaders, prediction, evaluation and
+exported models apply it, and ``denormalize`` undoes it for display. Both loaders give
+bit-identical images for the same crop and flip, because they run the same operations in the same
+order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from cifar_lightning.constants import IMAGE_SIZE
+from cifar_lightning.errors import UserError
+
+AugmentPreset = Literal["none", "standard", "flip", "translate"]
+
+#: Training augmentation presets: (padding in pixels, padding mode, horizontal flip). A preset
+#: pads every side, takes a random crop of the original size, then flips with probability 1/2.
+AUGMENT_PRESETS: dict[str, tuple[int, str, bool]] = {
+    "none": (0, "constant", False),
+    # He et al. 2016 (arXiv:1512.03385), section 4.2: zero-pad 4, random 32x32 crop, flip.
+    "standard": (4, "constant", True),
+    "flip": (0, "constant", True),
+    # airbench94: reflect-pad 2 (translations of at most 2 pixels with no black border), flip.
+    "translate": (2, "reflect", True),
+}
+
+Channels = Sequence[float] | torch.Tensor
+
+
+def _per_channel(values: Channels, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device).reshape(-1, 1, 1)  # (C, 1, 1)
+
+
+def normalize(images: torch.Tensor, mean: Channels, std: Channels, inplace: bool = False) -> torch.Tensor:
+    """Float images in [0, 1], (..., C, H, W), to ``(x - mean) / std`` per channel."""
+    mean, std = _per_channel(mean, images), _per_channel(std, images)
+    return images.sub_(mean).div_(std) if inplace else (images - mean) / std
+
+
+def denormalize(images: torch.Tensor, mean: Channels, std: Channels) -> torch.Tensor:
+    """The inverse of ``normalize``: back to [0, 1] (clamped), for display."""
+    return (images * _per_channel(std, images) + _per_channel(mean, images)).clamp(0, 1)
+
+
+def to_input(images: torch.Tensor, mean: Channels, std: Channels) -> torch.Tensor:
+    """uint8 images (..., C, H, W) to the normalised float32 input of a network, contiguous."""
+    return normalize(images.contiguous().float().mul_(1.0 / 255), mean, std, inplace=True)  # a new tensor
+
+
+class ToInput:
+    """``to_input`` as a transform of one uint8 image (C, H, W), for the DataLoader's workers."""
+
+    def __init__(self, mean: Channels, std: Channels) -> None:
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return to_input(image.as_subclass(torch.Tensor), self.mean, self.std)
+
+
+def build_transform(augment: AugmentPreset, mean: Channels, std: Channels) -> Callable:
+    """torchvision transform from a uint8 HWC array to a normalised float (3, 32, 32) tensor.
+
+    ``standard`` is the usual CIFAR augmentation: a random 32x32 crop of the image zero-padded by
+    4 pixels on each side, then a horizontal flip with probability 0.5. ``translate`` crops from a
+    2-pixel reflect padding instead, ``flip`` only flips (see ``AUGMENT_PRESETS``).
+    """
+    if augment not in AUGMENT_PRESETS:
+        raise UserError(
+            f"unknown augmentation preset {augment!r}. Valid presets: {', '.join(AUGMENT_PRESETS)}"
+        )
+    pad, pad_mode, flip = AUGMENT_PRESETS[augment]
+    ops: list = [v2.ToImage()]
+    if pad:
+        ops.append(v2.RandomCrop(IMAGE_SIZE, padding=pad, padding_mode=pad_mode))
+    if flip:
+        ops.append(v2.RandomHorizontalFlip())
+    ops.append(ToInput(mean, std))
+    return v2.Compose(ops)
+
+
+def random_crop_flip(
+    images: torch.Tensor,
+    pad: int,
+    pad_mode: str = "constant",
+    flip: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random same-size crops of the padded images, then flips, for a whole batch at once.
+
+    Args:
+        images: (B, C, H, W), any dtype and memory layout (uint8 is cheapest).
+        pad: pixels of padding on every side; the crop offset is uniform in [0, 2 * pad] per axis.
+        pad_mode: ``constant`` (zeros) or ``reflect``, as in ``torch.nn.functional.pad``.
+        flip: (B,) bool, which images to mirror left-right; None mirrors none.
+        generator: random source of the crop offsets, on the images' device.
+
+    Returns:
+        (B, C, H, W), a new tensor.
+    """
+    b, c, h, w = images.shape
+    out = images
+    if pad > 0:
+        padded = F.pad(images, (pad,) * 4, mode=pad_mode)  # (B, C, H + 2p, W + 2p)
+        n = 2 * pad + 1
+        sb, sc, sh, sw = padded.stride()
+        # crops[i, dy, dx] is the (C, H, W) window of image i at offset (dy, dx): a view of all
+        # n * n windows of every image, from which one advanced-indexing gather picks one each.
+        crops = padded.as_strided((b, n, n, c, h, w), (sb, sh, sw, sc, sh, sw))
+        dy, dx = torch.randint(0, n, (2, b), device=images.device, generator=generator)
+        out = crops[torch.arange(b, device=images.device), dy, dx]
+    if flip is not None:
+        out = torch.where(flip.view(b, 1, 1, 1), out.flip(-1), out)
+    return out
+
+
+def cutout_(images: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero a ``size`` x ``size`` square at a random centre of each image, in place; return it.
+
+    After normalisation zero is the mean colour. The square may extend past the border, as in
+    DeVries & Taylor 2017 (arXiv:1708.04552). ``images``: (B, C, H, W) float.
+    """
+    b, _, h, w = images.shape
+    device = images.device
+    cy = torch.randint(0, h, (b, 1), device=device, generator=generator) - size // 2
+    cx = torch.randint(0, w, (b, 1), device=device, generator=generator) - size // 2
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    in_rows = (rows >= cy) & (rows < cy + size)  # (B, H)
+    in_cols = (cols >= cx) & (cols < cx + size)  # (B, W)
+    return images.masked_fill_(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0.0)

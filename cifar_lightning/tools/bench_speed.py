@@ -1,0 +1,418 @@
+"""The speed benchmarks, each a ratio of two things measured in the same run: the data loaders, the
+Lightning overhead over a bare loop, and time to accuracy. ``bench.py`` runs and reports them."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cifar_lightning.tools.bench_memory import MEMORY_RUNS
+
+
+#: What each ratio should reach. Reported next to the measurement, never asserted.
+TARGETS: dict[str, dict[str, Any]] = {
+    "data": {"speedup": 20.0, "where": "2-core CPU"},
+    "overhead_cpu": {"ratio": 0.95, "where": "CPU, resnet20, batch 256"},
+    "overhead_gpu": {"ratio": 0.90, "where": "GPU, fastnet, batch 1024"},
+    # airbench94's own recipe in fp32 on the 2-core CPU with the JPEG copy reached 90.45% (TTA)
+    # in 1,706 s (156 s per epoch); the fastnet recipe should match both on the same machine.
+    "tta": {"accuracy": 0.9045, "seconds": 1706.0, "where": "2-core CPU, JPEG copy"},
+}
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark run; ``--quick`` swaps in the small values of ``quick()``."""
+
+    data_dir: str = "data"
+    val_size: int = 5000
+    quick: bool = False
+    accelerator: str = "auto"
+    # data
+    data_batch_size: int = 256
+    baseline_batches: int = 30  # the PIL baseline is slow: a few thousand images suffice
+    # overhead
+    overhead_arch: str | None = None  # default: resnet20 on a CPU, fastnet on a GPU
+    overhead_batch_size: int | None = None  # default: 256 on a CPU, 1024 on a GPU
+    warmup_steps: int = 3
+    timed_steps: int = 20
+    repeats: int = 1
+    # time to accuracy
+    config: str = "configs/fastnet_muon.yaml"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    tta_overrides: list[str] = field(default_factory=list)
+    # memory
+    memory_steps: int = 15
+    memory_loaders: list[str] = field(default_factory=lambda: list(MEMORY_RUNS))
+    work_dir: str | None = None
+
+    @classmethod
+    def quick_config(cls, **kw: Any) -> "BenchConfig":
+        """Seconds-long settings on a synthetic image folder (``data_dir`` is replaced)."""
+        defaults = dict(
+            quick=True, val_size=16, data_batch_size=32, baseline_batches=4, overhead_arch="simple_cnn",
+            overhead_batch_size=16, warmup_steps=1, timed_steps=3, repeats=1, memory_steps=3,
+            memory_loaders=["torchvision_2_workers", "torchvision_0_workers"],
+            tta_overrides=[
+                "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--data.batch_size=32",
+                '--model.arch_kwargs={"widths": [16, 32, 32]}',
+            ],
+        )  # fmt: skip
+        defaults.update(kw)
+        return cls(**defaults)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _device(accelerator: str) -> torch.device:
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+
+
+def _datamodule(cfg: BenchConfig, **kw: Any):
+    from cifar_lightning.data import CIFAR10DataModule
+
+    dm = CIFAR10DataModule(data_dir=cfg.data_dir, download=False, val_size=cfg.val_size, **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _images_per_second(
+    loader, max_batches: int | None, device: torch.device, skip: int = 1
+) -> tuple[float, int, float]:
+    """Iterate ``loader``; time the batches after the first ``skip``.
+
+    Skipping the first batch leaves out worker start-up; a loader with workers should also skip
+    the batches they prefetched meanwhile (2 per worker), which would otherwise come for free.
+    """
+    it = iter(loader)
+    for _ in range(skip):
+        next(it)
+    _sync(device)
+    start, images, batches = time.perf_counter(), 0, 0
+    for x, _ in it:
+        images += len(x)
+        batches += 1
+        if max_batches is not None and batches >= max_batches:
+            break
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return images / seconds, images, seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Data: our tensor loader vs ImageFolder + PIL transforms + 2 workers
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_data(cfg: BenchConfig) -> dict[str, Any]:
+    """Images/s of three loaders over the same training images, and the speed-ups."""
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+
+    from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
+
+    device = _device(cfg.accelerator)
+    bs = cfg.data_batch_size
+    tensor_dm = _datamodule(cfg, loader="tensor", augment="standard", batch_size=bs)
+    # As under a Trainer: on a GPU the array moves there once and batches are made there.
+    loader = tensor_dm.tensor_loader(tensor_dm.train_set, train=True, device=device, seed=0)
+    ours = _images_per_second(loader, None, device)
+
+    # The same decoded arrays through torchvision transforms, one image at a time, in 2 workers.
+    pil_dm = _datamodule(cfg, loader="torchvision", augment="standard", batch_size=bs, num_workers=2)
+    prefetched = 1 + 2 * 2
+    ours_pil = _images_per_second(pil_dm.train_dataloader(), cfg.baseline_batches, torch.device("cpu"), prefetched)
+
+    # The tutorial way: decode every JPEG/PNG with PIL every epoch.
+    tf = T.Compose([
+        T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+    ])  # fmt: skip
+    folder = torchvision.datasets.ImageFolder(str(tensor_dm.source.root / "train"), transform=tf)
+    baseline_loader = DataLoader(folder, batch_size=bs, shuffle=True, num_workers=2)
+    baseline = _images_per_second(baseline_loader, cfg.baseline_batches, torch.device("cpu"), prefetched)
+
+    def row(result):
+        return {"images_per_s": round(result[0], 1), "images": result[1], "seconds": round(result[2], 3)}
+
+    return {
+        "batch_size": bs,
+        "device": str(device),
+        "augment": "standard (zero-pad 4, random crop, flip) + normalise",
+        "tensor_loader": row(ours),
+        "array_pil_loader_2_workers": row(ours_pil),
+        "imagefolder_pil_2_workers": row(baseline),
+        "speedup": round(ours[0] / baseline[0], 2),
+        "speedup_over_array_pil": round(ours[0] / ours_pil[0], 2),
+        "target_speedup": TARGETS["data"]["speedup"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Overhead: Trainer.fit vs a bare loop, step by step
+# ---------------------------------------------------------------------------------------------
+
+
+class BareLoop:
+    """The same network, data path, loss, optimizer and per-step schedule as a fit, no framework.
+
+    ``step()`` runs one whole training step, fetching its batch included. The network is built
+    with the same seed as the fit's, from the same registry.
+    """
+
+    def __init__(self, cfg: BenchConfig, arch: str, bs: int, device: torch.device, steps: int) -> None:
+        from types import SimpleNamespace
+
+        from cifar_lightning.module import ClassifierModule
+        from cifar_lightning.optim import build_optimizer, build_scheduler
+
+        dm = _datamodule(cfg, loader="tensor", augment="standard", batch_size=bs)
+        self.batches = iter(dm.tensor_loader(dm.train_set, train=True, device=device, seed=1))
+        torch.manual_seed(0)
+        # The module with its defaults, for the same network, optimizer and schedule as the fit's.
+        module = ClassifierModule(arch=arch, num_classes=dm.num_classes, class_names=dm.class_names)
+        self.model = module.model.to(device).train()
+        init = getattr(self.model, "init_from_data", None)
+        if callable(init):
+            init(dm.sample_train_images(5000).to(device))
+        self.opt = build_optimizer(self.model, module.hparams)
+        schedule_length = SimpleNamespace(
+            estimated_stepping_batches=steps, num_training_batches=steps, accumulate_grad_batches=1, max_epochs=1
+        )
+        configured = build_scheduler(self.opt, module.hparams, schedule_length)
+        self.sched = configured["lr_scheduler"]["scheduler"] if isinstance(configured, dict) else None
+
+    def step(self) -> None:
+        import torch.nn.functional as F
+
+        x, y = next(self.batches)
+        loss = F.cross_entropy(self.model(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+
+
+def _paired_timer_callback(bare: BareLoop, warmup: int, device: torch.device, times: dict[str, list[float]]):
+    """At the start of every fit step, one bare-loop step; both timed, pair by pair.
+
+    A Lightning step is timed from the end of the bare step to the start of the next fit step, so
+    it holds everything the trainer runs between two steps (hooks, callbacks, logging, the next
+    batch). Pairing makes the ratio robust on a shared machine: a burst of load from another job
+    slows both sides of the pairs it overlaps, not one side of the comparison.
+    """
+    from lightning.pytorch.callbacks import Callback
+
+    class _Paired(Callback):
+        mark: float | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            _sync(device)
+            now = time.perf_counter()
+            if self.mark is not None and batch_idx > warmup:
+                times["lightning"].append(now - self.mark)
+            bare.step()
+            _sync(device)
+            after = time.perf_counter()
+            if batch_idx >= warmup:
+                times["bare_loop"].append(after - now)
+            self.mark = after
+
+    return _Paired()
+
+
+def _overhead_args(cfg: BenchConfig, arch: str, bs: int, steps: int, out: Path, variant: str) -> list[str]:
+    args = [
+        f"--data.data_dir={cfg.data_dir}", "--data.download=false", "--data.loader=tensor",
+        f"--data.val_size={cfg.val_size}",
+        f"--data.batch_size={bs}", f"--model.arch={arch}", "--trainer.max_epochs=1",
+        f"--trainer.limit_train_batches={steps}", "--trainer.limit_val_batches=0",
+        f"--trainer.accelerator={cfg.accelerator}", "--trainer.devices=1",
+        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+    ]  # fmt: skip
+    if variant in ("no_progress_bar", "bare_trainer"):
+        args += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    if variant == "bare_trainer":
+        args += ["--trainer.logger=false"]
+    return args
+
+
+def _paired_run(cfg: BenchConfig, arch: str, bs: int, device: torch.device, variant: str) -> dict[str, list[float]]:
+    """One fit of ``variant`` with a bare-loop step before each of its steps; the step times."""
+    import warnings
+
+    from cifar_lightning.cli import CifarCLI
+
+    warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
+    steps = cfg.warmup_steps + cfg.timed_steps + 1
+    times: dict[str, list[float]] = {"bare_loop": [], "lightning": []}
+    with tempfile.TemporaryDirectory() as out:
+        cli = CifarCLI(args=_overhead_args(cfg, arch, bs, steps, Path(out), variant), run=False)
+        if variant == "bare_trainer":
+            # The CLI always adds a ModelCheckpoint; with no validation it never saves, but drop it.
+            cli.trainer.callbacks = [c for c in cli.trainer.callbacks if type(c).__name__ != "ModelCheckpoint"]
+        bare = BareLoop(cfg, arch, bs, device, steps)
+        cli.trainer.callbacks.append(_paired_timer_callback(bare, cfg.warmup_steps, device, times))
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if len(times["lightning"]) < cfg.timed_steps - 1:
+        raise RuntimeError(f"the training set has fewer than {steps} batches of {bs}")
+    return times
+
+
+def bench_overhead(cfg: BenchConfig) -> dict[str, Any]:
+    """Steady-state steps/s of Trainer.fit over a bare loop, measured in alternating steps.
+
+    Each Lightning variant runs one fit in which every step is preceded by one step of a bare
+    loop (same network, data path, optimizer and batch). The ratio is the median over the pairs
+    of bare step time / fit step time: on a shared machine the step time itself can change
+    fivefold within a minute as other jobs come and go, and a pair's two steps see the same load
+    while two separate medians need not. Variants: the CLI's defaults (rich progress bar, model
+    summary, LR monitor, checkpointing, CSV logger), without progress bar and summary, and with
+    nothing at all.
+    """
+    device = _device(cfg.accelerator)
+    gpu = device.type == "cuda"
+    arch = cfg.overhead_arch or ("fastnet" if gpu else "resnet20")
+    bs = cfg.overhead_batch_size or (1024 if gpu else 256)
+    variants = ("defaults", "no_progress_bar", "bare_trainer")
+    runs = {v: [_paired_run(cfg, arch, bs, device, v) for _ in range(cfg.repeats)] for v in variants}
+    median, ratio = {}, {}
+    for v in variants:
+        median[v] = float(np.median([t for r in runs[v] for t in r["lightning"]]))
+        median[f"bare_loop_beside_{v}"] = float(np.median([t for r in runs[v] for t in r["bare_loop"]]))
+        # bare step i ran just before fit step i: their ratio is free of slow load changes
+        ratio[v] = float(np.median([b / f for r in runs[v] for b, f in zip(r["bare_loop"], r["lightning"])]))
+    target = TARGETS["overhead_gpu" if gpu else "overhead_cpu"]
+    return {
+        "arch": arch,
+        "batch_size": bs,
+        "device": str(device),
+        "timed_steps": cfg.timed_steps,
+        "repeats": cfg.repeats,
+        "median_step_seconds": {k: round(v, 5) for k, v in median.items()},
+        "steps_per_s": {
+            "bare_loop": round(1 / median["bare_loop_beside_defaults"], 4),
+            **{v: round(1 / median[v], 4) for v in variants},
+        },
+        "step_seconds": {v: [{k: [round(t, 4) for t in ts] for k, ts in r.items()} for r in runs[v]] for v in variants},
+        "ratio": round(ratio["defaults"], 4),
+        "ratio_no_progress_bar": round(ratio["no_progress_bar"], 4),
+        "ratio_bare_trainer": round(ratio["bare_trainer"], 4),
+        "ratio_of_medians": round(median["bare_loop_beside_defaults"] / median["defaults"], 4),
+        "target_ratio": target["ratio"],
+        "target_where": target["where"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Time to accuracy: the fastnet recipe end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def _epoch_timer_callback(times: list[float], device: torch.device):
+    from lightning.pytorch.callbacks import Callback
+
+    class _EpochTimer(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            _sync(device)
+            self._start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            _sync(device)
+            times.append(time.perf_counter() - self._start)
+            print(f"epoch {trainer.current_epoch}: {times[-1]:.1f} s", flush=True)
+
+    return _EpochTimer()
+
+
+def run_recipe(cfg: BenchConfig, seed: int) -> dict[str, Any]:
+    """One seed of the recipe: fit, then the TTA test; data decoded and cached before the clock."""
+    import warnings
+
+    from cifar_lightning.cli import CifarCLI
+
+    warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
+    device = _device(cfg.accelerator)
+    with tempfile.TemporaryDirectory() as out:
+        args = [
+            f"--config={cfg.config}", f"--data.data_dir={cfg.data_dir}", "--data.download=false",
+            # All 50,000 training images and no validation, as airbench trains and times itself.
+            "--data.val_size=0",
+            f"--seed_everything={seed}", f"--trainer.accelerator={cfg.accelerator}", "--trainer.devices=1",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out}", *cfg.tta_overrides,
+        ]  # fmt: skip
+        cli = CifarCLI(args=args, run=False)
+        trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.setup("test")
+        epoch_times: list[float] = []
+        trainer.callbacks.append(_epoch_timer_callback(epoch_times, device))
+        _sync(device)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=dm)
+        _sync(device)
+        fit_seconds = time.perf_counter() - start
+        (metrics,) = trainer.test(model, datamodule=dm, verbose=False)
+        _sync(device)
+        total = time.perf_counter() - start
+    return {
+        "seed": seed,
+        "test_acc": round(float(metrics["test/acc"]), 5),
+        "seconds": round(total, 2),
+        "fit_seconds": round(fit_seconds, 2),
+        "test_seconds": round(total - fit_seconds, 2),
+        "epochs": trainer.current_epoch,
+        "seconds_per_epoch": round(float(np.mean(epoch_times)), 2) if epoch_times else None,
+        "train_images": len(dm.train_set),
+        "test_images": len(dm.test_set),
+        "tta": model.hparams.tta,
+    }
+
+
+def bench_time_to_accuracy(cfg: BenchConfig) -> dict[str, Any]:
+    """The recipe over ``cfg.seeds``: mean test accuracy and seconds, against airbench's CPU run."""
+    runs = []
+    for seed in cfg.seeds:
+        runs.append(run_recipe(cfg, seed))
+        print(f"seed {seed}: " + json.dumps(runs[-1]), flush=True)  # a long run's partial results
+    acc = [r["test_acc"] for r in runs]
+    secs = [r["seconds"] for r in runs]
+    target = TARGETS["tta"]
+    return {
+        "config": cfg.config,
+        "data": cfg.data_dir,
+        "device": str(_device(cfg.accelerator)),
+        "runs": runs,
+        "mean_test_acc": round(float(np.mean(acc)), 5),
+        "std_test_acc": round(float(np.std(acc, ddof=1)), 5) if len(acc) > 1 else None,
+        "mean_seconds": round(float(np.mean(secs)), 2),
+        "accuracy_ratio": round(float(np.mean(acc)) / target["accuracy"], 4),
+        "time_ratio": round(float(np.mean(secs)) / target["seconds"], 4),
+        "target_accuracy": target["accuracy"],
+        "target_seconds": target["seconds"],
+    }
+
+
