@@ -30,6 +30,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from cifar_lightning import plots
 from cifar_lightning.errors import UserError, exit_on_user_error, positive
 from cifar_lightning.inference import predict_logits, resolve_device
 from cifar_lightning.module import TTA_MODES, ClassifierModule
@@ -211,8 +212,6 @@ def confused_pairs(
 
 def write_evaluation_plots(evaluation: Evaluation, report: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Write confusion_matrix.png, per_class_accuracy.png, predictions_grid.png and mistakes.png."""
-    from cifar_lightning import plots
-
     out_dir = Path(out_dir)
     names = evaluation.class_names
     tta = report.get("tta") or {}
@@ -265,7 +264,55 @@ def evaluate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=positive(int), default=256)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    parser.add_argument(
+        "--calibration", action="store_true",
+        help="ECE (15 bins), NLL and Brier score before and after temperature scaling fitted on the validation "
+        "split; writes reliability.png and the temperature that predict.py --calibrated uses",
+    )  # fmt: skip
+    parser.add_argument(
+        "--corruptions", action="store_true",
+        help="accuracy under 15 CIFAR-10-C-style corruptions x 5 severities, computed locally; writes corruptions.png",
+    )  # fmt: skip
+    parser.add_argument(
+        "--corruptions-subset", type=int, default=DEFAULT_CORRUPTION_IMAGES, metavar="N",
+        help=f"test images to corrupt, a fair sample (default {DEFAULT_CORRUPTION_IMAGES}; 0 = all)",
+    )  # fmt: skip
+    parser.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruptions (default 0)")
+    parser.add_argument(
+        "--logger", action="append", choices=("tensorboard", "wandb"), default=[],
+        help="also send the figures and numbers to the run's TensorBoard folder or to W&B (repeatable)",
+    )  # fmt: skip
     return parser
+
+
+#: Test images ``--corruptions`` uses by default: 75 corrupted copies of each are predicted.
+DEFAULT_CORRUPTION_IMAGES = 1000
+
+
+def _validation_arrays(ckpt: dict[str, Any], data_dir: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The validation split the checkpoint was selected on (its data module's val_size and split_seed)."""
+    from cifar_lightning.data import CIFAR10DataModule
+
+    stored = ckpt.get("datamodule_hyper_parameters") or {}
+    val_size, split_seed = stored.get("val_size", 0.1), stored.get("split_seed", 0)
+    if val_size == 0:
+        raise UserError(
+            "--calibration fits its temperature on the validation split, and this checkpoint was trained with "
+            "--val-size 0 (no validation images). Use a checkpoint trained with held-out validation images."
+        )
+    dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0, batch_size=batch_size,
+                           val_size=val_size, split_seed=split_seed)  # fmt: skip
+    return dm.split_arrays("val")
+
+
+def _fair_subset(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` images in the evaluation order (a fair sample), kept in file order."""
+    from cifar_lightning.data import evaluation_order
+
+    if n <= 0 or n >= len(images):
+        return images, labels
+    idx = np.sort(evaluation_order(np.arange(len(images)))[:n])
+    return images[idx], labels[idx]
 
 
 @exit_on_user_error
@@ -287,8 +334,35 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.checkpoint)
     report = evaluation.report(arch=module.hparams.arch, checkpoint=str(args.checkpoint), data_dir=str(data_dir))
     report["files"] = write_evaluation_plots(evaluation, report, out_dir)
+    figures = {}
+    if args.calibration:
+        from cifar_lightning.calibration import calibration_report
+
+        val_images, val_labels = _validation_arrays(ckpt, data_dir, args.batch_size)
+        val_logits = predict_logits(module, val_images, batch_size=args.batch_size, device=device)
+        report["calibration"] = calibration_report(val_logits, torch.as_tensor(val_labels), evaluation.logits,
+                                                   evaluation.labels)  # fmt: skip
+        figures["reliability"] = plots.reliability_figure(report["calibration"])
+    if args.corruptions:
+        from cifar_lightning.corruptions import corruption_report
+        from cifar_lightning.data.archives import default_cache_dir
+
+        start = time.perf_counter()
+        sub_images, sub_labels = _fair_subset(images, np.asarray(labels), args.corruptions_subset)
+        report["corruptions"] = corruption_report(
+            module, sub_images, sub_labels, seed=args.corruption_seed, cache_dir=default_cache_dir() / "corruptions",
+            batch_size=args.batch_size, device=device,
+        )  # fmt: skip
+        report["corruptions"]["seconds"] = round(time.perf_counter() - start, 1)
+        figures["corruptions"] = plots.corruptions_figure(report["corruptions"])
+    for name, fig in figures.items():
+        report["files"][name] = str(plots.save_figure(fig, out_dir / f"{name}.png"))
     report["files"]["report"] = str(out_dir / "report.json")
     write_report(report, out_dir / "report.json")
+    if args.logger:
+        from cifar_lightning.loggers import log_evaluation
+
+        log_evaluation(args.logger, report, figures, args.checkpoint)
     print_report(report)
     print(f"report and plots: {out_dir}")
     return report

@@ -192,3 +192,44 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
             warnings.warn(f"TensorBoard: could not trace the model graph ({type(err).__name__}); skipped")
         finally:
             net.train(was_training)
+
+
+def evaluation_numbers(report: dict[str, Any]) -> dict[str, float]:
+    """The scalars of an evaluation report worth a dashboard: accuracy, calibration, robustness."""
+    numbers = {"eval/test_acc": report["test_acc"], "eval/test_loss": report["test_loss"]}
+    if "calibration" in report:
+        cal = report["calibration"]
+        numbers["eval/temperature"] = cal["temperature"]
+        for when in ("before", "after"):
+            numbers.update({f"eval/{k}_{when}_scaling": v for k, v in cal[when].items() if k != "accuracy"})
+    if "corruptions" in report:
+        cor = report["corruptions"]
+        numbers.update({"eval/corruption_mean_acc": cor["mean_accuracy"], "eval/corruption_relative_drop": cor["relative_drop"]})
+        numbers.update({f"eval/corruption_acc/{name}": acc for name, acc in cor["mean_by_corruption"].items()})
+    return numbers
+
+
+def log_evaluation(loggers: list[str], report: dict[str, Any], figures: dict[str, Any], checkpoint: str | os.PathLike) -> None:
+    """Send an evaluation's figures and numbers to the checkpoint's run: its TensorBoard folder
+    (``<run dir>/tensorboard``) and/or W&B (an ``evaluation`` run beside the run's own, offline
+    without an account). ``figures``: name -> matplotlib figure."""
+    from pathlib import Path
+
+    ckpt = Path(checkpoint)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    numbers = evaluation_numbers(report)
+    if "tensorboard" in loggers:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as writer:
+            for name, fig in figures.items():
+                writer.add_figure(f"eval/{name}", fig)
+            for key, value in numbers.items():
+                writer.add_scalar(key, value)
+    if "wandb" in loggers:
+        import wandb
+
+        logger = WandbLogger(name=f"eval-{report['arch']}-{ckpt.stem}", save_dir=str(run_dir), job_type="evaluation",
+                             log_model=False)  # fmt: skip
+        logger.experiment.log({**numbers, **{f"eval/{name}": wandb.Image(fig) for name, fig in figures.items()}})
+        logger.experiment.finish()

@@ -1,4 +1,5 @@
-"""Figures: confusion matrix, per-class accuracy, prediction grids, mistakes and training history.
+"""Figures: confusion matrix, per-class accuracy, prediction grids, mistakes, reliability diagrams,
+corruption heat maps and training history.
 
 Every function returns a matplotlib ``Figure`` drawn on an Agg canvas, without pyplot: no global
 figure state, no GUI backend, safe in threads and callbacks, and a notebook still displays the
@@ -151,6 +152,66 @@ def mistakes_figure(images: np.ndarray, mistakes: Sequence[Mapping[str, Any]]) -
     picked = images[[m["index"] for m in mistakes]] if mistakes else images[:0]
     title = "Most confident mistakes" if mistakes else "Most confident mistakes: none, every image is right"
     return image_grid_figure(picked, titles, [WRONG] * len(mistakes), title=title)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration and robustness
+# ---------------------------------------------------------------------------------------------
+
+
+def reliability_figure(calibration: Mapping[str, Any]) -> Figure:
+    """Reliability diagrams before and after temperature scaling (``calibration.calibration_report``).
+
+    Bars: accuracy per confidence bin; the diagonal is perfect calibration; red: the gap to it.
+    """
+    fig = new_figure(10, 4.6)
+    for ax, when in zip(fig.subplots(1, 2), ("before", "after")):
+        bins = calibration[f"reliability_{when}"]
+        centres = [(b["low"] + b["high"]) / 2 for b in bins]
+        width = bins[0]["high"] - bins[0]["low"]
+        acc = [b["accuracy"] if b["count"] else 0 for b in bins]
+        conf = [b["confidence"] if b["count"] else c for b, c in zip(bins, centres)]
+        ax.bar(centres, acc, width=width * 0.95, color="#4c72b0", label="accuracy")
+        ax.bar(centres, [c - a if b["count"] else 0 for b, a, c in zip(bins, acc, conf)], bottom=acc,
+               width=width * 0.95, color=WRONG, alpha=0.35, label="gap to confidence")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
+        m = calibration[when]
+        label = "before scaling" if when == "before" else f"after scaling (T = {calibration['temperature']:.2f})"
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)", ylabel="accuracy",
+               title=f"{label}: ECE {100 * m['ece']:.2f}%, NLL {m['nll']:.3f}")  # fmt: skip
+        ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def corruptions_figure(report: Mapping[str, Any]) -> Figure:
+    """Heat map of accuracy per corruption (rows) and severity (columns), clean accuracy beside it."""
+    acc = report["accuracy"]  # corruption -> [accuracy at severity 1..5]
+    names = list(acc)
+    grid = np.array([acc[n] for n in names]) * 100  # (types, 5)
+    fig = new_figure(8, 0.42 * len(names) + 2)
+    ax = fig.add_subplot()
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    ax.set_xticks(range(grid.shape[1]), [str(s) for s in report["severities"]])
+    ax.set_yticks(range(len(names)), names)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8)
+    ax.set(xlabel="severity", title=(
+        f"Accuracy under corruption on {report['images']:,} test images: clean {100 * report['clean_accuracy']:.1f}%, "
+        f"mean {100 * report['mean_accuracy']:.1f}% ({100 * report['relative_drop']:.1f}% lower)"
+    ))  # fmt: skip
+    return fig
+
+
+def corrupted_examples_figure(
+    examples: Sequence[tuple[str, np.ndarray, str, str]], ncols: int = 5
+) -> Figure:
+    """Corrupted images with what the model predicts: (title, uint8 image, prediction, truth)."""
+    titles = [f"{t}\n{pred} (true: {true})" for t, _, pred, true in examples]
+    colors = [RIGHT if pred == true else WRONG for _, _, pred, true in examples]
+    images = np.stack([img for _, img, _, _ in examples]) if examples else np.zeros((0, 32, 32, 3), np.uint8)
+    return image_grid_figure(images, titles, colors, ncols=ncols, title="Corrupted test images and predictions")
 
 
 # ---------------------------------------------------------------------------------------------

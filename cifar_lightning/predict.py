@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import glob
 import socket
 import sys
@@ -32,7 +33,7 @@ from rich.table import Table
 
 from cifar_lightning.constants import IMAGE_SUFFIXES
 from cifar_lightning.data.sources import NotAnImage, UnreadableImage, decode_image
-from cifar_lightning.errors import exit_on_user_error, positive
+from cifar_lightning.errors import UserError, exit_on_user_error, positive
 from cifar_lightning.inference import predict_logits, resolve_device
 from cifar_lightning.module import ClassifierModule
 from cifar_lightning.report import to_json
@@ -181,9 +182,15 @@ def load_input(item: str, limits: Limits = Limits()) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def top_k(module: ClassifierModule, images: np.ndarray, k: int = 3, **kwargs: Any) -> list[list[tuple[str, float]]]:
-    """The ``k`` most likely (class, probability) pairs of each uint8 image (N, 32, 32, 3)."""
-    probs = torch.softmax(predict_logits(module, images, **kwargs), dim=1)
+def top_k(
+    module: ClassifierModule, images: np.ndarray, k: int = 3, temperature: float = 1.0, **kwargs: Any
+) -> list[list[tuple[str, float]]]:
+    """The ``k`` most likely (class, probability) pairs of each uint8 image (N, 32, 32, 3).
+
+    ``temperature`` divides the logits first (temperature scaling: the same ranking, calibrated
+    probabilities; see ``calibration``).
+    """
+    probs = torch.softmax(predict_logits(module, images, **kwargs) / temperature, dim=1)
     values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
     names = module.class_names
     return [[(names[i], float(p)) for i, p in zip(ix.tolist(), vs.tolist())] for ix, vs in zip(indices, values)]
@@ -198,6 +205,7 @@ def predict_inputs(
     device: str | torch.device = "cpu",
     limits: Limits = Limits(),
     workers: int = 8,
+    temperature: float = 1.0,
 ) -> Iterator[Prediction]:
     """Predict every image that ``items`` name, in order, ``batch_size`` at a time.
 
@@ -217,7 +225,7 @@ def predict_inputs(
                     loaded.append((pred, result))
             if loaded:
                 images = np.stack([image for _, image in loaded])  # (B, 32, 32, 3)
-                for (pred, _), top in zip(loaded, top_k(module, images, k, batch_size=batch_size, device=device)):
+                for (pred, _), top in zip(loaded, top_k(module, images, k, temperature, batch_size=batch_size, device=device)):
                     pred.top = top
             yield from chunk
 
@@ -269,11 +277,31 @@ def predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, help="default: from --output's suffix (.csv, .json), else table")
     parser.add_argument("--output", help="write the predictions to this file instead of the terminal")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--calibrated", nargs="?", const="auto", metavar="REPORT",
+        help="divide the logits by the temperature of scripts/evaluate.py --calibration (read from REPORT, "
+        "default <run dir>/eval/<checkpoint name>/report.json)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=positive(int), default=256)
     parser.add_argument("--timeout", type=positive(float), default=DEFAULT_TIMEOUT_S, help="seconds per URL download")
     parser.add_argument("--max-bytes", type=positive(int), default=DEFAULT_MAX_BYTES, help="largest file or download")
     parser.add_argument("--max-pixels", type=positive(int), default=DEFAULT_MAX_PIXELS, help="largest width x height")
     return parser
+
+
+def calibrated_temperature(checkpoint: str, report: str) -> float:
+    """The temperature ``scripts/evaluate.py --calibration`` stored for ``checkpoint``: in ``report``,
+    or (``report == "auto"``) in the evaluation folder of the checkpoint."""
+    from cifar_lightning.evaluation import default_output_dir
+
+    path = default_output_dir(checkpoint) / "report.json" if report == "auto" else Path(report)
+    hint = f"Run python scripts/evaluate.py {checkpoint} --calibration first, or pass --calibrated REPORT.json."
+    if not path.is_file():
+        raise UserError(f"--calibrated needs the evaluation report with a temperature, and {path} does not exist. {hint}")
+    try:
+        return float(json.loads(path.read_text())["calibration"]["temperature"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} holds no calibration temperature. {hint}") from None
 
 
 @exit_on_user_error
@@ -287,8 +315,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     module = load_classifier(args.checkpoint)
     limits = Limits(args.timeout, args.max_bytes, args.max_pixels)
     k = min(args.top_k, module.hparams.num_classes)
+    temperature = calibrated_temperature(args.checkpoint, args.calibrated) if args.calibrated else 1.0
     predictions = []
-    for pred in predict_inputs(module, args.inputs, k=k, batch_size=args.batch_size, device=device, limits=limits):
+    run = predict_inputs(module, args.inputs, k=k, batch_size=args.batch_size, device=device, limits=limits,
+                         temperature=temperature)  # fmt: skip
+    for pred in run:
         if pred.error:
             print(f"error: {pred.input}: {pred.error}", file=sys.stderr, flush=True)
         predictions.append(pred)

@@ -93,6 +93,24 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
     if report.get("confused_pairs"):
         top = ", ".join(f"{p['true']}->{p['predicted']} ({p['count']})" for p in report["confused_pairs"][:5])
         console.print(f"most confused (true->predicted): {top}", soft_wrap=True)
+    if "calibration" in report:
+        cal = report["calibration"]
+        before, after = cal["before"], cal["after"]
+        console.print(
+            f"calibration (temperature {cal['temperature']:.3f}, fitted on the {cal['fitted_on']}): "
+            f"ECE {_pct(before['ece'])} -> {_pct(after['ece'])}, NLL {before['nll']:.4f} -> {after['nll']:.4f}, "
+            f"Brier {before['brier']:.4f} -> {after['brier']:.4f}",
+            soft_wrap=True,
+        )
+    if "corruptions" in report:
+        cor = report["corruptions"]
+        worst = min(cor["mean_by_corruption"], key=cor["mean_by_corruption"].get)
+        console.print(
+            f"corruptions ({len(cor['accuracy'])} types x {len(cor['severities'])} severities, {cor['images']:,} test "
+            f"images): mean accuracy {_pct(cor['mean_accuracy'])} against {_pct(cor['clean_accuracy'])} clean "
+            f"({_pct(cor['relative_drop'])} lower); worst: {worst} {_pct(cor['mean_by_corruption'][worst])}",
+            soft_wrap=True,
+        )
     console.print(f"checkpoint: {report['checkpoint'] or '(none saved)'}", soft_wrap=True)
     if "fit_seconds" in report:
         console.print(f"time: fit {report['fit_seconds']:.1f} s, test {report['test_seconds']:.1f} s")

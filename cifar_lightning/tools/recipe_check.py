@@ -97,6 +97,8 @@ def check_recipe(recipe: str | Path, data_dir: str | Path, steps: int, root_dir:
         "--config", str(recipe), "--seed_everything", str(seed),
         "--data.data_dir", str(data_dir), "--data.download", "false", "--data.num_workers", "0",
         "--data.val_size", str(VAL_IMAGES),
+        # Channels-last convolutions: the same arithmetic, about a quarter cheaper on a CPU.
+        "--model.channels_last", "true",
         "--trainer.max_steps", str(steps), "--trainer.num_sanity_val_steps", "0",
         "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false",
