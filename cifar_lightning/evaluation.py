@@ -305,7 +305,7 @@ def _validation_arrays(ckpt: dict[str, Any], data_dir: str, batch_size: int) -> 
     return dm.split_arrays("val")
 
 
-def _fair_subset(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def fair_subset(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n`` images in the evaluation order (a fair sample), kept in file order."""
     from cifar_lightning.data import evaluation_order
 
@@ -348,7 +348,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
         from cifar_lightning.data.archives import default_cache_dir
 
         start = time.perf_counter()
-        sub_images, sub_labels = _fair_subset(images, np.asarray(labels), args.corruptions_subset)
+        sub_images, sub_labels = fair_subset(images, np.asarray(labels), args.corruptions_subset)
         report["corruptions"] = corruption_report(
             module, sub_images, sub_labels, seed=args.corruption_seed, cache_dir=default_cache_dir() / "corruptions",
             batch_size=args.batch_size, device=device,

@@ -296,6 +296,23 @@ def history_figure(history: Mapping[str, tuple[np.ndarray, np.ndarray]], title: 
     return fig
 
 
+def reference_curve_figure(
+    runs: Mapping[str, tuple[np.ndarray, np.ndarray]], reference: Sequence[float], title: str
+) -> Figure:
+    """Validation accuracy per epoch of our runs (label -> (epochs, accuracy in [0, 1]), epochs from
+    0) beside a reference's accuracy per epoch (in %, first epoch first)."""
+    fig = new_figure(7, 4.5)
+    ax = fig.add_subplot()
+    ax.plot(np.arange(1, len(reference) + 1), reference, "-o", markersize=3, color="#555555",
+            label="reference: test accuracy per epoch")  # fmt: skip
+    for label, (epochs, acc) in runs.items():
+        ax.plot(epochs + 1, 100 * acc, "-s", markersize=3, label=label)
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_history(run: str | Path, output: str | Path | None = None) -> Path:
     """Write ``history.png`` for a run directory (or its ``metrics.csv``); returns the PNG path."""
     run = Path(run)

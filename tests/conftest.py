@@ -69,6 +69,23 @@ def real_subset(tmp_path_factory) -> Path:
     return extract_subset(REAL_ARCHIVE, tmp_path_factory.mktemp("real") / "cifar10", {"train": 60, "test": 20})
 
 
+@pytest.fixture(scope="session")
+def real_cifar10(tmp_path_factory) -> Path:
+    """The whole real archive, extracted and decoded once for all test workers of this run."""
+    if not REAL_ARCHIVE.is_file():
+        pytest.skip(SKIP_NO_ARCHIVE)
+    from filelock import FileLock
+
+    from cifar_lightning.data import CIFAR10DataModule
+
+    shared = tmp_path_factory.getbasetemp().parent / "real-cifar10"  # the same folder for every xdist worker
+    shared.mkdir(exist_ok=True)
+    with FileLock(str(shared) + ".lock"):
+        dm = CIFAR10DataModule(data_dir=str(REAL_ARCHIVE), download=False, cache_dir=str(shared))
+        dm.prepare_data()  # decodes once into the extracted folder's cache; later readers load it
+    return dm.source.root
+
+
 def extract_subset(archive: Path, dest: Path, per_class: dict[str, int]) -> Path:
     """Copy the first N files of each class and split out of the real archive into ``dest``."""
     counts: dict[tuple[str, str], int] = {}

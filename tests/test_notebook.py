@@ -34,7 +34,10 @@ def test_notebook_runs_against_a_tiny_checkpoint(tmp_path_factory, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # grid, per-class accuracy, confusion matrix, mistakes, own image
+    # grid, per-class accuracy, confusion matrix, mistakes, reliability, corruptions, corrupted examples, own image
+    assert len(images) >= 8
     text = "".join(o.get("text", "") for o in outputs)
     assert "simple_cnn: " in text and "% of 24 test images right" in text
     assert "<->" in text  # the most confused pairs
+    assert "ECE" in text and "fitted on the validation split (6 images)" in text
+    assert "mean under corruption" in text

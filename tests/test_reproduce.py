@@ -18,6 +18,7 @@ def test_runs_seeds_keeps_logs_and_writes_table(tiny_folder, tmp_path):
     recipe = tmp_path / "tiny_recipe.yaml"
     recipe.write_text(
         "# A tiny recipe for the test.\n# source: this test\n# reference: 50.00% (made up for the test)\n"
+        "# reference_curve: 40.0 50.0 (made up)\n"
         "# epochs: 1\n# time: seconds\nmodel:\n  arch: simple_cnn\n  lr: 0.05\ntrainer:\n  max_epochs: 1\n"
     )
     results, table = tmp_path / "results", tmp_path / "table.md"
@@ -33,6 +34,8 @@ def test_runs_seeds_keeps_logs_and_writes_table(tiny_folder, tmp_path):
     assert "--seed 0" in logs[0] and "--seed 1" in logs[1]
     assert all(r["recipe"] == "tiny_recipe" and r["epochs"] == 1 for r in reports)
     assert not (results / "runs").exists()  # checkpoints are not kept
+    assert (results / "tiny_recipe-seed0-metrics.csv").is_file()  # the per-epoch curves are
+    assert (results / "tiny_recipe-curve.png").is_file()  # drawn beside the reference's curve
     rows = {line.split("|")[1].strip(): line for line in table.read_text().splitlines() if line.startswith("| ")}
     mean = sum(100 * r["test_acc"] for r in reports) / 2
     assert f"{mean:.2f}%" in rows["tiny_recipe"] and "(2)" in rows["tiny_recipe"]
