@@ -25,7 +25,8 @@ RECIPES = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 def test_recipe_learns_in_a_few_steps(recipe, real_cifar10, tmp_path):
     assert recipe in SMOKE, f"{recipe} has no smoke entry: measure it with scripts/check_recipes.py and add one"
     spec = SMOKE[recipe]
-    assert spec.max_loss < CHANCE_LOSS and spec.min_acc > 0.1  # a threshold must say more than chance
+    if spec.learns:  # a threshold must say more than chance
+        assert spec.max_loss < CHANCE_LOSS - 0.03 and spec.min_acc > 0.11
     result = check_recipe(REPO / "configs" / f"{recipe}.yaml", real_cifar10, spec.steps, tmp_path)
     assert failures(result, spec) == [], result.as_row()
 
@@ -51,6 +52,11 @@ def test_a_network_that_outputs_constants_fails_the_check(real_cifar10, tmp_path
     missed = failures(result, spec)
     assert any("training loss" in m for m in missed) and any("validation accuracy" in m for m in missed)
     assert result.late_loss > CHANCE_LOSS - 0.05  # about ln(10): the best a constant can do on balanced classes
+    # and the recipe checked only for movement fails too
+    monkeypatch.setattr(module_mod, "create_model", lambda arch, num_classes=10, **kw: Constant(num_classes))
+    spec = SMOKE["resnet34_tutorial"]
+    result = check_recipe(REPO / "configs" / "resnet34_tutorial.yaml", real_cifar10, spec.steps, tmp_path / "r34")
+    assert any("nothing moves" in m for m in failures(result, spec))
 
 
 def test_every_smoke_entry_names_a_recipe():

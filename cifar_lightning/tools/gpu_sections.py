@@ -1,0 +1,492 @@
+"""The sections of ``scripts/gpu_evidence.py``: what runs inside each section's own process.
+
+A section records every run as soon as it ends (``Context.save``), so one stopped by its time cap
+still leaves what it measured, and plans its optional runs (more seeds, the compile check) against
+``Context.deadline``. Fits of ours go through the CLI in this process, after a warm-up, as
+airbench's ``warmup94()`` does for its side; each writes into a temporary folder that is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import json
+import os
+import shlex
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+#: Every fit of ours on a GPU takes the fast path: bf16 autocast, cuDNN autotuning, NHWC, batches
+#: made on the GPU by the tensor loader.
+GPU_FAST_PATH = ["--trainer.precision=bf16-mixed", "--trainer.benchmark=true", "--model.channels_last=true",
+                 "--data.loader=tensor"]  # fmt: skip
+
+#: ``--quick``: two steps of tiny batches, one batch of each evaluation, on the CPU.
+QUICK_FIT = ["--trainer.max_epochs=1", "--trainer.max_steps=2", "--trainer.limit_train_batches=2",
+             "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--data.batch_size=4"]  # fmt: skip
+
+#: The recipes set beside airbench94, trained on all 50,000 images as airbench trains. fastnet
+#: keeps its own 484 steps of 1,024 (11 epochs of 45k; 9.9 epochs of 50k like airbench94's 476
+#: steps) instead of 11 epochs of 50k; fastnet_muon's 8 epochs of 50k are airbench94_muon's 200 steps.
+AIRBENCH94_PAIRS: dict[str, tuple[str, list[str]]] = {
+    "fastnet": ("fastnet.yaml", ["--trainer.max_steps=484"]),
+    "fastnet_muon": ("fastnet_muon.yaml", []),
+}
+
+#: Seeds of a side-by-side comparison: at least MIN, at most MAX, as many as the deadline allows.
+MIN_SEEDS, MAX_SEEDS = 2, 5
+
+#: Planning estimates on one H100, seconds (derived in ``gpu_evidence.COSTS``): a round of seeds of
+#: the airbench section, our two warm-up fits there, and the compile check.
+PLAN = {"round": 18.0, "warmups": 10.0, "compile_check": 45.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The section's context: where it writes, how long it has, what it has recorded
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """One section's process: its data, scratch folder, result file, deadline and record."""
+
+    section: str
+    data_dir: str
+    work_dir: Path
+    result: Path
+    deadline: float
+    quick: bool = False
+    extra: list[str] = field(default_factory=list)
+    configs: Path = Path("configs")  # the recipes folder
+    record: dict[str, Any] = field(default_factory=lambda: {"commands": [], "results": {}})
+
+    def __post_init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        self.results: dict[str, Any] = self.record["results"]
+
+    def left(self) -> float:
+        """Seconds until the section's deadline."""
+        return self.deadline - time.time()
+
+    def command(self, text: str) -> None:
+        self.record["commands"].append(text)
+        print(f"+ {text}", flush=True)
+
+    def save(self) -> None:
+        tmp = self.result.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.record, indent=2, default=str))
+        os.replace(tmp, self.result)
+
+    def fit_args(self, overrides: list[str]) -> list[str]:
+        """The fast path on a GPU, then ``overrides``, then tiny runs with --quick, then ``--extra``."""
+        fast = GPU_FAST_PATH if self.cuda else ["--data.loader=tensor"]
+        return [*fast, *overrides, *(QUICK_FIT if self.quick else []), *self.extra]
+
+
+def guarded(ctx: Context, key: str, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)``, or None with the error kept under ``results[key]``: one system failing
+    (airbench, compilation) must not lose the other's runs."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+        ctx.results[key] = {"status": "failed", "error": error, "traceback": traceback.format_exc()[-3000:]}
+        print(f"{key} failed: {error}", flush=True)
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()  # a no-op without CUDA
+
+
+# ---------------------------------------------------------------------------------------------
+# Our side: a fit through the CLI, its training steps timed as airbench times its own
+# ---------------------------------------------------------------------------------------------
+
+
+def train_clock(device: torch.device):
+    """A callback timing the first training batch's start to the last optimizer step's end, the GPU
+    synchronised at both: as airbench counts, without data loading, warm-up or evaluation."""
+    from lightning.pytorch.callbacks import Callback
+
+    class TrainClock(Callback):
+        start = end = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.start is None:
+                _sync(device)
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            total = trainer.estimated_stepping_batches
+            if self.end is None and total != float("inf") and trainer.global_step >= int(total):
+                self.on_train_end(trainer, pl_module)
+
+        def on_train_end(self, trainer, pl_module):
+            if self.end is None:
+                _sync(device)
+                self.end = time.perf_counter()
+
+    return TrainClock()
+
+
+def timed_fit(ctx: Context, config: Path, seed: int, overrides: list[str]) -> dict[str, Any]:
+    """One seed of ``config`` on all training images, tested with its TTA. No checkpoint: without a
+    validation split the last epoch is the result, so the checkpointing callbacks are dropped."""
+    from lightning.pytorch.callbacks import Checkpoint
+
+    from cifar_lightning.cli import CifarCLI
+
+    wall = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=ctx.work_dir) as out:
+        args = [
+            f"--config={config}", f"--data.data_dir={ctx.data_dir}", "--data.download=false", "--data.val_size=0",
+            f"--seed_everything={seed}", f"--trainer.accelerator={'gpu' if ctx.cuda else 'cpu'}",
+            "--trainer.devices=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out}", *ctx.fit_args(overrides),
+        ]  # fmt: skip
+        ctx.command("python -m cifar_lightning fit " + shlex.join(args) + "  # in-process, training steps timed")
+        cli = CifarCLI(args=args, run=False)
+        trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]
+        clock = train_clock(ctx.device)
+        trainer.callbacks.append(clock)
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.setup("test")
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=dm)
+        fit_seconds = time.perf_counter() - start
+        (metrics,) = trainer.test(model, datamodule=dm, verbose=False)
+        seconds = clock.end - clock.start if clock.start and clock.end else None
+        result = {"seed": seed, "tta_acc": round(float(metrics["test/acc"]), 5), "tta": model.hparams.tta,
+                  "train_seconds": None if seconds is None else round(seconds, 3), "steps": trainer.global_step,
+                  "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 2),
+                  "wall_seconds": round(time.perf_counter() - wall, 2), "train_images": len(dm.train_set),
+                  "test_images": len(dm.test_set), "compile": bool(model.hparams.compile)}  # fmt: skip
+    del cli, trainer, model, dm
+    _free_memory()
+    print(f"{config.stem} seed {seed}: " + json.dumps(result), flush=True)
+    return result
+
+
+def fit_recipe(ctx: Context, config: Path, overrides: list[str]) -> dict[str, Any]:
+    """Seed 0 of a recipe as written, through ``scripts/fit.py`` (validation split, best epoch, test)."""
+    from cifar_lightning.fit import fit_main
+
+    wall = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=ctx.work_dir) as out:
+        argv = [
+            "--config", str(config), "--data-dir", ctx.data_dir, "--no-download", "--seed", "0",
+            "--output-dir", out, "--accelerator", "gpu" if ctx.cuda else "cpu", "--devices", "1",
+            *ctx.fit_args(overrides),
+        ]  # fmt: skip
+        ctx.command(shlex.join(["python", "scripts/fit.py", *argv]))
+        report = fit_main(argv)
+    _free_memory()
+    keep = ("test_acc", "test_loss", "fit_seconds", "test_seconds", "epochs", "global_step", "train_images",
+            "val_images", "test_images", "seed")  # fmt: skip
+    return {k: report.get(k) for k in keep} | {"wall_seconds": round(time.perf_counter() - wall, 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# airbench's side: its data files from our decoded arrays, its runs, its printed table
+# ---------------------------------------------------------------------------------------------
+
+
+def write_airbench_data(ctx: Context) -> dict[str, Any]:
+    """``<work>/airbench/cifar10/{train,test}.pt`` in airbench's format, from the same image folder
+    decoded by our data module (class order = sorted folder names = CIFAR-10's label order)."""
+    import numpy as np
+
+    from cifar_lightning.data import CIFAR10DataModule
+    from cifar_lightning.data.sources import load_split
+
+    start = time.perf_counter()
+    dm = CIFAR10DataModule(data_dir=ctx.data_dir, download=False, val_size=0)
+    folder = ctx.work_dir / "airbench" / "cifar10"
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in ("train", "test"):
+        images, labels = load_split(dm.source, split, dm.hparams.cache_dir)
+        torch.save({"images": torch.from_numpy(np.ascontiguousarray(images)),  # uint8 (N, 32, 32, 3)
+                    "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+                    "classes": list(dm.class_names)}, folder / f"{split}.pt")  # fmt: skip
+        counts[split] = len(labels)
+    return {"folder": str(folder), "images": counts, "classes": list(dm.class_names),
+            "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+
+
+def airbench_unavailable() -> str | None:
+    """Why airbench cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available: airbench runs on a GPU only (its loader and network call .cuda())"
+    try:
+        import airbench  # noqa: F401
+    except ImportError as err:
+        return f"airbench is not importable ({err}); install it with pip install airbench==0.1.8"
+    return None
+
+
+def parse_airbench_table(text: str) -> dict[str, Any]:
+    """airbench's printed rows (run, epoch, train_loss, train_acc, val_acc, tta_val_acc,
+    total_time_seconds): training seconds after the last epoch (its own CUDA-event count of the
+    whitening init and the training steps), TTA accuracy and seconds with the TTA evaluation."""
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 7 or not line.lstrip().startswith("|"):
+            continue
+        epoch, tta, total = cells[1], cells[5], cells[6]
+        if epoch.isdigit() and total:
+            out.update(epochs=int(epoch) + 1, train_seconds=float(total))
+        elif epoch == "eval" and tta:
+            out.update(tta_acc_printed=float(tta), seconds_with_tta=float(total))
+    return out
+
+
+def airbench_run(ctx: Context, name: str, seed: int) -> dict[str, Any]:
+    """``airbench.<name>(run=seed)`` after ``torch.manual_seed(seed)``: what it prints, and our TTA
+    evaluation of the network it returns (to 5 digits; it prints 4). Seed -1: ``warmupNN()``."""
+    import airbench
+
+    here = os.getcwd()
+    os.chdir(ctx.work_dir / "airbench")  # its loader reads ./cifar10/{train,test}.pt
+    try:
+        kwargs = {"run": seed} if seed >= 0 else {}  # warmupNN() sets its own run=-1
+        call = f"airbench.{name}({f'run={seed}' if kwargs else ''})"
+        ctx.command(f"torch.manual_seed({max(seed, 0)}); {call}  # in a folder with cifar10/train.pt, test.pt")
+        torch.manual_seed(max(seed, 0))
+        printed = io.StringIO()
+        wall = time.perf_counter()
+        with contextlib.redirect_stdout(printed):
+            net = getattr(airbench, name)(**kwargs)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - wall
+        print(printed.getvalue(), end="", flush=True)  # its table, into the log
+        result = {"seed": seed, "wall_seconds": round(wall, 2)} | parse_airbench_table(printed.getvalue())
+        if seed >= 0:
+            test = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
+            result["tta_acc"] = round(airbench.evaluate(net, test, tta_level=2), 5)
+    finally:
+        os.chdir(here)
+    del net
+    _free_memory()
+    print(f"{name} seed {seed}: " + json.dumps(result), flush=True)
+    return result
+
+
+def compile_check(ctx: Context, config: Path, batch: int, planned_images: int, compiles: int) -> dict[str, Any]:
+    """Does ``--model.compile true`` pay? Bare training steps of the recipe's network (bf16 autocast,
+    NHWC, Nesterov SGD), eager and compiled, and what the first compiled step costs.
+
+    It pays when a compiled step is at least 5% faster and the seconds saved over ``planned_images``
+    exceed ``compiles`` first compilations (one per recipe). On a CPU it runs with the ``eager``
+    backend, to be short, and never pays.
+    """
+    import torch.nn.functional as F
+    import yaml
+
+    from cifar_lightning.models import create_model
+
+    spec = yaml.safe_load(config.read_text())["model"]
+    device, steps = ctx.device, (2 if ctx.quick else 20)
+    torch.manual_seed(0)
+    net = create_model(spec["arch"], num_classes=10, **(spec.get("arch_kwargs") or {}))
+    net = net.to(device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+
+    def step(f: Callable) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.cuda):
+            loss = F.cross_entropy(f(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def seconds_per_step(f: Callable) -> float:
+        for _ in range(3):
+            step(f)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(f)
+        _sync(device)
+        return (time.perf_counter() - start) / steps
+
+    backend = "inductor" if ctx.cuda else "eager"
+    eager = seconds_per_step(net)
+    compiled = torch.compile(net, backend=backend)
+    start = time.perf_counter()
+    step(compiled)
+    _sync(device)
+    first = time.perf_counter() - start
+    fast = seconds_per_step(compiled)
+    saved = (eager - fast) / batch * planned_images
+    pays = ctx.cuda and fast < 0.95 * eager and saved > compiles * first
+    return {"network": spec["arch"], "batch_size": batch, "backend": backend, "timed_steps": steps,
+            "eager_step_seconds": round(eager, 5), "compiled_step_seconds": round(fast, 5),
+            "first_compiled_step_seconds": round(first, 2), "planned_images": planned_images,
+            "seconds_saved_over_plan": round(saved, 2), "compilations": compiles, "pays": bool(pays),
+            "rule": "a compiled step >= 5% faster, and seconds saved > compilations x first compiled step"}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections, in the runner's order of priority
+# ---------------------------------------------------------------------------------------------
+
+
+def section_airbench(ctx: Context) -> None:
+    """airbench94 beside fastnet and fastnet_muon through our CLI, seeds alternating."""
+    res = ctx.results
+    res["airbench_data"] = write_airbench_data(ctx)
+    ctx.save()
+    skip = airbench_unavailable()
+    if skip:
+        res["airbench94"] = {"status": "skipped", "reason": skip}
+    else:
+        res["airbench94_warmup"] = guarded(ctx, "airbench94", airbench_run, ctx, "warmup94", -1)
+    round_images = 484 * 1024 + 200 * 2000  # fastnet's steps of 1,024 and fastnet_muon's of 2,000
+    spare = ctx.left() - PLAN["warmups"] - MIN_SEEDS * PLAN["round"]
+    if ctx.cuda and not ctx.quick and spare < PLAN["compile_check"]:
+        need = PLAN["compile_check"]
+        res["compile"] = {"pays": False, "skipped": f"{spare:.0f} s to spare, the check takes ~{need:.0f} s"}
+    else:
+        batch = 16 if ctx.quick else 1024
+        checked = guarded(ctx, "compile", compile_check, ctx, ctx.configs / "fastnet.yaml", batch,
+                          MAX_SEEDS * round_images, len(AIRBENCH94_PAIRS))  # fmt: skip
+        res["compile"] = checked or res["compile"]
+    compile_on = res["compile"].setdefault("pays", False)
+    overrides = {name: [*o, f"--model.compile={str(compile_on).lower()}"] for name, (_, o) in AIRBENCH94_PAIRS.items()}
+    ctx.save()
+    if ctx.cuda or ctx.quick:  # cuDNN autotuning, compilation (before and after FreezeAfter) off the clock
+        warmup = ["--trainer.max_steps=-1", f"--trainer.max_epochs={4 if compile_on else 1}"]
+        res["warmup"] = {name: timed_fit(ctx, ctx.configs / config, 0, overrides[name] + warmup)
+                         for name, (config, _) in AIRBENCH94_PAIRS.items()}  # fmt: skip
+    ok = not skip and "airbench94" not in res  # not skipped, its warm-up did not fail
+    runs: dict[str, list] = ({"airbench94": []} if ok else {}) | {name: [] for name in AIRBENCH94_PAIRS}
+    res["runs"], res["baseline"], round_seconds = runs, "airbench94", 0.0
+    for seed in range(MIN_SEEDS if ctx.quick else MAX_SEEDS):
+        if seed >= MIN_SEEDS and ctx.left() < 1.1 * round_seconds:
+            res["stopped"] = f"after {seed} seeds: {ctx.left():.0f} s left, the last round took {round_seconds:.0f} s"
+            break
+        start = time.perf_counter()
+        if ok:
+            ok = (run := guarded(ctx, "airbench94", airbench_run, ctx, "train94", seed)) is not None
+            runs["airbench94"] += [run] if ok else []
+            ctx.save()
+        for name, (config, _) in AIRBENCH94_PAIRS.items():
+            runs[name].append(timed_fit(ctx, ctx.configs / config, seed, overrides[name]))
+            ctx.save()
+        round_seconds = time.perf_counter() - start
+
+
+def section_overhead_data(ctx: Context) -> None:
+    """The bench ``overhead`` section (fastnet, batch 1024) and the ``data`` section, plus the
+    per-image loaders with every core as a DataLoader worker (``bench_data`` uses 2)."""
+    from cifar_lightning.tools.bench_speed import BenchConfig, bench_data, bench_overhead
+
+    if ctx.quick:
+        cfg = BenchConfig.quick_config(data_dir=ctx.data_dir)
+    else:
+        cfg = BenchConfig(data_dir=ctx.data_dir, accelerator="gpu" if ctx.cuda else "cpu", overhead_arch="fastnet",
+                          overhead_batch_size=1024)  # fmt: skip
+    ctx.command(f"python scripts/bench.py --sections overhead,data --data-dir {ctx.data_dir} "
+                f"--accelerator {cfg.accelerator} --overhead-arch {cfg.overhead_arch} "
+                f"--overhead-batch-size {cfg.overhead_batch_size}")  # fmt: skip
+    res = ctx.results
+    res["overhead"] = bench_overhead(cfg)
+    ctx.save()
+    res["data"] = bench_data(cfg)
+    ctx.save()
+    workers = min(2, os.cpu_count() or 1) if ctx.quick else os.cpu_count() or 1
+    res["data_all_cores"] = per_image_loaders(cfg, workers, res["data"]["tensor_loader"]["images_per_s"])
+
+
+def per_image_loaders(cfg: Any, workers: int, ours: float) -> dict[str, Any]:
+    """``bench_data``'s two per-image baselines again with ``workers`` DataLoader workers."""
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+
+    from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
+    from cifar_lightning.tools.bench_speed import _datamodule, _images_per_second
+
+    cpu, skip, bs, n = torch.device("cpu"), 1 + 2 * workers, cfg.data_batch_size, cfg.baseline_batches
+    dm = _datamodule(cfg, loader="torchvision", augment="standard", batch_size=bs, num_workers=workers)
+    arrays = _images_per_second(dm.train_dataloader(), n, cpu, skip)  # skips start-up and prefetched batches
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])  # fmt: skip
+    folder = torchvision.datasets.ImageFolder(str(dm.source.root / "train"), transform=tf)
+    files = _images_per_second(DataLoader(folder, batch_size=bs, shuffle=True, num_workers=workers), n, cpu, skip)
+    row = lambda r: {"images_per_s": round(r[0], 1), "images": r[1], "seconds": round(r[2], 3)}
+    return {"workers": workers, "batch_size": bs, "array_pil_loader": row(arrays), "imagefolder_pil_loader": row(files),
+            "speedup": round(ours / files[0], 2), "speedup_over_array_pil": round(ours / arrays[0], 2)}  # fmt: skip
+
+
+def section_resnet18_fast(ctx: Context) -> None:
+    """configs/resnet18_fast.yaml beside airbench95 on the same images: accuracy and seconds."""
+    config, res = ctx.configs / "resnet18_fast.yaml", ctx.results
+    skip = airbench_unavailable()
+    if skip:
+        res["airbench95"] = {"status": "skipped", "reason": skip}
+    else:
+        res["airbench_data"] = write_airbench_data(ctx)
+        res["airbench95_warmup"] = guarded(ctx, "airbench95", airbench_run, ctx, "warmup95", -1)
+    if ctx.cuda:  # (--quick: the airbench section already runs warm-up fits)
+        warmup = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=10", "--trainer.limit_test_batches=2"]
+        res["warmup"] = timed_fit(ctx, config, 0, warmup)
+    runs: dict[str, list] = ({} if skip or "airbench95" in res else {"airbench95": []}) | {"resnet18_fast": []}
+    res["runs"], res["baseline"], last, systems = runs, "airbench95", dict.fromkeys(runs, 0.0), list(runs)
+    for seed in range(1 if ctx.quick else MAX_SEEDS):
+        ran = False
+        for name in [n for n in systems if seed == 0 or ctx.left() >= 1.1 * last[n]]:
+            start, ran = time.perf_counter(), True
+            if name == "resnet18_fast":
+                runs[name].append(timed_fit(ctx, config, seed, []))
+            elif (run := guarded(ctx, name, airbench_run, ctx, "train95", seed)) is not None:
+                runs[name].append(run)
+            else:
+                systems.remove(name)
+            last[name] = time.perf_counter() - start
+            ctx.save()
+        if not ran:
+            break
+
+
+def section_resnet20_paper(ctx: Context) -> None:
+    """One seed of configs/resnet20_paper.yaml's 64k iterations, as written, on the fast path."""
+    quick = ["--data.val_size=16"] if ctx.quick else []
+    ctx.results["resnet20_paper"] = fit_recipe(ctx, ctx.configs / "resnet20_paper.yaml", quick)
+
+
+def section_tutorials(ctx: Context) -> None:
+    """configs/resnet34_tutorial.yaml (20 epochs), then configs/mynet_tutorial.yaml, as written."""
+    for name in ("resnet34_tutorial", "mynet_tutorial"):
+        ctx.results[name] = fit_recipe(ctx, ctx.configs / f"{name}.yaml", ["--data.val_size=16"] if ctx.quick else [])
+        ctx.save()
+
+
+#: The sections by name, in the runner's order of priority.
+SECTION_FUNCTIONS: dict[str, Callable[[Context], None]] = {
+    "airbench": section_airbench,
+    "overhead_data": section_overhead_data,
+    "resnet18_fast": section_resnet18_fast,
+    "resnet20_paper": section_resnet20_paper,
+    "tutorials": section_tutorials,
+}
