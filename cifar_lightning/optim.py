@@ -230,6 +230,11 @@ def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp["milestone_unit"]}}
     total = int(trainer.estimated_stepping_batches)
     if name == "onecycle":
+        if hp["pct_start"] * total < 2:  # torch's OneCycleLR divides by zero below two warm-up steps
+            raise UserError(
+                f"scheduler 'onecycle' warms up over pct_start x steps = {hp['pct_start']} x {total} = "
+                f"{hp['pct_start'] * total:g} steps; it needs at least 2. Train longer or raise --model.pct_start."
+            )
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=total, pct_start=hp["pct_start"])
     elif name in ("cosine", "linear"):
         batches = trainer.num_training_batches
