@@ -8,8 +8,7 @@ import torch
 
 from cifar_lightning import CIFAR10DataModule, ClassifierModule
 from cifar_lightning.errors import UserError
-from cifar_lightning.optim import WarmupCosine, WarmupLinear
-from cifar_lightning.optim import MuonSGD, muon_param_groups, orthogonalize
+from cifar_lightning.optim import MuonSGD, WarmupCosine, WarmupLinear, muon_param_groups, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(64, 216), (256, 64), (10, 10)])
@@ -144,3 +143,16 @@ def test_schedule_spans_max_steps_and_warmup_counts_real_epochs(tiny_folder, tmp
     # 30 training images in batches of 5: 6 steps an epoch; the run stops at 9 steps
     assert isinstance(shape, WarmupLinear) and shape.warmup == 6 and shape.total == 9
     assert trainer.global_step == 9
+
+
+def test_onecycle_too_short_for_its_warm_up_is_a_user_error():
+    from types import SimpleNamespace
+
+    from cifar_lightning.optim import build_scheduler
+
+    module = ClassifierModule(arch="lenet5", scheduler="onecycle", pct_start=0.25)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    short = SimpleNamespace(estimated_stepping_batches=4)
+    with pytest.raises(UserError, match="needs at least 2"):
+        build_scheduler(opt, module.hparams, short)
+    assert build_scheduler(opt, module.hparams, SimpleNamespace(estimated_stepping_batches=8))["lr_scheduler"]
