@@ -123,8 +123,12 @@ class _StepLosses(pl.Callback):
 
 def check_recipe(recipe: str | Path, data_dir: str | Path, steps: int, root_dir: str | Path, seed: int = 0) -> SmokeResult:
     """Train ``recipe`` for ``steps`` steps on ``data_dir`` and validate it on ``VAL_IMAGES`` images."""
+    import warnings
+
     from cifar_lightning.cli import CifarCLI
 
+    # The arguments are built here on purpose; Lightning's note about sys.argv does not apply.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     args = [
         "--config", str(recipe), "--seed_everything", str(seed),
         "--data.data_dir", str(data_dir), "--data.download", "false", "--data.num_workers", "0",
