@@ -126,24 +126,27 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-#: Lightning's advertisement for its hosted logger, printed by every Trainer without one.
-_LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+#: Lines Lightning prints on every run that say nothing about the run: the advertisement for its
+#: hosted logger, and a note on reading the training loader once to count the steps that the
+#: schedules span.
+_NOTES = ("💡 Tip: For seamless cloud logging", "Loading `train_dataloader` to estimate number of stepping batches")
 
 
-def _not_litlogger_tip(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(_LITLOGGER_TIP)
+def _not_a_note(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NOTES)
 
 
 def quiet_lightning_notes() -> None:
-    """Filter out two things Lightning prints on every run that say nothing about the run.
+    """Filter out what Lightning prints on every run that says nothing about the run.
 
-    Each filter matches one exact message: the litlogger tip, and torch 2.14's deprecation of
-    ``LeafSpec``, which Lightning 2.6's own batch flattening triggers (not our call to change).
+    Each filter matches one exact message: the litlogger tip, the stepping-batches note, and torch
+    2.14's deprecation of ``LeafSpec``, which Lightning 2.6's own batch flattening triggers (not
+    our call to change).
     """
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         log = logging.getLogger(name)
-        if _not_litlogger_tip not in log.filters:
-            log.addFilter(_not_litlogger_tip)
+        if _not_a_note not in log.filters:
+            log.addFilter(_not_a_note)
     warnings.filterwarnings(
         "ignore",
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",

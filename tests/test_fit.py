@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from cifar_lightning import ClassifierModule, CIFAR10DataModule, list_models
+from cifar_lightning import ClassifierModule, CIFAR10DataModule
 from cifar_lightning.fit import expand_aliases, fit_main
 from conftest import REPO, arch_params, write_image_folder
 

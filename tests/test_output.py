@@ -22,6 +22,7 @@ from conftest import REPO, write_image_folder
 #: Lines that say nothing about the run, each traced to where it came from and removed there.
 NOISE = (
     "Tip: For seamless cloud logging",  # Lightning's litlogger advertisement
+    "to estimate number of stepping batches",  # Lightning's note on sizing the LR schedule
     "Skipping setting a default `ModelSummary` callback",  # our summary callback next to Lightning's
     "LeafSpec",  # torch 2.14 deprecation triggered inside Lightning's batch flattening
     "`weights_only` was not set",  # our last.ckpt save without an explicit weights_only
