@@ -230,12 +230,12 @@ def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: 
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp["milestone_unit"]}}
     total = int(trainer.estimated_stepping_batches)
     if name == "onecycle":
-        if hp["pct_start"] * total < 2:  # torch's OneCycleLR divides by zero below two warm-up steps
-            raise UserError(
-                f"scheduler 'onecycle' warms up over pct_start x steps = {hp['pct_start']} x {total} = "
-                f"{hp['pct_start'] * total:g} steps; it needs at least 2. Train longer or raise --model.pct_start."
-            )
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=total, pct_start=hp["pct_start"])
+        pct_start = hp["pct_start"]
+        if total >= 2 and pct_start * total < 2:
+            # torch's OneCycleLR divides by zero when its warm-up ends on the first step (pct_start x
+            # steps = 1). A run this short (fast_dev_run, a smoke check) warms up over 1.5 steps.
+            pct_start = 1.5 / total
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=total, pct_start=pct_start)
     elif name in ("cosine", "linear"):
         batches = trainer.num_training_batches
         if isinstance(batches, int) and batches > 0:

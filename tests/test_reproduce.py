@@ -25,6 +25,8 @@ def test_runs_seeds_keeps_logs_and_writes_table(tiny_folder, tmp_path):
     smoke = tmp_path / "smoke.json"
     smoke.write_text(json.dumps({"results": [
         {"recipe": "resnet20_paper", "steps": 60, "late_loss": 1.86, "val_acc": 0.2676},
+        {"recipe": "resnet34_tutorial", "steps": 4, "first_loss": 2.31, "late_loss": 6.02, "val_acc": 0.1,
+         "learns": False},
     ]}))  # fmt: skip
     main([str(recipe), "--seeds", "0", "1", "--data-dir", str(tiny_folder), "--results", str(results),
           "--table", str(table), "--configs", str(REPO / "configs"), "--smoke", str(smoke),
@@ -42,4 +44,6 @@ def test_runs_seeds_keeps_logs_and_writes_table(tiny_folder, tmp_path):
     assert "measured, 2 seed(s)" in rows["tiny_recipe"] and "--num-workers 0" in rows["tiny_recipe"]
     # every row says how it stands: a smoke check is not a measurement, and nothing is estimated
     assert "smoke-checked only: 60 steps" in rows["resnet20_paper"] and rows["resnet20_paper"].split("|")[4].strip() == "-"
+    # a movement-only check does not claim the loss fell below chance
+    assert "smoke-checked only (moves, stays finite): 4 steps, training loss 2.31 to 6.02" in rows["resnet34_tutorial"]
     assert "| not run |" in rows["resnet110_paper"] and rows["resnet110_paper"].split("|")[4].strip() == "-"

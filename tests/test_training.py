@@ -145,14 +145,20 @@ def test_schedule_spans_max_steps_and_warmup_counts_real_epochs(tiny_folder, tmp
     assert trainer.global_step == 9
 
 
-def test_onecycle_too_short_for_its_warm_up_is_a_user_error():
+@pytest.mark.parametrize("steps", range(1, 10))
+def test_onecycle_runs_however_short_the_run(steps):
     from types import SimpleNamespace
 
     from cifar_lightning.optim import build_scheduler
 
-    module = ClassifierModule(arch="lenet5", scheduler="onecycle", pct_start=0.25)
-    opt = torch.optim.SGD(module.parameters(), lr=0.1)
-    short = SimpleNamespace(estimated_stepping_batches=4)
-    with pytest.raises(UserError, match="needs at least 2"):
-        build_scheduler(opt, module.hparams, short)
-    assert build_scheduler(opt, module.hparams, SimpleNamespace(estimated_stepping_batches=8))["lr_scheduler"]
+    module = ClassifierModule(arch="lenet5", scheduler="onecycle", pct_start=0.25, lr=0.1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    sched = build_scheduler(opt, module.hparams, SimpleNamespace(estimated_stepping_batches=steps))["lr_scheduler"]
+    lrs = []
+    for _ in range(steps):  # (pct_start x 4 steps = 1 divides by zero in torch's OneCycleLR as given)
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        sched["scheduler"].step()
+    assert all(0 <= lr <= 0.1 + 1e-9 for lr in lrs) and lrs[-1] < 1e-3
+    if steps >= 8:  # long enough for the recipe's own warm-up: pct_start is left as given
+        assert sched["scheduler"].total_steps == steps and lrs[0] < 0.01 and max(lrs) > 0.09

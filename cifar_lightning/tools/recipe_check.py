@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for result, spec in results:
         row = result.as_row() | {"losses": [round(x, 4) for x in result.losses]}
         if spec is not None:
-            row |= {"max_loss": spec.max_loss, "min_acc": spec.min_acc}
+            row |= {"max_loss": spec.max_loss, "min_acc": spec.min_acc, "learns": spec.learns}
         row["passed"] = spec is not None and not failures(result, spec)
         rows.append(row)
     meta = {

@@ -104,7 +104,12 @@ def table(recipes: list[Path], results: Path, smoke: dict[str, dict[str, Any]] |
         ref = head.get("reference", "-")
         if not reports:
             check = (smoke or {}).get(recipe.stem)
-            if check:
+            if check and not check.get("learns", True):  # too slow a start to learn within a smoke run
+                status = (
+                    f"smoke-checked only (moves, stays finite): {check['steps']} steps, training loss "
+                    f"{check['first_loss']:.2f} to {check['late_loss']:.2f}"
+                )
+            elif check:
                 status = (
                     f"smoke-checked only: {check['steps']} steps, training loss {check['late_loss']:.2f} "
                     f"(chance 2.30), validation accuracy {100 * check['val_acc']:.1f}% on 512 images"
