@@ -69,12 +69,18 @@ def images() -> np.ndarray:
     return np.stack([labelled_image(i % 3, rng) for i in range(12)])
 
 
+#: The corruptions that draw random numbers (noise, jitter, angles, flakes, haze, displacement).
+RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "fog", "elastic_transform"}
+
+
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
 def test_corruptions_are_identical_for_the_same_seed(images, corruption):
     first = corrupt(images, corruption, 3, seed=7)
     assert first.dtype == np.uint8 and first.shape == images.shape
     assert np.array_equal(first, corrupt(images, corruption, 3, seed=7))
     assert not np.array_equal(first, images)
+    if corruption in RANDOM:  # the seed is what draws them
+        assert not np.array_equal(first, corrupt(images, corruption, 3, seed=8))
 
 
 @pytest.mark.data
