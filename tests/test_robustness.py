@@ -134,11 +134,14 @@ def test_evaluate_calibration_and_corruptions(run, tmp_path):
 
 def test_evaluate_sends_figures_and_numbers_to_wandb(run, tmp_path):
     ckpt, _ = run
-    evaluate_main([str(ckpt), "--calibration", "--output-dir", str(tmp_path / "eval"), "--logger", "wandb"])
+    evaluate_main([str(ckpt), "--calibration", "--corruptions", "--corruptions-subset", "10",
+                   "--output-dir", str(tmp_path / "eval"), "--logger", "wandb"])  # fmt: skip
     (run_file,) = sorted((ckpt.parent.parent / "wandb").glob("offline-run-*/run-*.wandb"))[-1:]
     logged = summarize(run_file)
     assert {"eval/ece_before_scaling", "eval/ece_after_scaling", "eval/temperature"} <= logged["history_keys"]
-    assert "eval/reliability/_type" in logged["history_keys"]  # the figure, as a W&B image
+    assert {"eval/corruption_mean_acc", "eval/corruption_relative_drop", "eval/corruption_acc/fog"} <= logged["history_keys"]
+    # the figures, as W&B images
+    assert {"eval/reliability/_type", "eval/corruptions/_type"} <= logged["history_keys"]
 
 
 def test_calibration_needs_a_validation_split(run, tmp_path, capsys):

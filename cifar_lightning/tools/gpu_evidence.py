@@ -215,7 +215,7 @@ def _process_age() -> float:
 
 def _write(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -82,7 +82,7 @@ class Context:
 
     def save(self) -> None:
         tmp = self.result.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.record, indent=2, default=str))
+        tmp.write_text(json.dumps(self.record, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, self.result)
 
     def fit_args(self, overrides: list[str]) -> list[str]:
