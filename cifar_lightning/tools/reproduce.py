@@ -121,7 +121,7 @@ def table(recipes: list[Path], results: Path, smoke: dict[str, dict[str, Any]] |
         accs = [100 * r["test_acc"] for r in reports]
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         secs = statistics.mean(r["fit_seconds"] + r["test_seconds"] for r in reports)
-        extra = " ".join([*reports[0].get("extra_args", []), *filter(None, [reports[0].get("note")])]) or "-"
+        extra = "; ".join(filter(None, [" ".join(reports[0].get("extra_args", [])), reports[0].get("note")])) or "-"
         cpu, gpu = _hardware_cells(reports[0])
         rows.append(
             f"| {recipe.stem} | measured, {len(accs)} seed(s) | {ref} | {statistics.mean(accs):.2f}%{spread} ({len(accs)}) "
