@@ -75,9 +75,9 @@ SMOKE: dict[str, SmokeSpec] = {
     "resnet56_paper": SmokeSpec(20, learns=False),
     # ResNet-50 with the DaiNet Adam recipe: its training loss falls (2.43 to 2.08 over 16 steps),
     # but its batch-norm statistics are not settled that early, so validation read 10% (310 s on one
-    # core). ResNet-18 is as slow; both are checked for a falling loss only, by a smaller swing.
+    # core): it is checked for a falling loss only, by a smaller swing.
     "resnet50_tutorial": SmokeSpec(16, learns=False, min_swing=0.2),
-    "resnet18": SmokeSpec(40, learns=False, min_swing=0.05),
+    "resnet18": SmokeSpec(40, max_loss=2.27, min_acc=0.13),
     # ResNet-34 at SGD 0.1 and batch 256 takes its loss to 6 within 4 steps and was still at 2.4
     # (11% validation accuracy) after 30 steps, 16 s a step on one core: learning is checked by
     # its full run only (benchmarks/reproduce.md); here it must move its loss and stay finite.
@@ -225,7 +225,8 @@ def smoke_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"floor sits between the measured accuracy and chance. A constant guess can score up to about 13% on a "
         f"{VAL_IMAGES}-image sample, so both must hold: a constant output keeps its loss at about ln(10). Rows with no floor are checked for movement only: their first steps blow "
         "the loss up (deep networks at SGD 0.1, a one-cycle warm-up at batch 512) and a smoke run on one core "
-        "cannot wait for it to come back, so the loss must move more than 0.5 away from ln(10) and stay finite, "
+        "cannot wait for it to come back, so the loss must move more than 0.5 away from ln(10) (0.2 for resnet50_tutorial, whose loss falls "
+        "but whose validation is not settled yet) and stay finite, "
         "which a network that outputs constants does not do.",
         "",
         "| recipe | steps | batch | first loss | late loss (last quarter) | must be below | val acc | must be above "
