@@ -6,12 +6,16 @@
 2. ``overhead``: training steps/s through ``Trainer.fit`` (the CLI's default callbacks and CSV
    logging) over a bare PyTorch loop with the same model, data, optimizer and batch, in steady
    state; also with the progress bar and model summary off, and with nothing at all.
-3. ``tta`` (time to accuracy): a fastnet recipe (default ``configs/fastnet_muon.yaml``; ``--config
-   configs/fastnet.yaml`` for the SGD one) end to end on the real data, trained as airbench
-   trains (all 50,000 training images, no validation) and timed as it times itself: training
+3. ``tta`` (time to accuracy): airbench94 (the installed ``airbench`` package, on a CPU in fp32,
+   ``bench_airbench.py``) and the fastnet recipes (``configs/fastnet.yaml``,
+   ``configs/fastnet_muon.yaml``) end to end on the same images, alternating runner by runner
+   within each seed. Every runner trains as airbench trains (all 50,000 training images, no
+   validation), each recipe on as many images as it was sized for (its epochs rescaled from the
+   45,000 images its validation split leaves), and is timed as airbench times itself: training
    plus the final test-time-augmented evaluation, data loading (decoding, caching) excluded.
-   Test accuracy and seconds, mean over seeds. ``-- --trainer.max_steps=N`` fits the recipe to
-   a time budget: its schedule is laid out over the N steps.
+   Reported: test accuracy and seconds per runner, and against airbench94 the time ratio and the
+   accuracy difference, with their spread over seeds. ``-- --trainer.max_steps=N`` fits the
+   recipes to a time budget: their schedules are laid out over the N steps.
 4. ``memory``: peak proportional set size (PSS) of a CPU fit with 2 DataLoader workers, main and
    worker processes summed, and how much of the dataset the workers hold privately (a copy per
    worker would show as about one dataset each).
@@ -23,13 +27,10 @@ the targets (``TARGETS``) are reported, never asserted. ``scripts/bench.py`` is 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ import torch
 from cifar_lightning.data.synthetic import write_image_folder
 from cifar_lightning.report import write_report
 from cifar_lightning.tools.bench_memory import bench_memory
+from cifar_lightning.tools.provenance import finish, provenance
 from cifar_lightning.tools.bench_speed import TARGETS, BenchConfig, bench_data, bench_overhead, bench_time_to_accuracy
 
 SECTIONS = ("data", "overhead", "memory", "tta")
@@ -54,33 +56,9 @@ SECTION_FUNCTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
 }
 
 
-def machine_info() -> dict[str, Any]:
-    """Hardware and software of this run."""
-    import lightning
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def run(cfg: BenchConfig, sections: list[str]) -> dict[str, Any]:
-    """Run the named sections; returns the JSON-ready results (``meta`` plus one key per section)."""
+def run(cfg: BenchConfig, sections: list[str], save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the named sections; returns the JSON-ready results (``provenance``, ``meta``, one key per
+    section). ``save(results)`` is called after each section and each time-to-accuracy run."""
     import warnings
 
     # The CLI is driven with explicit args on purpose; its note about sys.argv does not apply.
@@ -88,14 +66,25 @@ def run(cfg: BenchConfig, sections: list[str]) -> dict[str, Any]:
     unknown = [s for s in sections if s not in SECTION_FUNCTIONS]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
-    results: dict[str, Any] = {"meta": machine_info() | {"quick": cfg.quick, "sections": sections}}
-    results["config"] = asdict(cfg)
+    prov = provenance(None if cfg.quick else cfg.data_dir)
+    results: dict[str, Any] = {"provenance": prov, "meta": {"quick": cfg.quick, "sections": sections, "complete": False}}
+    results["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "work_dir")}
     results["targets"] = TARGETS
+
+    def keep(partial: dict[str, Any] | None = None, name: str | None = None) -> None:
+        if name is not None:
+            results[name] = partial
+        if save is not None:
+            save(results | {"provenance": finish(prov)})
+
     for name in sections:
         start = time.perf_counter()
-        results[name] = SECTION_FUNCTIONS[name](cfg)
+        fn = SECTION_FUNCTIONS[name]
+        results[name] = fn(cfg, on_run=lambda part, n=name: keep(part, n)) if name == "tta" else fn(cfg)
         results[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
-    results["meta"]["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+        keep()
+    results["meta"]["complete"] = True
+    results["provenance"] = finish(prov)
     return results
 
 
@@ -128,13 +117,21 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f">= {o['target_ratio']:.2f}" if variant == "defaults" else "",
             ))  # fmt: skip
     if "tta" in results:
-        t = results["tta"]
-        rows.append((
-            f"time to accuracy: {t['config']}, {len(t['runs'])} seed(s)",
-            f"{100 * t['mean_test_acc']:.2f}% in {t['mean_seconds']:,.0f} s",
-            f"acc {t['accuracy_ratio']:.4f}, time {t['time_ratio']:.3f}",
-            f">= {100 * t['target_accuracy']:.2f}% in <= {t['target_seconds']:,.0f} s",
-        ))  # fmt: skip
+        target = results.get("targets", TARGETS)["tta"]
+        for runner, s in results["tta"]["summary"].items():
+            spread = f" ± {100 * s['std_test_acc']:.2f}" if s["std_test_acc"] is not None else ""
+            vs = s.get("against_airbench94")
+            ratio = ""
+            if vs:
+                tstd = f" ± {vs['time_ratio_std']:.3f}" if vs["time_ratio_std"] is not None else ""
+                astd = f" ± {vs['accuracy_difference_std']:.2f}" if vs["accuracy_difference_std"] is not None else ""
+                ratio = f"time {vs['time_ratio']:.3f}{tstd}, acc {vs['accuracy_difference_points']:+.2f}{astd} pts"
+            rows.append((
+                f"time to accuracy: {runner}, {s['n']} seed(s), {s['mean_images_seen']:,} images",
+                f"{100 * s['mean_test_acc']:.2f}%{spread} in {s['mean_seconds']:,.0f} s", ratio,
+                f"time <= {target['time_ratio']:.2f}x, acc >= {target['accuracy_difference_points']:+.1f} pts"
+                if vs else "(baseline)" if runner == "airbench94" else "",
+            ))  # fmt: skip
     if "memory" in results:
         m = results["memory"]
         two, none = m["torchvision_2_workers"], m["torchvision_0_workers"]
@@ -158,7 +155,7 @@ def print_results(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    meta = results["meta"]
+    meta, prov = results["meta"], results["provenance"]
     table = Table(title="cifar_lightning benchmarks" + (" (--quick: tiny synthetic data)" if meta["quick"] else ""))
     for name, justify in (("benchmark", "left"), ("measured", "right"), ("ratio", "right"), ("target", "right")):
         table.add_column(name, justify=justify)
@@ -166,10 +163,13 @@ def print_results(results: dict[str, Any]) -> None:
         table.add_row(*row)
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
+    m, v = prov["machine"], prov["versions"]
+    gpu = m["gpu"]["name"] if m["gpu"] else "none"
     console.print(
-        f"{meta['cpu']} x{meta['cpu_cores']}, GPU: {meta['gpu'] or 'none'}, torch {meta['torch']}, "
-        f"lightning {meta['lightning']}, load average {meta['load_average_1min']} -> "
-        f"{meta['load_average_1min_end']}, {meta['date']}"
+        f"{m['cpu']} x{m['cpu_cores']}, GPU: {gpu}, torch {v['torch']}, lightning {v['lightning']}, "
+        f"load average {prov['load_average_1min_start']} -> {prov['load_average_1min_end']} "
+        f"(max {prov['load_average_1min_max']}), commit {(prov['commit'] or '?')[:10]}"
+        f"{' + uncommitted changes' if prov['uncommitted_changes'] else ''}, {prov['started'][:19]}"
     )
 
 
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--output", help="write the results as JSON here, e.g. benchmarks/cpu.json")
     p.add_argument("--data-dir", default="data", help="image folder, archive or torchvision folder")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
-    p.add_argument("--config", default="configs/fastnet_muon.yaml", help="recipe of the tta section")
+    p.add_argument("--runners", nargs="+", help="runners of the tta section, alternated per seed: airbench94 "
+                   "and recipe files (default airbench94 configs/fastnet.yaml configs/fastnet_muon.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the tta section")
     p.add_argument("--overhead-arch", help="network of the overhead section (default resnet20 / fastnet on GPU)")
     p.add_argument("--overhead-batch-size", type=int, help="default 256 on a CPU, 1024 on a GPU")
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
     if a.sections == "all":
         sections = list(SECTIONS)
-    kw: dict[str, Any] = dict(accelerator=a.accelerator, config=a.config, seeds=a.seeds)
-    for name in ("overhead_arch", "overhead_batch_size", "timed_steps", "repeats"):
+    kw: dict[str, Any] = dict(accelerator=a.accelerator, seeds=a.seeds)
+    for name in ("runners", "overhead_arch", "overhead_batch_size", "timed_steps", "repeats"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,11 +206,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg.tta_overrides += a.tta_overrides
         else:
             cfg = BenchConfig(data_dir=a.data_dir, tta_overrides=a.tta_overrides, **kw)
-        results = run(cfg, sections)
+        out = Path(a.output) if a.output else None
+        results = run(cfg, sections, save=(lambda r: write_report(r, out)) if out else None)
     print_results(results)
-    if a.output:
-        out = Path(a.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out:
         write_report(results, out)
         print(f"results: {out}")
     return results

@@ -1,0 +1,161 @@
+"""airbench94, the installed ``airbench`` package, run as the baseline of the time-to-accuracy section.
+
+Nothing of airbench is copied here: ``run_airbench94`` imports the package and calls its own
+``train94``. Only two things are swapped, and only while it runs:
+
+- the device: ``Module.cuda`` keeps the network where it is, its data loader maps its tensors to
+  the CPU instead of GPU 0, and its CUDA timing events become wall-clock events (``torch.cuda.Event``
+  and ``torch.cuda.synchronize``);
+- the precision: ``Module.half`` keeps fp32 weights and ``Tensor.half`` casts to fp32, since fp16
+  arithmetic on a CPU is emulated and slow.
+
+Its loader reads ``cifar10/{train,test}.pt`` from the working folder; ``write_airbench_data`` writes
+them from the same decoded images our runs read. Its time is its own count (the sum of its timed
+regions: whitening initialisation, training epochs and the final TTA evaluation; per-epoch
+evaluations and data loading excluded), read from the numbers it prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+def airbench_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("airbench")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def write_airbench_data(data_dir: str | os.PathLike, folder: Path) -> Path:
+    """``folder/cifar10/{train,test}.pt`` in airbench's format (uint8 NHWC images, int64 labels,
+    class names), from the images ``data_dir`` holds; returns ``folder``."""
+    from cifar_lightning.data.sources import load_split, resolve_source
+
+    source = resolve_source(data_dir, download=False)
+    out = folder / "cifar10"
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        images, labels = load_split(source, split)
+        torch.save(
+            {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels), "classes": list(source.class_names)},
+            out / f"{split}.pt",
+        )
+    return folder
+
+
+class _WallClockEvent:
+    """``torch.cuda.Event(enable_timing=True)`` for CPU code: ``elapsed_time`` in milliseconds."""
+
+    def __init__(self, enable_timing: bool = False, **_: Any) -> None:
+        self.t: float | None = None
+
+    def record(self, *_: Any) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "_WallClockEvent") -> float:
+        return 1e3 * (end.t - self.t)
+
+
+@contextlib.contextmanager
+def _on_cpu_in_fp32(utils_module) -> Iterator[None]:
+    """While active: airbench's CUDA and fp16 calls run on the CPU in fp32 (see the module doc)."""
+    saved = {
+        "module_half": torch.nn.Module.half,
+        "module_cuda": torch.nn.Module.cuda,
+        "tensor_half": torch.Tensor.half,
+        "event": torch.cuda.Event,
+        "sync": torch.cuda.synchronize,
+        "loader_defaults": utils_module.CifarLoader.__init__.__defaults__,
+    }
+    torch.nn.Module.half = lambda self: self
+    torch.nn.Module.cuda = lambda self, device=None: self
+    torch.Tensor.half = lambda self, *a, **k: self.float()
+    torch.cuda.Event = _WallClockEvent
+    torch.cuda.synchronize = lambda device=None: None
+    # CifarLoader(..., gpu=0) maps its tensors to GPU 0; its last default becomes the CPU.
+    utils_module.CifarLoader.__init__.__defaults__ = (*saved["loader_defaults"][:-1], "cpu")
+    try:
+        yield
+    finally:
+        torch.nn.Module.half = saved["module_half"]
+        torch.nn.Module.cuda = saved["module_cuda"]
+        torch.Tensor.half = saved["tensor_half"]
+        torch.cuda.Event = saved["event"]
+        torch.cuda.synchronize = saved["sync"]
+        utils_module.CifarLoader.__init__.__defaults__ = saved["loader_defaults"]
+
+
+@contextlib.contextmanager
+def _working_dir(path: Path) -> Iterator[None]:
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def run_airbench94(folder: Path, seed: int, quick: bool = False) -> dict[str, Any]:
+    """One run of airbench's ``train94`` in ``folder`` (which holds ``cifar10/*.pt``).
+
+    ``quick``: a tiny synthetic folder cannot fill airbench's batch of 1,024, so the quick mode
+    passes its own ``train_loader`` argument with batch 32 and one epoch (airbench's own options).
+    """
+    import airbench
+    from airbench import utils as ab_utils
+    from airbench.lib_airbench94 import hyp
+
+    device_was_cpu = not torch.cuda.is_available()
+    final: dict[str, Any] = {}
+    print_details = ab_utils.print_training_details
+
+    def capture(variables, is_final_entry):
+        if is_final_entry:
+            final.update(
+                total_time_seconds=variables.get("total_time_seconds"),
+                tta_val_acc=variables.get("tta_val_acc"),
+                steps=variables.get("current_steps"),
+                train_images=len(variables["train_loader"].images),
+                batch_size=variables["batch_size"],
+            )
+        print_details(variables, is_final_entry)
+
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    with _working_dir(folder), _on_cpu_in_fp32(ab_utils) if device_was_cpu else contextlib.nullcontext():
+        ab_utils.print_training_details = capture
+        try:
+            kwargs: dict[str, Any] = {}
+            if quick:
+                kwargs["train_loader"] = ab_utils.CifarLoader(
+                    "cifar10", train=True, batch_size=32, aug=hyp["aug"], altflip=True
+                )
+                kwargs["epochs"] = 1
+            airbench.train94(**kwargs)
+        finally:
+            ab_utils.print_training_details = print_details
+    wall = time.perf_counter() - start
+    return {
+        "runner": "airbench94",
+        "seed": seed,
+        "test_acc": round(float(final["tta_val_acc"]), 5),
+        "seconds": round(float(final["total_time_seconds"]), 2),
+        "seconds_counted_by": "airbench (whitening init + training + TTA evaluation)",
+        "wall_seconds": round(wall, 2),
+        "steps": int(final["steps"]),
+        "batch_size": int(final["batch_size"]),
+        "train_images": int(final["train_images"]),
+        "images_seen": int(final["steps"]) * int(final["batch_size"]),
+        "precision": "fp32" if device_was_cpu else "fp16 (airbench's own)",
+        "device": "cpu" if device_was_cpu else "cuda",
+        "airbench": airbench_version(),
+    }
