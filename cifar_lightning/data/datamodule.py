@@ -244,15 +244,22 @@ class CIFAR10DataModule(pl.LightningDataModule):
         idx = np.sort(ds.indices)
         return ds.images[idx], np.asarray(ds.labels)[idx]
 
-    def sample_train_images(self, n: int) -> torch.Tensor:
-        """The first ``n`` training-split images, normalised, without augmentation: (n, 3, 32, 32).
-
-        Deterministic, so every DDP rank gets the same images (used for data-dependent init).
-        """
+    def sample_train_indices(self, n: int) -> np.ndarray:
+        """Positions in the training split's arrays of ``sample_train_images(n)``."""
         if self.train_set is None:
             self.setup("fit")
         ds = self.train_set
-        idx = ds.indices[: min(n, len(ds))]
+        return np.sort(evaluation_order(ds.indices)[: min(n, len(ds))])
+
+    def sample_train_images(self, n: int) -> torch.Tensor:
+        """``n`` training-split images, normalised, without augmentation: (n, 3, 32, 32).
+
+        A fair sample of every class (the first ``n`` in ``evaluation_order``: an image folder
+        lists its files class by class, so the first 5,000 would be airplanes alone), and the same
+        on every DDP rank (used for data-dependent init).
+        """
+        idx = self.sample_train_indices(n)
+        ds = self.train_set
         return to_input(torch.from_numpy(ds.images[idx]).permute(0, 3, 1, 2), self.norm_mean, self.norm_std)
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader | TensorLoader:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 
@@ -45,6 +46,11 @@ def write_airbench_data(data_dir: str | os.PathLike, folder: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
         images, labels = load_split(source, split)
+        if split == "train":
+            # CIFAR-10's own files list the training images in a random class order, and airbench
+            # whitens from the first 5,000; an image folder lists them class by class.
+            order = np.random.default_rng(0).permutation(len(images))
+            images, labels = images[order], labels[order]
         torch.save(
             {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels), "classes": list(source.class_names)},
             out / f"{split}.pt",

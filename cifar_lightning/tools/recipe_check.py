@@ -17,11 +17,12 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Sequence
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from cifar_lightning.errors import UserError, exit_on_user_error
@@ -34,22 +35,37 @@ CHANCE_LOSS = math.log(10)
 class SmokeSpec:
     """How long a recipe's smoke run is, and what it must reach.
 
-    steps: optimizer steps at the recipe's own batch size. max_loss: ceiling of the mean training
-    loss over the last quarter of the steps. min_acc: floor of the validation accuracy on
-    ``VAL_IMAGES`` held-out training images. learns: False for a recipe that cannot get past its
-    first steps within a test's budget (below); its loss must then move at least ``min_swing``
-    away from ln(10) and stay finite, which a network that outputs constants does not do.
+    Every recipe runs ``steps`` optimizer steps on the real training images at its own batch size
+    (the data run), which must stay finite and end lower than it started: the mean loss of the
+    last quarter of the steps below that of the first quarter.
+
+    ``kind="learns"``: the data run must also bring the late loss below ``max_loss`` and the
+    validation accuracy on ``VAL_IMAGES`` held-out images above ``min_acc``.
+
+    ``kind="overfit"``, for a recipe whose first steps on the data cannot show learning within a
+    test's budget (SGD 0.1 from the first step on a deep network blows the loss up first): the
+    recipe's network, optimizer, schedule and callbacks fit one fixed batch of ``batch_images``
+    unaugmented training images for ``batch_steps`` steps (the classic "overfit one batch"
+    check). The mean loss of its last ``TAIL`` steps must fall below ``max_batch_loss``, far below
+    ln(10), and the model in eval mode, through the validation step, must classify that batch
+    with accuracy above ``min_batch_acc``.
     """
 
     steps: int
+    kind: Literal["learns", "overfit"] = "learns"
     max_loss: float = CHANCE_LOSS
     min_acc: float = 0.1
-    learns: bool = True
-    min_swing: float = 0.5
+    batch_steps: int = 0
+    batch_images: int = 64
+    max_batch_loss: float = 0.3
+    min_batch_acc: float = 0.9
 
 
 #: Held-out training images the smoke run validates on (one batch of the largest recipe batch).
 VAL_IMAGES = 512
+
+#: Steps of the one-batch fit whose losses are averaged for its verdict.
+TAIL = 5
 
 #: Per recipe: steps and thresholds, from runs measured on the JPEG copy with one thread per run
 #: (benchmarks/recipe_smoke.md). Steps: enough for the loss to fall clearly, within about ten
@@ -57,8 +73,7 @@ VAL_IMAGES = 512
 #: step) run fewer. Thresholds: the validation floor sits above the 10% of chance and below what
 #: the recipe measured (a constant guess can reach about 13% on a 512-image sample, which is why
 #: the loss must also fall: a constant output keeps it near ln(10)); the loss ceiling sits
-#: between the measured late loss and ln(10). Deep networks at SGD 0.1 first blow the
-#: loss up to 4-15 and need tens of steps to come back, hence their small margins.
+#: between the measured late loss and ln(10).
 SMOKE: dict[str, SmokeSpec] = {
     "simple_cnn_tutorial": SmokeSpec(500, max_loss=2.20, min_acc=0.16),  # plain SGD 0.01: slow start
     "mynet_tutorial": SmokeSpec(30, max_loss=2.10, min_acc=0.18),
@@ -69,28 +84,25 @@ SMOKE: dict[str, SmokeSpec] = {
     "resnet110_paper": SmokeSpec(50, max_loss=2.26, min_acc=0.13),  # its lr is 0.01 for 400 steps
     "fastnet": SmokeSpec(16, max_loss=2.26, min_acc=0.18),  # label smoothing 0.2 lifts its loss
     "fastnet_muon": SmokeSpec(6, max_loss=2.15, min_acc=0.20),
-    # ResNet-56 at SGD 0.1 from the first step blows its loss up to 3.2 and was still at 2.28 (11.7%
-    # validation accuracy) after 160 steps, 2.4 s a step on one core; ResNet-44 is clear of chance
-    # after 100. Learning is checked by its full run; here it must move its loss and stay finite.
-    "resnet56_paper": SmokeSpec(20, learns=False),
-    # ResNet-50 with the DaiNet Adam recipe: its training loss falls (2.43 to 2.08 over 16 steps),
-    # but its batch-norm statistics are not settled that early, so validation read 10% (310 s on one
-    # core): it is checked for a falling loss only, by a smaller swing.
-    "resnet50_tutorial": SmokeSpec(16, learns=False, min_swing=0.2),
     "resnet18": SmokeSpec(40, max_loss=2.27, min_acc=0.13),
+    # ResNet-56 at SGD 0.1 from the first step blows its loss up to 3.2 and was still at 2.28 (11.7%
+    # validation accuracy) after 160 steps, 2.4 s a step on one core.
+    "resnet56_paper": SmokeSpec(20, kind="overfit", batch_steps=40),
+    # ResNet-50 with the DaiNet Adam recipe: its training loss falls over 16 steps, but its
+    # batch-norm statistics are not settled that early (validation read 10%).
+    "resnet50_tutorial": SmokeSpec(16, kind="overfit", batch_steps=30),
     # ResNet-34 at SGD 0.1 and batch 256 takes its loss to 6 within 4 steps and was still at 2.4
-    # (11% validation accuracy) after 30 steps, 16 s a step on one core: learning is checked by
-    # its full run only (benchmarks/reproduce.md); here it must move its loss and stay finite.
-    "resnet34_tutorial": SmokeSpec(4, learns=False),
-    # ResNet-18 at batch 512 is as slow a step as ResNet-34 at 256 on a CPU; its one-cycle schedule
-    # needs 8 steps to have a warm-up (a GPU recipe: its full run is scripts/gpu_evidence.py's).
-    "resnet18_fast": SmokeSpec(8, learns=False),
+    # (11% validation accuracy) after 30 steps, 16 s a step on one core.
+    "resnet34_tutorial": SmokeSpec(12, kind="overfit", batch_steps=30),
+    # ResNet-18 at batch 512 is as slow a step as ResNet-34 at 256 on a CPU; its one-cycle peak
+    # (0.4) laid over a few steps blows the loss up (2.3 to 6.5 in 8 steps).
+    "resnet18_fast": SmokeSpec(12, kind="overfit", batch_steps=30),
 }
 
 
 @dataclass
 class SmokeResult:
-    """What one smoke run measured."""
+    """What one smoke run measured: the data run, and the one-batch fit where the kind has one."""
 
     recipe: str
     steps: int
@@ -99,24 +111,47 @@ class SmokeResult:
     val_loss: float
     val_acc: float
     seconds: float
+    batch_losses: list[float] = field(default_factory=list)
+    batch_acc: float | None = None
+
+    @property
+    def quarter(self) -> int:
+        return max(1, len(self.losses) // 4)
+
+    @property
+    def early_loss(self) -> float:
+        """Mean training loss over the first quarter of the steps (at least one)."""
+        head = self.losses[: self.quarter]
+        return sum(head) / len(head)
 
     @property
     def late_loss(self) -> float:
         """Mean training loss over the last quarter of the steps (at least one)."""
-        tail = self.losses[-max(1, len(self.losses) // 4) :]
+        tail = self.losses[-self.quarter :]
         return sum(tail) / len(tail)
 
+    @property
+    def batch_loss(self) -> float | None:
+        """Mean loss of the one-batch fit's last ``TAIL`` steps."""
+        tail = self.batch_losses[-TAIL:]
+        return sum(tail) / len(tail) if tail else None
+
     def as_row(self) -> dict[str, Any]:
-        return {
+        row = {
             "recipe": self.recipe,
             "steps": self.steps,
             "batch_size": self.batch_size,
             "first_loss": round(self.losses[0], 4),
+            "early_loss": round(self.early_loss, 4),
             "late_loss": round(self.late_loss, 4),
             "val_loss": round(self.val_loss, 4),
             "val_acc": round(self.val_acc, 4),
             "seconds": round(self.seconds, 1),
         }
+        if self.batch_losses:
+            row |= {"batch_steps": len(self.batch_losses), "batch_loss": round(self.batch_loss, 4),
+                    "batch_acc": round(self.batch_acc, 4)}  # fmt: skip
+        return row
 
 
 class _StepLosses(pl.Callback):
@@ -128,8 +163,22 @@ class _StepLosses(pl.Callback):
         self.losses.append(float(loss))
 
 
-def check_recipe(recipe: str | Path, data_dir: str | Path, steps: int, root_dir: str | Path, seed: int = 0) -> SmokeResult:
-    """Train ``recipe`` for ``steps`` steps on ``data_dir`` and validate it on ``VAL_IMAGES`` images."""
+class _SameBatch:
+    """One fixed batch, ``n`` times: a training loader for the one-batch fit."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
+        self.x, self.y, self.n = x, y, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield self.x, self.y
+
+
+def _recipe_cli(recipe: str | Path, data_dir, steps: int, root_dir, seed: int, overrides: Sequence[str]):
+    """The CLI's objects for ``recipe`` as written, laid over ``steps`` steps, built but not run."""
     import warnings
 
     from cifar_lightning.cli import CifarCLI
@@ -149,28 +198,68 @@ def check_recipe(recipe: str | Path, data_dir: str | Path, steps: int, root_dir:
         "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(root_dir),
+        *overrides,
     ]  # fmt: skip
-    cli = CifarCLI(args=args, run=False)
+    return CifarCLI(args=args, run=False)
+
+
+def _validate(trainer: pl.Trainer, model, root_dir, **loaders) -> dict[str, float]:
+    # A fresh trainer for validation: the fit's one has limit_val_batches 0.
+    (metrics,) = pl.Trainer(
+        accelerator=trainer.accelerator, devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root_dir),
+    ).validate(model, verbose=False, **loaders)  # fmt: skip
+    return metrics
+
+
+def fit_one_batch(
+    recipe: str | Path, data_dir, spec: SmokeSpec, root_dir, seed: int = 0, overrides: Sequence[str] = ()
+) -> tuple[list[float], float]:
+    """The recipe fits ``spec.batch_images`` fixed training images for ``spec.batch_steps`` steps;
+    returns its step losses and its eval-mode accuracy on that batch (the validation step)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    cli = _recipe_cli(recipe, data_dir, spec.batch_steps, Path(root_dir) / "one_batch", seed, overrides)
+    trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    dm.setup("fit")
+    x = dm.sample_train_images(spec.batch_images)  # a fair sample of the classes
+    y = torch.as_tensor(np.asarray(dm.train_set.labels)[dm.sample_train_indices(spec.batch_images)])
+    n = len(x)
+    losses = _StepLosses()
+    trainer.callbacks.append(losses)
+    trainer.fit(model, train_dataloaders=_SameBatch(x, y, spec.batch_steps))
+    metrics = _validate(trainer, model, root_dir, dataloaders=DataLoader(TensorDataset(x, y), batch_size=n))
+    return losses.losses, float(metrics["val/acc"])
+
+
+def check_recipe(
+    recipe: str | Path, data_dir: str | Path, spec: SmokeSpec | int, root_dir: str | Path, seed: int = 0,
+    overrides: Sequence[str] = (),
+) -> SmokeResult:
+    """The smoke run of ``recipe`` on ``data_dir``: ``spec.steps`` steps on the data, validated on
+    ``VAL_IMAGES`` held-out images, and the one-batch fit for ``kind="overfit"``. ``overrides``
+    are CLI arguments after the recipe's (the mutation tests break a recipe with them)."""
+    spec = SmokeSpec(spec) if isinstance(spec, int) else spec
+    cli = _recipe_cli(recipe, data_dir, spec.steps, root_dir, seed, overrides)
     losses = _StepLosses()
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     trainer.callbacks.append(losses)
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
-    seconds = time.perf_counter() - start
-    # A fresh trainer for validation: the fit's one has limit_val_batches 0.
-    (metrics,) = pl.Trainer(
-        accelerator=trainer.accelerator, devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root_dir),
-    ).validate(model, datamodule=dm, verbose=False)  # fmt: skip
-    return SmokeResult(
+    metrics = _validate(trainer, model, root_dir, datamodule=dm)
+    result = SmokeResult(
         recipe=Path(recipe).stem,
         steps=trainer.global_step,
         batch_size=dm.hparams.batch_size,
         losses=losses.losses,
         val_loss=float(metrics["val/loss"]),
         val_acc=float(metrics["val/acc"]),
-        seconds=seconds,
+        seconds=0.0,
     )
+    if spec.kind == "overfit":
+        result.batch_losses, result.batch_acc = fit_one_batch(recipe, data_dir, spec, root_dir, seed, overrides)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def failures(result: SmokeResult, spec: SmokeSpec) -> list[str]:
@@ -178,17 +267,28 @@ def failures(result: SmokeResult, spec: SmokeSpec) -> list[str]:
     out = []
     if result.steps != spec.steps:
         out.append(f"ran {result.steps} steps, not {spec.steps}")
-    if not all(math.isfinite(x) for x in result.losses):
-        out.append("the training loss is not finite")
-    if not spec.learns:
-        swing = max(abs(x - CHANCE_LOSS) for x in result.losses)
-        if not swing > spec.min_swing:
-            out.append(f"training loss stayed within {swing:.3f} of ln(10) = {CHANCE_LOSS:.3f}: nothing moves")
+    if not all(math.isfinite(x) for x in result.losses + result.batch_losses):
+        return out + ["the training loss is not finite: the run diverged"]
+    if not result.late_loss < result.early_loss:
+        out.append(
+            f"training loss rose or stood still: {result.early_loss:.3f} over the first quarter of the steps, "
+            f"{result.late_loss:.3f} over the last"
+        )
+    if spec.kind == "learns":
+        if not result.late_loss < spec.max_loss:
+            out.append(f"training loss {result.late_loss:.3f} is not below {spec.max_loss} (chance: {CHANCE_LOSS:.3f})")
+        if not result.val_acc > spec.min_acc:
+            out.append(f"validation accuracy {result.val_acc:.3f} is not above {spec.min_acc} (chance: 0.1)")
         return out
-    if not result.late_loss < spec.max_loss:
-        out.append(f"training loss {result.late_loss:.3f} is not below {spec.max_loss} (chance: {CHANCE_LOSS:.3f})")
-    if not result.val_acc > spec.min_acc:
-        out.append(f"validation accuracy {result.val_acc:.3f} is not above {spec.min_acc} (chance: 0.1)")
+    if len(result.batch_losses) != spec.batch_steps:
+        out.append(f"the one-batch fit ran {len(result.batch_losses)} steps, not {spec.batch_steps}")
+    elif not result.batch_loss < spec.max_batch_loss:
+        out.append(
+            f"one fixed batch was not learnt: loss {result.batch_loss:.3f} after {spec.batch_steps} steps, "
+            f"not below {spec.max_batch_loss} (chance: {CHANCE_LOSS:.3f})"
+        )
+    if result.batch_acc is None or not result.batch_acc > spec.min_batch_acc:
+        out.append(f"eval-mode accuracy on the learnt batch {result.batch_acc} is not above {spec.min_batch_acc}")
     return out
 
 
@@ -200,7 +300,7 @@ def run_all(
     for name in names:
         spec = SMOKE.get(name)
         n = steps or (spec.steps if spec else 50)
-        result = check_recipe(configs / f"{name}.yaml", data_dir, n, root_dir / name)
+        result = check_recipe(configs / f"{name}.yaml", data_dir, spec if spec and not steps else n, root_dir / name)
         missed = failures(result, spec) if spec else ["no SMOKE entry: add one to cifar_lightning/tools/recipe_check.py"]
         print(f"{name}: {result.as_row()} {'ok' if not missed else 'FAILED: ' + '; '.join(missed)}", flush=True)
         results.append((result, spec))
