@@ -4,7 +4,7 @@
 Examples:
     python scripts/gpu_evidence.py --data-dir $DATA --output-dir $OUT --budget 480
     python scripts/gpu_evidence.py --data-dir $DATA --output-dir $OUT --budget 480 --skip-done EARLIER
-    python scripts/gpu_evidence.py --quick --data-dir x --output-dir /tmp/gpuq --budget 600   # CPU, tiny data
+    python scripts/gpu_evidence.py --quick --data-dir x --output-dir gpu-quick --budget 600   # CPU, tiny data
 """
 
 import sys

@@ -108,15 +108,21 @@ class Log:
 
 
 def machine() -> dict[str, Any]:
-    """Hardware and versions: the GPU by torch.cuda, the CPU, and every library the runs use."""
+    """Hardware and versions (the GPU by torch.cuda, the CPU, every library the runs use), and the
+    run's provenance (commit, command, date, load)."""
     import importlib.metadata
 
     import torch
 
-    from cifar_lightning.tools.bench import machine_info
+    from cifar_lightning.tools.provenance import provenance
 
-    info = machine_info()
-    for name in ("torchvision", "torchmetrics", "jsonargparse", "numpy", "airbench"):
+    prov = provenance()
+    m = prov["machine"]
+    info: dict[str, Any] = {
+        "cpu": m["cpu"], "cpu_cores": m["cpu_cores"], "cpu_flags": m["cpu_flags"],
+        "gpu": m["gpu"]["name"] if m["gpu"] else None, **prov["versions"], "provenance": prov,
+    }  # fmt: skip
+    for name in ("jsonargparse",):
         try:
             info[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -214,6 +220,9 @@ def _process_age() -> float:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
+    from cifar_lightning.tools.provenance import scrub
+
+    data = scrub(json.loads(json.dumps(data, default=str)))  # results name no folder of the machine
     tmp = path.with_name("." + path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)

@@ -404,11 +404,12 @@ def section_overhead_data(ctx: Context) -> None:
     if ctx.quick:
         cfg = BenchConfig.quick_config(data_dir=ctx.data_dir)
     else:
+        # 3 alternating blocks of 50 steps per variant: about 30 s of fastnet steps on a GPU.
         cfg = BenchConfig(data_dir=ctx.data_dir, accelerator="gpu" if ctx.cuda else "cpu", overhead_arch="fastnet",
-                          overhead_batch_size=1024)  # fmt: skip
+                          overhead_batch_size=1024, timed_steps=50, repeats=3)  # fmt: skip
     ctx.command(f"python scripts/bench.py --sections overhead,data --data-dir {ctx.data_dir} "
                 f"--accelerator {cfg.accelerator} --overhead-arch {cfg.overhead_arch} "
-                f"--overhead-batch-size {cfg.overhead_batch_size}")  # fmt: skip
+                f"--overhead-batch-size {cfg.overhead_batch_size} --timed-steps 50 --repeats 3")  # fmt: skip
     res = ctx.results
     res["overhead"] = bench_overhead(cfg)
     ctx.save()

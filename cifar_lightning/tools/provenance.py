@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -49,16 +50,50 @@ def git_state() -> dict[str, Any]:
     return {"commit": commit, "uncommitted_changes": bool(paths), "changed_files": paths}
 
 
+#: Folders of this repository: a path through one of them, in any checkout, is named from there.
+REPO_FOLDERS = ("benchmarks", "configs", "scripts", "cifar_lightning", "tests", "docs", "notebooks")
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~<>/-])(?:/[\w.+@-]+)+/?")
+
+
 def describe_path(path: str | os.PathLike) -> str:
     """A path as it may be written into a committed file: relative to the repository when inside
-    it, else by its role: the last component only (``cifar10-jpeg.tar.gz``, ``<outside>/x``)."""
+    it (or inside one of its folders in another checkout), ``<site-packages>/...`` for installed
+    packages, ``python`` for an interpreter, else by its role: the last component only
+    (``<outside>/cifar10-jpeg.tar.gz``)."""
     p = Path(path).expanduser()
     if not p.is_absolute():
         p = Path.cwd() / p
     try:
         return p.resolve().relative_to(REPO).as_posix() or "."
     except ValueError:
-        return f"<outside>/{p.name}"
+        pass
+    parts = p.parts
+    hidden = [i for i, part in enumerate(parts) if part.startswith(".")]  # caches, virtual environments
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] in REPO_FOLDERS and not any(h < i for h in hidden):
+            return Path(*parts[i:]).as_posix()
+        if parts[i] == "site-packages":
+            return "<site-packages>/" + Path(*parts[i + 1 :]).as_posix() if i + 1 < len(parts) else "<site-packages>"
+    if re.fullmatch(r"python[\d.]*", p.name):
+        return "python"
+    return f"<outside>/{p.name}"
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every absolute path replaced by ``describe_path`` of it (for logs a result keeps)."""
+    return _ABSOLUTE_PATH.sub(lambda m: describe_path(m.group(0).rstrip("/")), text)
+
+
+def scrub(obj: Any) -> Any:
+    """``scrub_paths`` over every string of a JSON-like object."""
+    if isinstance(obj, str):
+        return scrub_paths(obj)
+    if isinstance(obj, dict):
+        return {k: scrub(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub(v) for v in obj]
+    return obj
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
@@ -185,7 +220,7 @@ def provenance(data_dir: str | os.PathLike | None = None, argv: Sequence[str] | 
         "command": command_line(argv),
         "machine": {**_cpu(), "gpu": _gpu(), "torch_threads": torch.get_num_threads(), "os": platform.system()},
         "versions": versions(),
-        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "environment": scrub({k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}),
         "data": describe_data(data_dir),
         "started": started,
         "load_average_1min_start": load_average(),

@@ -1,0 +1,159 @@
+"""Every result says where it came from, and no committed file names a machine's folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cifar_lightning.tools import provenance as prov_mod
+from cifar_lightning.tools.provenance import (
+    command_line,
+    describe_data,
+    describe_path,
+    finish,
+    provenance,
+    scrub,
+    scrub_paths,
+)
+from conftest import REPO
+
+#: An absolute POSIX path under a top-level folder that machines hold checkouts, homes, caches or
+#: environments in, or a Windows user folder.
+MACHINE_PATH = re.compile(
+    r"(?<![\w.~<>/-])/(?:root|home|work|tmp|Users|opt|usr|mnt|var|srv|scratch|data|private)/[\w.+@-]"
+    r"|[A-Za-z]:\\\\?Users\\"
+)
+
+#: Absolute paths tracked on purpose: (file, text), each with its reason.
+ALLOWED = {
+    # a test that an archive member naming an absolute path is refused, and nothing was written there
+    ("tests/test_data.py", "/tmp/absolute-escape.txt"),
+}
+
+
+def tracked_text_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    files = []
+    for name in filter(None, out.split("\0")):
+        path = REPO / name
+        if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".ckpt", ".pt", ".onnx", ".gz"} or not path.is_file():
+            continue
+        files.append(path)
+    return files
+
+
+def machine_paths_in(path: Path) -> list[str]:
+    rel = path.relative_to(REPO).as_posix()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return []
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if number == 1 and line.startswith("#!"):
+            continue  # an interpreter line names the interpreter, not this machine
+        for m in MACHINE_PATH.finditer(line):
+            end = line.find(" ", m.start())
+            token = line[m.start() : end if end > 0 else len(line)]
+            if not any(rel == f and token.startswith(t) for f, t in ALLOWED):
+                found.append(f"{rel}:{number}: {token[:80]}")
+    return found
+
+
+def test_no_tracked_file_names_an_absolute_path_of_a_machine():
+    found = [hit for path in tracked_text_files() for hit in machine_paths_in(path)]
+    assert found == [], "absolute paths in tracked files (name them by role: provenance.describe_path):\n" + "\n".join(found)
+
+
+def test_no_tracked_file_names_this_checkout_or_home():
+    # Whatever the machine calls its folders, this checkout's own path and the home folder appear nowhere.
+    needles = {str(REPO), str(Path.home())} - {"/"}
+    found = []
+    for path in tracked_text_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        found += [f"{path.relative_to(REPO)}: {n}" for n in needles if n + "/" in text]
+    assert found == []
+
+
+def test_the_path_check_finds_what_it_looks_for(tmp_path):
+    # The check above must fail on a file that holds such a path.
+    sample = REPO / "tests" / "data" / "_path_check_sample.txt"
+    sample.write_text('{"data_dir": "/work/shared/data/x.tar.gz", "ok": "configs/a.yaml", "url": "https://a.org/b"}\n')
+    try:
+        assert machine_paths_in(sample) == ["tests/data/_path_check_sample.txt:1: /work/shared/data/x.tar.gz\","]
+    finally:
+        sample.unlink()
+
+
+def test_paths_are_named_by_role(tmp_path):
+    assert describe_path(REPO / "configs" / "fastnet.yaml") == "configs/fastnet.yaml"
+    # another checkout's folders are named from the repository's own folders down
+    assert describe_path("/elsewhere/snap/benchmarks/reproduce/x.log") == "benchmarks/reproduce/x.log"
+    assert describe_path("/opt/venv/lib/python3.11/site-packages/lightning/a.py") == "<site-packages>/lightning/a.py"
+    assert describe_path("/usr/local/bin/python3.11") == "python"
+    assert describe_path(tmp_path / "cifar10-jpeg.tar.gz") == "<outside>/cifar10-jpeg.tar.gz"
+    # a cache folder named like the package is not the package
+    assert describe_path("/root/.cache/cifar_lightning/extracted/x") == "<outside>/x"
+    text = "at /work/main/benchmarks/runs/a.ckpt and https://example.org/a/b, 1/2 of /root/x.tar"
+    assert scrub_paths(text) == "at benchmarks/runs/a.ckpt and https://example.org/a/b, 1/2 of <outside>/x.tar"
+    assert scrub({"a": ["/srv/data/q.npz", 3]}) == {"a": ["<outside>/q.npz", 3]}
+
+
+def test_command_line_is_relative():
+    line = command_line([str(REPO / "scripts" / "bench.py"), "--output", "/tmp/q.json", "--sections=tta", "--quick"])
+    assert line == "python scripts/bench.py --output '<outside>/q.json' --sections=tta --quick"
+
+
+def test_provenance_records_commit_machine_versions_data_and_load(tmp_path):
+    archive = tmp_path / "copy.tar.gz"
+    archive.write_bytes(b"abc")
+    p = finish(provenance(archive, argv=["scripts/bench.py", "--quick"]))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert p["commit"] == head and isinstance(p["uncommitted_changes"], bool)
+    assert p["uncommitted_changes"] == bool(p["changed_files"])
+    assert p["command"] == "python scripts/bench.py --quick"
+    m = p["machine"]
+    assert m["cpu_cores"] == os.cpu_count() and m["cpu"]
+    if Path("/proc/cpuinfo").is_file():
+        flags = Path("/proc/cpuinfo").read_text()
+        assert m["cpu_flags"]["avx512f"] == (" avx512f" in flags)
+    assert p["versions"]["torch"] and p["versions"]["lightning"]
+    # sha256 of b"abc"
+    assert p["data"] == {"name": "copy.tar.gz", "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+    assert p["load_average_1min_max"] is not None and p["finished"] >= p["started"][:19]
+    assert MACHINE_PATH.search(json.dumps(p)) is None
+
+
+def test_a_modified_tracked_file_is_recorded(monkeypatch):
+    monkeypatch.setattr(prov_mod, "_git", lambda *a: " M configs/fastnet.yaml\n M README.md" if a[0] == "status" else "abc\n")
+    state = prov_mod.git_state()
+    assert state == {"commit": "abc", "uncommitted_changes": True, "changed_files": ["README.md", "configs/fastnet.yaml"]}
+
+
+def test_a_busy_machine_is_marked(monkeypatch):
+    p = provenance(None, argv=["x"])
+    monkeypatch.setattr(prov_mod, "load_average", lambda: float(os.cpu_count() + 3))
+    assert finish(p)["machine_busy"] is True
+
+
+@pytest.mark.parametrize("name", ["recipe_smoke.json", "time_to_accuracy_cpu.json", "cpu.json"])
+def test_committed_results_carry_provenance(name):
+    path = REPO / "benchmarks" / name
+    if not path.is_file():
+        pytest.fail(f"{name} is missing: regenerate it with its script (benchmarks/README.md)")
+    p = json.loads(path.read_text())["provenance"]
+    assert re.fullmatch(r"[0-9a-f]{40}", p["commit"]) and p["command"].startswith("python scripts/")
+    assert p["machine"]["cpu"] and p["versions"]["torch"] and "machine_busy" in p
+
+
+def test_describe_data_of_a_folder(tmp_path):
+    assert describe_data(tmp_path) == {"name": tmp_path.name}
+    assert describe_data(None) is None
