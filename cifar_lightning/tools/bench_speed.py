@@ -194,7 +194,7 @@ class BareLoop:
         self.batches = iter(dm.tensor_loader(dm.train_set, train=True, device=device, seed=1))
         torch.manual_seed(0)
         # The module with its defaults, for the same network, optimizer and schedule as the fit's.
-        module = ClassifierModule(arch=arch, num_classes=dm.num_classes, class_names=dm.class_names)
+        module = ClassifierModule(arch=arch, num_classes=dm.num_classes, class_names=dm.class_names, lr=OVERHEAD_LR)
         self.model = module.model.to(device).train()
         init = getattr(self.model, "init_from_data", None)
         if callable(init):
@@ -239,6 +239,10 @@ class _BlockTimer:
         return _Timer()
 
 
+#: A learning rate that keeps every overhead network finite (simple_cnn's loss turns NaN at 0.1),
+#: so both sides time ordinary arithmetic.
+OVERHEAD_LR = 0.01
+
 #: Overhead variants: what each Trainer carries beyond the bare loop.
 OVERHEAD_VARIANTS = {
     "defaults": "the CLI's defaults: progress bar, model summary, LR monitor, checkpointing, CSV logger, metrics",
@@ -251,7 +255,7 @@ def _overhead_args(cfg: BenchConfig, arch: str, bs: int, steps: int, out: Path, 
     args = [
         f"--data.data_dir={cfg.data_dir}", "--data.download=false", "--data.loader=tensor",
         f"--data.val_size={cfg.val_size}",
-        f"--data.batch_size={bs}", f"--model.arch={arch}", "--trainer.max_epochs=1",
+        f"--data.batch_size={bs}", f"--model.arch={arch}", f"--model.lr={OVERHEAD_LR}", "--trainer.max_epochs=1",
         f"--trainer.limit_train_batches={steps}", "--trainer.limit_val_batches=0",
         f"--trainer.accelerator={cfg.accelerator}", "--trainer.devices=1",
         f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
