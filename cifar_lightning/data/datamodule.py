@@ -6,9 +6,10 @@ images become float only one batch at a time.
 
 Two loaders read those arrays (``CIFAR10DataModule(loader=...)``):
 
-- ``tensor`` (the default, measured fastest on a CPU and a GPU with the same augmentation; see
-  ``benchmarks/README.md``): a ``TensorLoader`` that crops, flips and normalises whole batches
-  as tensors on the training device.
+- ``tensor`` (the default; with the same augmentation it made many times the images a second of
+  the per-image path on a 2-core CPU, the ``data`` section of ``benchmarks/cpu.json``; not yet
+  measured on a GPU): a ``TensorLoader`` that crops, flips and normalises whole batches as
+  tensors on the training device.
 - ``torchvision``: a ``DataLoader`` over a ``Dataset`` whose items go through torchvision
   transforms one image at a time, in worker processes. Every ``DataLoader`` idiom works with it.
 
