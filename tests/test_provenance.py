@@ -35,6 +35,9 @@ ALLOWED = {
     ("tests/test_data.py", "/tmp/absolute-escape.txt"),
 }
 
+#: Files whose job is to hold sample machine paths: the tests of the path checks themselves.
+SAMPLES = {"tests/test_provenance.py"}
+
 
 def tracked_text_files() -> list[Path]:
     out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
@@ -49,6 +52,8 @@ def tracked_text_files() -> list[Path]:
 
 def machine_paths_in(path: Path) -> list[str]:
     rel = path.relative_to(REPO).as_posix()
+    if rel in SAMPLES:
+        return []
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -75,6 +80,8 @@ def test_no_tracked_file_names_this_checkout_or_home():
     needles = {str(REPO), str(Path.home())} - {"/"}
     found = []
     for path in tracked_text_files():
+        if path.relative_to(REPO).as_posix() in SAMPLES:
+            continue
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -83,12 +90,16 @@ def test_no_tracked_file_names_this_checkout_or_home():
     assert found == []
 
 
-def test_the_path_check_finds_what_it_looks_for(tmp_path):
-    # The check above must fail on a file that holds such a path.
+def test_the_path_check_finds_what_it_looks_for(monkeypatch):
+    # The check above must fail on a file that holds such a path (a file of the tree: the check
+    # names files relative to it).
     sample = REPO / "tests" / "data" / "_path_check_sample.txt"
     sample.write_text('{"data_dir": "/work/shared/data/x.tar.gz", "ok": "configs/a.yaml", "url": "https://a.org/b"}\n')
     try:
         assert machine_paths_in(sample) == ["tests/data/_path_check_sample.txt:1: /work/shared/data/x.tar.gz\","]
+        monkeypatch.setattr(f"{__name__}.tracked_text_files", lambda: [sample])
+        with pytest.raises(AssertionError, match="x.tar.gz"):
+            test_no_tracked_file_names_an_absolute_path_of_a_machine()
     finally:
         sample.unlink()
 
@@ -108,8 +119,9 @@ def test_paths_are_named_by_role(tmp_path):
 
 
 def test_command_line_is_relative():
-    line = command_line([str(REPO / "scripts" / "bench.py"), "--output", "/tmp/q.json", "--sections=tta", "--quick"])
-    assert line == "python scripts/bench.py --output '<outside>/q.json' --sections=tta --quick"
+    line = command_line([str(REPO / "scripts" / "bench.py"), "--output", "/tmp/q.json", "--sections=tta", "--quick",
+                         "--note", "see /srv/logs/a.txt"])  # fmt: skip
+    assert line == "python scripts/bench.py --output '<outside>/q.json' --sections=tta --quick --note 'see <outside>/a.txt'"
 
 
 def test_provenance_records_commit_machine_versions_data_and_load(tmp_path):
@@ -117,7 +129,7 @@ def test_provenance_records_commit_machine_versions_data_and_load(tmp_path):
     archive.write_bytes(b"abc")
     p = finish(provenance(archive, argv=["scripts/bench.py", "--quick"]))
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    assert p["commit"] == head and isinstance(p["uncommitted_changes"], bool)
+    assert p["commit"] == head and isinstance(p["uncommitted_changes"], bool)  # a checkout here
     assert p["uncommitted_changes"] == bool(p["changed_files"])
     assert p["command"] == "python scripts/bench.py --quick"
     m = p["machine"]
@@ -132,16 +144,26 @@ def test_provenance_records_commit_machine_versions_data_and_load(tmp_path):
     assert MACHINE_PATH.search(json.dumps(p)) is None
 
 
-def test_a_modified_tracked_file_is_recorded(monkeypatch):
-    monkeypatch.setattr(prov_mod, "_git", lambda *a: " M configs/fastnet.yaml\n M README.md" if a[0] == "status" else "abc\n")
+def test_a_modified_or_new_file_is_recorded(monkeypatch):
+    status = " M configs/fastnet.yaml\n?? cifar_lightning/new.py\n M README.md"
+    monkeypatch.setattr(prov_mod, "_git", lambda *a: status if a[0] == "status" else "abc\n")
     state = prov_mod.git_state()
-    assert state == {"commit": "abc", "uncommitted_changes": True, "changed_files": ["README.md", "configs/fastnet.yaml"]}
+    assert state == {"commit": "abc", "uncommitted_changes": True,
+                     "changed_files": ["README.md", "cifar_lightning/new.py", "configs/fastnet.yaml"]}  # fmt: skip
+    monkeypatch.setattr(prov_mod, "_git", lambda *a: None)  # no git: unknown, not clean
+    assert prov_mod.git_state()["uncommitted_changes"] is None
 
 
 def test_a_busy_machine_is_marked(monkeypatch):
     p = provenance(None, argv=["x"])
     monkeypatch.setattr(prov_mod, "load_average", lambda: float(os.cpu_count() + 3))
-    assert finish(p)["machine_busy"] is True
+    assert finish(p, final=False)["machine_busy"] is True
+    # a partial save keeps sampling: the final record still holds what the run saw
+    prov_mod._SAMPLERS[p["started"]].samples.append(99.0)
+    monkeypatch.setattr(prov_mod, "load_average", lambda: 0.0)
+    final = finish(p)
+    assert final["load_average_1min_max"] == 99.0 and final["machine_busy"] is True
+    assert p["started"] not in prov_mod._SAMPLERS
 
 
 @pytest.mark.parametrize("name", ["recipe_smoke.json", "time_to_accuracy_cpu.json", "cpu.json"])

@@ -24,9 +24,10 @@ def test_runs_seeds_keeps_logs_and_writes_table(tiny_folder, tmp_path):
     results, table = tmp_path / "results", tmp_path / "table.md"
     smoke = tmp_path / "smoke.json"
     smoke.write_text(json.dumps({"results": [
-        {"recipe": "resnet20_paper", "steps": 60, "late_loss": 1.86, "val_acc": 0.2676},
-        {"recipe": "resnet34_tutorial", "steps": 4, "first_loss": 2.31, "late_loss": 6.02, "val_acc": 0.1,
-         "learns": False},
+        {"recipe": "resnet20_paper", "kind": "learns", "steps": 60, "late_loss": 1.86, "val_acc": 0.2676, "passed": True},
+        {"recipe": "resnet34_tutorial", "kind": "overfit", "steps": 12, "early_loss": 4.1, "late_loss": 2.9,
+         "val_acc": 0.1, "batch_steps": 40, "batch_loss": 0.21, "batch_acc": 0.95, "passed": True},
+        {"recipe": "resnet44_paper", "kind": "learns", "steps": 100, "late_loss": 2.31, "val_acc": 0.1, "passed": False},
     ]}))  # fmt: skip
     main([str(recipe), "--seeds", "0", "1", "--data-dir", str(tiny_folder), "--results", str(results),
           "--table", str(table), "--configs", str(REPO / "configs"), "--smoke", str(smoke),
@@ -44,6 +45,9 @@ def test_runs_seeds_keeps_logs_and_writes_table(tiny_folder, tmp_path):
     assert "measured, 2 seed(s)" in rows["tiny_recipe"] and "--num-workers 0" in rows["tiny_recipe"]
     # every row says how it stands: a smoke check is not a measurement, and nothing is estimated
     assert "smoke-checked only: 60 steps" in rows["resnet20_paper"] and rows["resnet20_paper"].split("|")[4].strip() == "-"
-    # a movement-only check does not claim the loss fell below chance
-    assert "smoke-checked only (moves, stays finite): 4 steps, training loss 2.31 to 6.02" in rows["resnet34_tutorial"]
+    # a one-batch check says what it showed, and does not claim the data loss fell below chance
+    assert "smoke-checked only (one batch learnt, data run falls): 40 steps on one batch to loss 0.21" in rows["resnet34_tutorial"]
+    assert "12 data steps, loss 4.10 to 2.90" in rows["resnet34_tutorial"]
+    # a failed smoke check is not shown as a pass
+    assert "smoke check FAILED" in rows["resnet44_paper"]
     assert "| not run |" in rows["resnet110_paper"] and rows["resnet110_paper"].split("|")[4].strip() == "-"

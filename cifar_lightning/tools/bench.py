@@ -42,7 +42,8 @@ from cifar_lightning.data.synthetic import write_image_folder
 from cifar_lightning.report import write_report
 from cifar_lightning.tools.bench_memory import bench_memory
 from cifar_lightning.tools.provenance import finish, provenance
-from cifar_lightning.tools.bench_speed import TARGETS, BenchConfig, bench_data, bench_overhead, bench_time_to_accuracy
+from cifar_lightning.tools.bench_speed import TARGETS, BenchConfig, bench_data, bench_overhead
+from cifar_lightning.tools.bench_time_to_accuracy import bench_time_to_accuracy
 
 SECTIONS = ("data", "overhead", "memory", "tta")
 
@@ -77,7 +78,7 @@ def run(cfg: BenchConfig, sections: list[str], save: Callable[[dict[str, Any]], 
         if name is not None:
             results[name] = partial
         if save is not None:
-            save(results | {"provenance": finish(prov)})
+            save(results | {"provenance": finish(prov, final=False)})
 
     for name in sections:
         start = time.perf_counter()

@@ -110,7 +110,7 @@ def _working_dir(path: Path) -> Iterator[None]:
         os.chdir(old)
 
 
-def run_airbench94(folder: Path, seed: int, quick: bool = False) -> dict[str, Any]:
+def run_airbench94(folder: Path, seed: int, quick: bool = False, device: torch.device | None = None) -> dict[str, Any]:
     """One run of airbench's ``train94`` in ``folder`` (which holds ``cifar10/*.pt``).
 
     ``quick``: a tiny synthetic folder cannot fill airbench's batch of 1,024, so the quick mode
@@ -120,7 +120,8 @@ def run_airbench94(folder: Path, seed: int, quick: bool = False) -> dict[str, An
     from airbench import utils as ab_utils
     from airbench.lib_airbench94 import hyp
 
-    device_was_cpu = not torch.cuda.is_available()
+    # On the device the other runners use: airbench's own CUDA + fp16 on a GPU, else the CPU in fp32.
+    device_was_cpu = (device.type == "cpu") if device is not None else not torch.cuda.is_available()
     final: dict[str, Any] = {}
     print_details = ab_utils.print_training_details
 

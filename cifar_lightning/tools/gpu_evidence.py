@@ -114,9 +114,9 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    from cifar_lightning.tools.provenance import provenance
+    from cifar_lightning.tools.provenance import finish, provenance
 
-    prov = provenance()
+    prov = finish(provenance())  # when the run started, and the load then
     m = prov["machine"]
     info: dict[str, Any] = {
         "cpu": m["cpu"], "cpu_cores": m["cpu_cores"], "cpu_flags": m["cpu_flags"],

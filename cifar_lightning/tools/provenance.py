@@ -3,7 +3,7 @@
 Every file written by the benchmark, reproduction, recipe-check and GPU harnesses carries
 ``provenance()`` under the key ``provenance``. Paths in it are relative to the repository or named
 by role (the data copy by file name and sha256), never absolute, so a committed result says
-nothing about the machine's folders (``tests/test_layout.py`` checks every tracked file).
+nothing about the machine's folders (``tests/test_provenance.py`` checks every tracked file).
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ def _git(*args: str) -> str | None:
 def git_state() -> dict[str, Any]:
     """The commit checked out and the tracked files that differ from it (relative paths)."""
     commit = (_git("rev-parse", "HEAD") or "").strip() or None
-    changed = _git("status", "--porcelain", "--untracked-files=no")
-    paths = sorted(line[3:] for line in changed.splitlines() if line.strip()) if changed else []
+    changed = _git("status", "--porcelain", "--untracked-files=normal")
+    if changed is None:  # no git, or not a checkout: unknown, not clean
+        return {"commit": commit, "uncommitted_changes": None, "changed_files": None}
+    paths = sorted(line[3:] for line in changed.splitlines() if line.strip())
     return {"commit": commit, "uncommitted_changes": bool(paths), "changed_files": paths}
 
 
@@ -104,6 +106,7 @@ def command_line(argv: Sequence[str] | None = None) -> str:
         key, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
         if value and (i == 0 or value.startswith(("/", "~")) or (os.sep in value and Path(value).exists())):
             value = describe_path(value)
+        value = scrub_paths(value)  # paths inside a value too (--note "see /srv/x", a:/b)
         parts.append(f"{key}{eq}{value}")
     return shlex.join(parts)
 
@@ -227,11 +230,12 @@ def provenance(data_dir: str | os.PathLike | None = None, argv: Sequence[str] | 
     }
 
 
-def finish(prov: dict[str, Any]) -> dict[str, Any]:
-    """``prov`` with the end time and the load then; a load above the core count marks a busy machine."""
+def finish(prov: dict[str, Any], final: bool = True) -> dict[str, Any]:
+    """``prov`` with the end time and the load over the run so far; a load above the core count
+    marks a busy machine. ``final=False`` (a partial save) keeps sampling."""
     end = load_average()
-    sampler = _SAMPLERS.pop(prov["started"], None)
-    samples = (sampler.stop() if sampler else []) + ([end] if end is not None else [])
+    sampler = _SAMPLERS.pop(prov["started"], None) if final else _SAMPLERS.get(prov["started"])
+    samples = ((sampler.stop() if final else list(sampler.samples)) if sampler else []) + ([end] if end is not None else [])
     cores = prov["machine"]["cpu_cores"] or 1
     peak = max(samples, default=None)
     return prov | {

@@ -308,6 +308,8 @@ def failures(result: SmokeResult, spec: SmokeSpec) -> list[str]:
     out = []
     if result.steps != spec.steps:
         out.append(f"ran {result.steps} steps, not {spec.steps}")
+    if not result.losses:
+        return out + ["no training step ran"]
     if not all(math.isfinite(x) for x in result.losses + result.batch_losses):
         return out + ["the training loss is not finite: the run diverged"]
     if not result.late_loss < result.early_loss:

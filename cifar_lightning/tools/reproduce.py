@@ -153,6 +153,8 @@ def table(recipes: list[Path], results: Path, smoke: dict[str, dict[str, Any]] |
                 )
             else:
                 status = "not run"
+            if check and not check.get("passed", False):
+                status = "smoke check FAILED: " + status.removeprefix("smoke-checked only")
             rows.append(f"| {recipe.stem} | {status} | {ref} | - | {head.get('epochs', '-')} | - | - | - | - | - |")
             continue
         accs = [100 * r["test_acc"] for r in reports]
