@@ -193,8 +193,8 @@ class ClassifierModule(pl.LightningModule):
             self.class_acc_metrics[key].update(preds, y)
         if stage not in self._logged_stages:
             # Lightning keeps a reference to a logged metric object and computes it at the epoch's
-            # end, so one call per epoch logs all of its batches. A call per step costs ~0.5 ms of
-            # Python, which shows on a short step (benchmarks: the overhead section).
+            # end, so one call per epoch logs all of its batches. A call per step costs Python time
+            # that shows on a short step (the overhead section of benchmarks/cpu.json).
             self.log(f"{stage}/loss", self.loss_metrics[key], on_step=False, on_epoch=True, prog_bar=stage == "train")
             self.log(f"{stage}/acc", self.acc_metrics[key], on_step=False, on_epoch=True, prog_bar=True)
             self._logged_stages.add(stage)

@@ -7,7 +7,7 @@
    ``Trainer.fit`` (the CLI's default callbacks and CSV logging) against a bare PyTorch loop with
    the same model, data, optimizer and batch, timed in alternating blocks; also with the
    progress bar and model summary off, and with nothing at all. The default step is short
-   (simple_cnn, batch 32: about 10 ms on a CPU) so that a millisecond of framework shows.
+   (simple_cnn, batch 32 on a CPU) so that a millisecond of framework shows.
 3. ``tta`` (time to accuracy): airbench94 (the installed ``airbench`` package, on a CPU in fp32,
    ``bench_airbench.py``) and the fastnet recipes (``configs/fastnet.yaml``,
    ``configs/fastnet_muon.yaml``) end to end on the same images, alternating runner by runner

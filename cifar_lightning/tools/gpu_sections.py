@@ -404,7 +404,7 @@ def section_overhead_data(ctx: Context) -> None:
     if ctx.quick:
         cfg = BenchConfig.quick_config(data_dir=ctx.data_dir)
     else:
-        # 3 alternating blocks of 50 steps per variant: about 30 s of fastnet steps on a GPU.
+        # 3 alternating blocks of 50 steps per variant: short enough for the section's cap.
         cfg = BenchConfig(data_dir=ctx.data_dir, accelerator="gpu" if ctx.cuda else "cpu", overhead_arch="fastnet",
                           overhead_batch_size=1024, timed_steps=50, repeats=3)  # fmt: skip
     ctx.command(f"python scripts/bench.py --sections overhead,data --data-dir {ctx.data_dir} "
