@@ -106,7 +106,7 @@ def command_line(argv: Sequence[str] | None = None) -> str:
         key, eq, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
         if value and (i == 0 or value.startswith(("/", "~")) or (os.sep in value and Path(value).exists())):
             value = describe_path(value)
-        value = scrub_paths(value)  # paths inside a value too (--note "see /srv/x", a:/b)
+        value = scrub_paths(value)  # paths inside a value too (a note naming a file, a:/b)
         parts.append(f"{key}{eq}{value}")
     return shlex.join(parts)
 
