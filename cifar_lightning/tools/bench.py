@@ -42,7 +42,8 @@ from cifar_lightning.data.synthetic import write_image_folder
 from cifar_lightning.report import write_report
 from cifar_lightning.tools.bench_memory import bench_memory
 from cifar_lightning.tools.provenance import finish, provenance
-from cifar_lightning.tools.bench_speed import TARGETS, BenchConfig, bench_data, bench_overhead
+from cifar_lightning.tools.bench_overhead import bench_overhead
+from cifar_lightning.tools.bench_speed import TARGETS, BenchConfig, bench_data
 from cifar_lightning.tools.bench_time_to_accuracy import bench_time_to_accuracy
 
 SECTIONS = ("data", "overhead", "memory", "tta")
@@ -192,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the tta section")
     p.add_argument("--overhead-arch", help="network of the overhead section (default simple_cnn / fastnet on GPU)")
     p.add_argument("--overhead-batch-size", type=int, help="default 32 on a CPU, 1024 on a GPU")
-    p.add_argument("--timed-steps", type=int, help="steps timed per overhead block (default 200)")
-    p.add_argument("--repeats", type=int, help="alternating blocks per overhead variant (default 5)")
+    p.add_argument("--timed-steps", type=int, help="steps timed per overhead fit (default 500)")
+    p.add_argument("--repeats", type=int, help="fits per overhead variant (default 2)")
     p.add_argument("tta_overrides", nargs="*", help="extra CLI arguments for the tta runs, after --")
     a = p.parse_args(argv)
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]

@@ -399,7 +399,8 @@ def section_airbench(ctx: Context) -> None:
 def section_overhead_data(ctx: Context) -> None:
     """The bench ``overhead`` section (fastnet, batch 1024) and the ``data`` section, plus the
     per-image loaders with every core as a DataLoader worker (``bench_data`` uses 2)."""
-    from cifar_lightning.tools.bench_speed import BenchConfig, bench_data, bench_overhead
+    from cifar_lightning.tools.bench_overhead import bench_overhead
+    from cifar_lightning.tools.bench_speed import BenchConfig, bench_data
 
     if ctx.quick:
         cfg = BenchConfig.quick_config(data_dir=ctx.data_dir)
