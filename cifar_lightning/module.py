@@ -260,9 +260,19 @@ class ClassifierModule(pl.LightningModule):
         # Networks with data-dependent initialisation (fastnet's whitening layer) get it here, from
         # the same deterministic images on every rank; the network ignores repeated calls.
         init = getattr(self.model, "init_from_data", None)
+        if not callable(init) or bool(getattr(self.model, "whiten_initialized", False)):
+            return
         dm = getattr(self.trainer, "datamodule", None)
-        if callable(init) and dm is not None and hasattr(dm, "sample_train_images"):
-            init(dm.sample_train_images(5000).to(self.device))
+        if dm is None or not hasattr(dm, "sample_train_images"):
+            # Training on would leave the whitening filters random and frozen: a network that
+            # learns, slowly, far below what it should reach, and says nothing.
+            raise UserError(
+                f"{self.hparams.arch} sets its first layer from training images before it trains, and this "
+                "fit has no CIFAR10DataModule to take them from. Pass datamodule=CIFAR10DataModule(...) to "
+                "Trainer.fit, or call model.model.init_from_data(images) first with about 5,000 normalised "
+                "training images (N, 3, 32, 32)."
+            )
+        init(dm.sample_train_images(5000).to(self.device))
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -235,7 +235,16 @@ def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: 
             # torch's OneCycleLR divides by zero when its warm-up ends on the first step (pct_start x
             # steps = 1). A run this short (fast_dev_run, a smoke check) warms up over 1.5 steps.
             pct_start = 1.5 / total
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=total, pct_start=pct_start)
+        # Each group peaks at its own learning rate (Muon's filters at muon_lr, not the SGD lr).
+        # Momentum cycles 0.85-0.95 as torch's default, except in Muon groups, whose momentum is
+        # part of the update rule (muon_momentum) and stays fixed.
+        muon = [bool(g.get("muon")) for g in opt.param_groups]
+        base = [g["momentum"] if m else 0.85 for g, m in zip(opt.param_groups, muon)]
+        peak = [g["momentum"] if m else 0.95 for g, m in zip(opt.param_groups, muon)]
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=pct_start,
+            base_momentum=base, max_momentum=peak,
+        )  # fmt: skip
     elif name in ("cosine", "linear"):
         batches = trainer.num_training_batches
         if isinstance(batches, int) and batches > 0:

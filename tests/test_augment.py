@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DistributedSampler
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
@@ -138,6 +139,30 @@ def test_same_seed_same_batches_new_epoch_new_batches():
     assert not torch.equal(first[0], second[0])
     again = [x for x, _ in _batches_of_epoch(a, 0)]  # set_epoch(0) repeats the first epoch
     assert all(torch.equal(p, q) for p, q in zip(first, again))
+
+
+def test_channels_last_batches_reach_the_network_without_a_copy(tiny_folder, tmp_path):
+    plain, last = make_loader(augment="standard", seed=3), make_loader(augment="standard", seed=3, channels_last=True)
+    for (x, _), (z, _) in zip(plain, last):
+        assert x.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, z)  # the same values, in another layout
+    # Through a Trainer: the data module makes the batches in the layout the module runs in, and
+    # the module hands the network that very tensor.
+    seen = []
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, channels_last=True)
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(("batch", batch[0].data_ptr(), batch[0].is_contiguous(memory_format=torch.channels_last)))
+
+    model.model.register_forward_pre_hook(lambda m, args: seen.append(("network", args[0].data_ptr(), None)))
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[Watch()])  # fmt: skip
+    trainer.fit(model, datamodule=make_dm(tiny_folder, loader="tensor", batch_size=8))
+    batches = [s for s in seen if s[0] == "batch"]
+    assert batches and all(s[2] for s in batches)
+    networks = [s for s in seen if s[0] == "network"]
+    assert [b[1] for b in batches] == [n[1] for n in networks]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import csv
 import errno
 import gc
 import io
+import json
 import os
 import random
 import re
@@ -25,6 +26,7 @@ from PIL import Image
 
 from cifar_lightning.cli import cli_main
 from cifar_lightning.fit import fit_main
+from cifar_lightning.module import ClassifierModule
 from cifar_lightning.callbacks import RandomState
 from cifar_lightning.checkpoint import AtomicCheckpointIO, CheckpointWriteError
 from conftest import REPO
@@ -266,6 +268,54 @@ def test_signals_mid_epoch_checkpoint_and_the_run_resumes(tmp_path):
     logged_steps = [int(r["step"]) for r in rows if r["val/loss"]]
     assert logged_steps == [steps - 1, 2 * steps - 1, 3 * steps - 1]
     assert not run.with_name("version_1").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_ddp_rank_stops_every_rank_and_the_run_resumes(tmp_path):
+    # A scheduler's SIGTERM may reach one process only. Both ranks must stop after the same batch,
+    # within seconds, write last.ckpt once (mid-epoch), and the run must resume from it.
+    import psutil
+
+    data = write_noise_folder(tmp_path / "data", n_train=100)
+    args = fit_args(data, tmp_path / "runs", "--epochs", "3", "--batch-size", "2", "--devices", "2", "--accelerator", "cpu")
+    run = tmp_path / "runs" / "simple_cnn" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    steps = -(-(3 * 100 - 6) // 2 // 2)  # per rank and epoch: 294 images, 2 ranks, batch 2
+    log = tmp_path / "err"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "fit.py"), *args], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while not last.exists():  # the first epoch is done: the second is under way
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.01)
+            first = torch.load(last, weights_only=True)["global_step"]
+            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("LOCAL_RANK") == "1"]
+            assert len(ranks) == 1, "rank 1 not found"
+            time.sleep(0.5)
+            os.kill(ranks[0].pid, signal.SIGTERM)
+            sent = time.monotonic()
+            code = proc.wait(timeout=60)
+            ranks[0].wait(timeout=10)
+            stopped_within = time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    assert stopped_within < 15, stopped_within
+    hints = [line for line in text.splitlines() if line.startswith("interrupted by")]
+    assert len(hints) == 1 and hints[0].startswith("interrupted by SIGTERM at epoch 1, step "), text[-3000:]
+    stopped = torch.load(last, weights_only=True)
+    assert first == steps and steps < stopped["global_step"] < 2 * steps  # written mid-epoch, at the stop
+    ClassifierModule.load_from_checkpoint(last, map_location="cpu")
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fit.py"), *args, "--resume"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(next(run.rglob("test_report.json")).read_text())
+    assert report["epochs"] == 3 and report["global_step"] == 3 * steps
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,3 +162,25 @@ def test_onecycle_runs_however_short_the_run(steps):
     assert all(0 <= lr <= 0.1 + 1e-9 for lr in lrs) and lrs[-1] < 1e-3
     if steps >= 8:  # long enough for the recipe's own warm-up: pct_start is left as given
         assert sched["scheduler"].total_steps == steps and lrs[0] < 0.01 and max(lrs) > 0.09
+
+
+def test_onecycle_with_muon_keeps_each_group_at_its_own_lr_and_momentum():
+    from types import SimpleNamespace
+
+    from cifar_lightning.optim import build_optimizer, build_scheduler
+
+    module = ClassifierModule(arch="fastnet", optimizer="muon", scheduler="onecycle", pct_start=0.25,
+                              lr=2.0, momentum=0.85, muon_lr=0.24, muon_momentum=0.6)  # fmt: skip
+    opt = build_optimizer(module.model, module.hparams)
+    sched = build_scheduler(opt, module.hparams, SimpleNamespace(estimated_stepping_batches=20))["lr_scheduler"]["scheduler"]
+    peaks = {True: 0.0, False: 0.0}
+    for _ in range(20):
+        for g in opt.param_groups:
+            peaks[g["muon"]] = max(peaks[g["muon"]], g["lr"])
+            if g["muon"]:
+                assert g["momentum"] == 0.6  # Muon's own momentum, not the cycle's 0.85-0.95
+            else:
+                assert 0.85 - 1e-9 <= g["momentum"] <= 0.95 + 1e-9
+        opt.step()
+        sched.step()
+    assert peaks[True] == pytest.approx(0.24, rel=0.01) and peaks[False] == pytest.approx(2.0, rel=0.01)

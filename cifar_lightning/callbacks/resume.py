@@ -115,6 +115,14 @@ class LastCheckpoint(Checkpoint):
     ``KeyboardInterrupt`` can land between the backward pass and the optimizer step. A second
     Ctrl-C stops at once and keeps the previous ``last.ckpt``, as does a stop during validation.
     ``signal`` records what stopped the run and ``checkpoint`` the file that resumes it.
+
+    Under DDP a signal may reach one rank only (a scheduler's SIGTERM to one process, ``kill``).
+    Lightning's handler then runs a collective inside the signal handler, and the rank that got
+    the signal would stop, and enter the collective checkpoint save, batches before the others:
+    a hang. Here the handler only notes the signal; after every batch the ranks share their notes
+    in one small all-reduce on a CPU (gloo) group, started asynchronously and read one batch
+    later, so it never waits on the GPU. When any rank has a note, every rank stops after the same
+    batch, and ``last.ckpt`` is written once, by all of them together.
     """
 
     def __init__(self) -> None:
@@ -122,7 +130,11 @@ class LastCheckpoint(Checkpoint):
         self.checkpoint: str | None = None
         self._written_step = -1
         self._previous_sigint: Any = None
+        self._previous_sigterm: Any = None
         self._rank_zero = True
+        self._noted: int = 0  # a signal this rank received, not yet shared (DDP)
+        self._stop_group: Any = None  # the CPU process group the ranks share it in
+        self._pending: Any = None  # (async work, flag) of the last batch's all-reduce
 
     def _path(self, trainer: pl.Trainer) -> str:
         best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -144,8 +156,42 @@ class LastCheckpoint(Checkpoint):
         self.signal, self.checkpoint = None, None
         self._written_step = trainer.global_step  # a resumed run's checkpoint already holds this step
         self._rank_zero = trainer.is_global_zero  # Ctrl-C reaches every rank; one of them says so
+        self._noted, self._pending, self._stop_group = 0, None, None
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Collective: every rank makes it here, before the first batch.
+            self._stop_group = torch.distributed.new_group(backend="gloo")
         if callable(signal.getsignal(signal.SIGTERM)) and _in_main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            if self._stop_group is not None:  # replaces Lightning's, which is collective
+                self._previous_sigterm = signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum: int, frame: Any) -> None:
+        self.signal = self.signal or signal.SIGTERM
+        self._noted = max(self._noted, signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if self._stop_group is None:
+            return
+        stop = 0
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()  # started a batch ago: long done
+            stop = int(flag.item())
+            self._pending = None
+        if stop:
+            # The same batch on every rank: Lightning raises SIGTERMException after it, on all.
+            self.signal = self.signal or stop
+            trainer._signal_connector.received_sigterm = True
+            return
+        flag = torch.tensor([self._noted], dtype=torch.int32)
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._stop_group, async_op=True)
+        self._pending = (work, flag)
+
+    def _finish_pending(self) -> None:
+        # Every rank started the last all-reduce after the same batch; each completes its own.
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning replays the end of the restored epoch after a resume: that state is on disk.
@@ -153,25 +199,30 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        # Lightning's SIGTERM handler sets the flag its loops check after each batch.
         self.signal = signal.SIGINT
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if self._rank_zero:
             print("\nstopping after this batch (Ctrl-C again to quit now, without a checkpoint)", file=sys.stderr)
-        # Lightning's handler would also log "Received SIGTERM: 2"; the line above already says it.
+        if self._stop_group is not None:
+            self._noted = max(self._noted, signal.SIGINT)  # shared with the other ranks after the batch
+            return
+        # Lightning's SIGTERM handler sets the flag its loops check after each batch. It would
+        # also log "Received SIGTERM: 2"; the line above already says it.
         with _without_sigterm_note():
             signal.getsignal(signal.SIGTERM)(signum, frame)
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None and _in_main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-        self._previous_sigint = None
+    def _restore_handlers(self) -> None:
+        for signum, previous in ((signal.SIGINT, self._previous_sigint), (signal.SIGTERM, self._previous_sigterm)):
+            if previous is not None and _in_main_thread():
+                signal.signal(signum, previous)
+        self._previous_sigint = self._previous_sigterm = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_sigint()
+        self._finish_pending()
+        self._restore_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
+        self._restore_handlers()
         if isinstance(exception, KeyboardInterrupt):
             self.signal = signal.SIGINT
         elif isinstance(exception, SIGTERMException):

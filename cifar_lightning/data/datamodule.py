@@ -26,6 +26,7 @@ from typing import Callable, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
@@ -323,6 +324,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
             num_replicas=world_size,
             rank=rank,
             seed=seed,
+            # Batches in the layout the network runs in: a channels-last model then copies nothing.
+            channels_last=bool(getattr(getattr(trainer, "lightning_module", None), "hparams", {}).get("channels_last")),
         )
 
     def arrays_on(self, dataset: ArrayDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,8 +340,16 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if key not in self._device_arrays:
             images = torch.from_numpy(dataset.images)
             labels = torch.from_numpy(np.asarray(dataset.labels, dtype=np.int64))
-            if device.type == "cuda" and images.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
-                images, labels = images.to(device), labels.to(device)
+            if device.type == "cuda":
+                free = torch.cuda.mem_get_info(device)[0]
+                if images.nbytes <= free // 4:
+                    images, labels = images.to(device), labels.to(device)
+                else:
+                    rank_zero_warn(
+                        f"the {len(images):,}-image array ({images.nbytes / 2**20:,.0f} MiB) takes more than a quarter "
+                        f"of the free GPU memory ({free / 2**20:,.0f} MiB): it stays on the host, and each batch "
+                        "is copied to the GPU through pinned memory, which is slower."
+                    )
             self._device_arrays[key] = (images, labels)
         return self._device_arrays[key]
 

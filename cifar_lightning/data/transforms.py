@@ -48,9 +48,13 @@ def denormalize(images: torch.Tensor, mean: Channels, std: Channels) -> torch.Te
     return (images * _per_channel(std, images) + _per_channel(mean, images)).clamp(0, 1)
 
 
-def to_input(images: torch.Tensor, mean: Channels, std: Channels) -> torch.Tensor:
-    """uint8 images (..., C, H, W) to the normalised float32 input of a network, contiguous."""
-    return normalize(images.contiguous().float().mul_(1.0 / 255), mean, std, inplace=True)  # a new tensor
+def to_input(
+    images: torch.Tensor, mean: Channels, std: Channels, memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
+    """uint8 images (..., C, H, W) to the normalised float32 input of a network, contiguous in
+    ``memory_format`` (``torch.channels_last`` for batches (B, C, H, W) of a channels-last network)."""
+    # One copy, of the uint8 batch; the float ops after it keep its layout.
+    return normalize(images.contiguous(memory_format=memory_format).float().mul_(1.0 / 255), mean, std, inplace=True)
 
 
 class ToInput:
