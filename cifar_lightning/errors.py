@@ -16,17 +16,24 @@ USER_ERROR_EXIT_CODE = 2
 class UserError(ValueError):
     """A mistake the user can fix: the message says what is wrong and how to fix it."""
 
+    #: The process's exit code when the error ends a command.
+    exit_code = USER_ERROR_EXIT_CODE
+
 
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
-    """Decorate a command-line entry point so ``UserError`` prints one line and exits with code 2."""
+    """Decorate a command-line entry point so ``UserError`` prints one line (on rank 0 of a DDP
+    run) and exits with its ``exit_code`` (2 for a mistake in the input)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(USER_ERROR_EXIT_CODE) from None
+            from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+            if getattr(rank_zero_only, "rank", 0) == 0:
+                print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_code) from None
 
     return wrapper
 

@@ -181,7 +181,7 @@ def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     try:
         return _fit_test_report(argv)
     except UserError as err:
-        raise UserError(in_fit_terms(str(err))) from None
+        raise type(err)(in_fit_terms(str(err))) from None  # the same kind, so the same exit code
 
 
 def _fit_test_report(argv: list[str] | None) -> dict[str, Any] | None:

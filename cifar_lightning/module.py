@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -14,7 +16,9 @@ from cifar_lightning.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from cifar_lightning.data.transforms import normalize
 from cifar_lightning.errors import UserError
 from cifar_lightning.models import create_model, model_info
-from cifar_lightning.optim import OPTIMIZERS, SCHEDULERS, OptimizerName, SchedulerName, build_optimizer, build_scheduler
+from cifar_lightning.optim import (
+    OPTIMIZERS, SCHEDULERS, OptimizerName, SchedulerName, build_optimizer, build_scheduler, fit_schedules,
+)  # fmt: skip
 
 TTAMode = Literal["none", "flip", "flip_translate"]
 TTA_MODES = ("none", "flip", "flip_translate")
@@ -53,7 +57,8 @@ class ClassifierModule(pl.LightningModule):
         plateau_monitor, plateau_factor, plateau_patience: ReduceLROnPlateau settings.
         label_smoothing: cross-entropy label smoothing.
         channels_last: run the network in channels-last memory format (faster convs on GPUs).
-        compile: wrap the network in ``torch.compile``.
+        compile: wrap the network in ``torch.compile``. compile_backend: its backend (``eager``
+            captures the graphs without generating code: a quick check of a network on a CPU).
         tta: test-time augmentation of validation and test batches (see ``tta_logits``).
     """
 
@@ -87,6 +92,7 @@ class ClassifierModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
+        compile_backend: str = "inductor",
         tta: TTAMode = "none",
     ) -> None:
         super().__init__()
@@ -116,10 +122,17 @@ class ClassifierModule(pl.LightningModule):
         self.model = create_model(arch, num_classes=num_classes, **(arch_kwargs or {}))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # Lets the model summary show shapes and TensorBoard draw the graph (log_graph=True).
-        self.example_input_array = torch.zeros(1, 3, 32, 32)
+        # Lets the model summary show shapes and TensorBoard draw the graph (log_graph=True). Not
+        # for a compiled network: the summary's batch of 1, in eval mode, would compile a graph
+        # of its own before training starts.
+        self.example_input_array = None if compile else torch.zeros(1, 3, 32, 32)
         # Kept out of the module tree so the state dict has one copy of the weights, not two.
-        object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
+        # Static shapes: the training batch runs the kernels compiled for its size (what the GPU
+        # command times); a smaller last batch gets its own graph, once, instead of turning every
+        # later step into a dynamic-shape one.
+        object.__setattr__(
+            self, "_forward", torch.compile(self.model, dynamic=False, backend=compile_backend) if compile else self.model
+        )
 
         # One metric object per stage (a shared MetricCollection would mix states between stages).
         # ModuleDict keys get a suffix because "train" is already an nn.Module attribute.
@@ -132,6 +145,8 @@ class ClassifierModule(pl.LightningModule):
             {f"{s}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in STAGES}
         )
         self._logged_stages: set[str] = set()  # stages whose metric objects this epoch has logged
+        self._fit_schedules_at_first_batch = False
+        self._planned_steps: int | None = None
         self.class_acc_metrics = torch.nn.ModuleDict(
             {f"{s}_": MulticlassAccuracy(num_classes, average=None, validate_args=False) for s in ("val", "test")}
         )
@@ -162,7 +177,9 @@ class ClassifierModule(pl.LightningModule):
             return self(x)
 
         def mirrored(views: torch.Tensor) -> torch.Tensor:
-            return 0.5 * (self(views) + self(views.flip(-1)))
+            # Averaged in float32: under bf16 autocast the logits have an 8-bit mantissa, and
+            # averaging them there flips near-ties between classes.
+            return 0.5 * (self(views).float() + self(views.flip(-1)).float())
 
         if mode == "flip":
             return mirrored(x)
@@ -255,6 +272,40 @@ class ClassifierModule(pl.LightningModule):
         # The sanity check leaves partial validation state behind; start the real epochs clean.
         for metrics in (self.loss_metrics, self.acc_metrics, self.class_acc_metrics):
             metrics["val_"].reset()
+        # Resumed: see on_train_batch_start.
+        self._fit_schedules_at_first_batch = self.trainer.global_step > 0
+        self._planned_steps = None
+
+    @property
+    def planned_steps(self) -> int:
+        """The optimizer step at which this fit ends: the trainer's estimate, or, in a resumed run
+        with another number of steps per epoch, the steps before the resume plus those left."""
+        if self._planned_steps is not None:
+            return self._planned_steps
+        return int(self.trainer.estimated_stepping_batches)
+
+    @planned_steps.setter
+    def planned_steps(self, steps: int) -> None:
+        self._planned_steps = steps
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._fit_schedules_at_first_batch:
+            return
+        self._fit_schedules_at_first_batch = False
+        # With another world size (or batch size, or --epochs) than the run it resumes, an epoch
+        # has another number of steps, and a per-step schedule restored as saved would end too
+        # early or too late. What is left of it is spread over the steps this run has left.
+        trainer = self.trainer
+        step, left = trainer.global_step, _steps_left(trainer, batch_idx)
+        if left is None:
+            return
+        total = self.planned_steps = step + left
+        step_schedules = [c.scheduler for c in trainer.lr_scheduler_configs if c.interval == "step"]
+        for old, new in fit_schedules(step_schedules, step, total):
+            rank_zero_info(
+                f"resumed at step {step}, with {total - step} steps left: the learning-rate schedule, "
+                f"which would have ended at step {old:.0f}, now ends at step {new}"
+            )
 
     def on_fit_start(self) -> None:
         # Networks with data-dependent initialisation (fastnet's whitening layer) get it here, from
@@ -279,3 +330,17 @@ class ClassifierModule(pl.LightningModule):
         opt = build_optimizer(self.model, self.hparams)
         # Per-step schedules size themselves from the trainer (epochs, data, devices, accumulation).
         return build_scheduler(opt, self.hparams, self._trainer)  # None outside a fit: per-step schedules need one
+
+
+def _steps_left(trainer: pl.Trainer, batch_idx: int) -> int | None:
+    """Optimizer steps from ``batch_idx`` of the current epoch to the end of the fit; None when
+    the run has no set end (no epoch or step limit, or an endless loader)."""
+    batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+    by_steps = trainer.max_steps - trainer.global_step if trainer.max_steps > 0 else None
+    if not math.isfinite(batches) or trainer.max_epochs is None or trainer.max_epochs < 0:
+        return by_steps
+    per_epoch = math.ceil(batches / accumulate)
+    # Steps already taken in this epoch, counted as the epoch's batches (a group of accumulated
+    # batches cut short by a stop is counted as begun).
+    left = per_epoch - batch_idx // accumulate + (trainer.max_epochs - trainer.current_epoch - 1) * per_epoch
+    return left if by_steps is None else min(left, by_steps)

@@ -13,6 +13,7 @@ filters (out, in, kh, kw) to (out, in * kh * kw) and works in float32 off the GP
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -30,16 +31,22 @@ SCHEDULERS = ("none", "multistep", "cosine", "linear", "onecycle", "plateau")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
+@functools.lru_cache(maxsize=None)
+def _native_bf16(device: int | None) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 @torch.no_grad()
 def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
     """Approximately ``U V^T`` of the SVD ``g = U S V^T`` for a 2-D ``g``, by Newton-Schulz steps.
 
-    bfloat16 on GPUs (the iteration tolerates it), float32 elsewhere. Returns ``g``'s dtype.
+    bfloat16 on GPUs with bf16 units (the iteration tolerates it), float32 elsewhere (CPUs, and
+    GPUs before Ampere). Returns ``g``'s dtype.
     """
     if g.ndim != 2:
         raise ValueError(f"orthogonalize needs a 2-D tensor, got shape {tuple(g.shape)}")
     a, b, c = NS_COEFFICIENTS
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(torch.bfloat16 if g.is_cuda and _native_bf16(g.device.index) else torch.float32)
     wide = x.shape[0] <= x.shape[1]
     if not wide:  # iterate on the smaller Gram matrix
         x = x.T
@@ -151,13 +158,45 @@ class PiecewiseConstant:
         return factor
 
 
-class WarmupCosine:
+class Resizable:
+    """A per-step schedule whose rest can be fitted into another number of steps.
+
+    A run resumed with another number of steps per epoch (another world size, batch size or
+    ``--epochs``) keeps the schedule's shape over its epochs: from the resumed step on, each real
+    step moves the schedule on by ``rate`` of its own steps, so that it ends where the new run
+    ends. These attributes are in the scheduler's state, so a second resume continues from them.
+    """
+
+    origin_step: int = 0  # the real step where the current rate began
+    origin: float = 0.0  # the schedule's own step there
+    rate: float = 1.0  # schedule steps per real step
+    total: int
+
+    def position(self, step: float) -> float:
+        """The schedule's own step at real step ``step``."""
+        return self.origin + (step - self.origin_step) * self.rate
+
+    def end(self) -> float:
+        """The real step at which the schedule ends (where it ended, once it has)."""
+        if self.rate <= 0:
+            return float(self.origin_step)
+        return self.origin_step + (self.total - self.origin) / self.rate
+
+    def resize(self, step: int, total: int) -> None:
+        """Spread what is left of the schedule after real step ``step`` over ``total - step`` steps."""
+        here = self.position(step)
+        self.origin_step, self.origin = step, here
+        self.rate = max(self.total - here, 0.0) / max(total - step, 1)
+
+
+class WarmupCosine(Resizable):
     """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
 
     def __init__(self, warmup: int, total: int, floor: float = 0.0) -> None:
         self.warmup, self.total, self.floor = warmup, max(total, 1), floor
 
     def __call__(self, step: int) -> float:
+        step = self.position(step)
         if step < self.warmup:
             return (step + 1) / self.warmup
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
@@ -175,6 +214,39 @@ class WarmupLinear(WarmupCosine):
     @staticmethod
     def decay(progress: float) -> float:
         return 1.0 - progress
+
+
+class ResizableOneCycleLR(Resizable, torch.optim.lr_scheduler.OneCycleLR):
+    """torch's ``OneCycleLR``, resizable like the other per-step schedules (``Resizable``)."""
+
+    @property
+    def total(self) -> int:  # type: ignore[override]
+        return self.total_steps
+
+    def get_lr(self) -> list[float]:
+        real = self.last_epoch
+        # Its last step is total_steps - 1, the bottom of the final annealing; beyond, it would rise.
+        self.last_epoch = min(self.position(real), self.total_steps - 1)  # type: ignore[assignment]
+        try:
+            return super().get_lr()
+        finally:
+            self.last_epoch = real
+
+
+def fit_schedules(schedulers: Iterable[Any], step: int, total: int) -> list[tuple[float, int]]:
+    """Resize each resizable schedule of ``schedulers`` that would not end at real step ``total``
+    (see ``Resizable``) to end there, from ``step`` on; returns (old end, new end) of each. A
+    schedule that has already ended is left so."""
+    changed = []
+    for sched in schedulers:
+        shapes = getattr(sched, "lr_lambdas", None) or [sched]
+        for shape in shapes:
+            if not isinstance(shape, Resizable) or total <= step or shape.position(step) >= shape.total:
+                continue  # not resizable, nothing left to run, or a schedule that has ended
+            if abs(shape.end() - total) >= 0.5:
+                changed.append((shape.end(), total))
+                shape.resize(step, total)
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +313,7 @@ def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: 
         muon = [bool(g.get("muon")) for g in opt.param_groups]
         base = [g["momentum"] if m else 0.85 for g, m in zip(opt.param_groups, muon)]
         peak = [g["momentum"] if m else 0.95 for g, m in zip(opt.param_groups, muon)]
-        sched = torch.optim.lr_scheduler.OneCycleLR(
+        sched = ResizableOneCycleLR(
             opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=pct_start,
             base_momentum=base, max_momentum=peak,
         )  # fmt: skip

@@ -393,3 +393,15 @@ def test_tensor_path_under_ddp_matches_one_process(tmp_path):
     (single,) = trainer.test(model, datamodule=dm, verbose=False)
     assert single["test/acc"] == pytest.approx(report["test_acc"], abs=1e-6)
     assert single["test/loss"] == pytest.approx(report["test_loss"], rel=1e-5)
+
+
+def test_tta_average_is_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, tta="flip").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        views = model(x), model(x.flip(-1))
+        assert views[0].dtype == torch.bfloat16
+        averaged = model.tta_logits(x)
+    assert averaged.dtype == torch.float32
+    torch.testing.assert_close(averaged, 0.5 * (views[0].float() + views[1].float()))

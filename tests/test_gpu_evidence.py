@@ -54,6 +54,9 @@ def test_quick_runs_every_section_end_to_end(tmp_path):
         # every fit wrote into the section's scratch folder, which is gone: no checkpoint is kept
         work = shlex.split(record["command"])[shlex.split(record["command"]).index("--work-dir") + 1]
         assert not Path(work).exists()
+    tests = load(out, "gpu_tests")["results"]["pytest"]
+    assert tests["tests"] > 20 and tests["skipped"] == tests["tests"] and tests["failed"] == 0  # no CUDA here
+    assert any("needs CUDA" in reason for reason in tests["skip_reasons"])
     airbench = load(out, "airbench")["results"]
     assert airbench["airbench94"]["status"] == "skipped" and "CUDA" in airbench["airbench94"]["reason"]
     assert airbench["airbench_data"]["images"]["train"] > airbench["airbench_data"]["images"]["test"] > 0

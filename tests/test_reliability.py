@@ -270,34 +270,52 @@ def test_signals_mid_epoch_checkpoint_and_the_run_resumes(tmp_path):
     assert not run.with_name("version_1").exists()
 
 
+class MarkMidEpoch(Callback):
+    """From batch 10 of epoch 1 on, rank 1 writes a marker file and every rank slows to 0.2 s a
+    batch: a signal sent when the marker appears lands in that epoch, however fast the machine."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx >= 10:
+            if trainer.global_rank == 1:
+                Path(self.marker).write_text(str(os.getpid()))
+            time.sleep(0.2)
+
+
+def _env_with_tests() -> dict[str, str]:
+    """The environment of a child process that can import this module's callbacks."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_ddp_rank_stops_every_rank_and_the_run_resumes(tmp_path):
     # A scheduler's SIGTERM may reach one process only. Both ranks must stop after the same batch,
     # within seconds, write last.ckpt once (mid-epoch), and the run must resume from it.
-    import psutil
-
     data = write_noise_folder(tmp_path / "data", n_train=100)
     args = fit_args(data, tmp_path / "runs", "--epochs", "3", "--batch-size", "2", "--devices", "2", "--accelerator", "cpu")
+    marker = tmp_path / "rank1.pid"
+    mark = json.dumps({"class_path": "test_reliability.MarkMidEpoch", "init_args": {"marker": str(marker)}})
     run = tmp_path / "runs" / "simple_cnn" / "version_0"
     last = run / "checkpoints" / "last.ckpt"
     steps = -(-(3 * 100 - 6) // 2 // 2)  # per rank and epoch: 294 images, 2 ranks, batch 2
     log = tmp_path / "err"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "fit.py"), *args], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+        proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "fit.py"), *args, f"--trainer.callbacks+={mark}"],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=_env_with_tests())  # fmt: skip
         try:
             deadline = time.monotonic() + 300
-            while not last.exists():  # the first epoch is done: the second is under way
+            while not marker.exists() or not marker.read_text():
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.01)
-            first = torch.load(last, weights_only=True)["global_step"]
-            ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("LOCAL_RANK") == "1"]
-            assert len(ranks) == 1, "rank 1 not found"
-            time.sleep(0.5)
-            os.kill(ranks[0].pid, signal.SIGTERM)
+            first = torch.load(last, weights_only=True)["global_step"]  # written at the end of epoch 0
+            rank1 = int(marker.read_text())
+            os.kill(rank1, signal.SIGTERM)
             sent = time.monotonic()
             code = proc.wait(timeout=60)
-            ranks[0].wait(timeout=10)
+            while Path(f"/proc/{rank1}").exists() and time.monotonic() < sent + 30:
+                time.sleep(0.05)
             stopped_within = time.monotonic() - sent
         finally:
             if proc.poll() is None:
@@ -308,14 +326,42 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_and_the_run_resumes(tmp_path):
     hints = [line for line in text.splitlines() if line.startswith("interrupted by")]
     assert len(hints) == 1 and hints[0].startswith("interrupted by SIGTERM at epoch 1, step "), text[-3000:]
     stopped = torch.load(last, weights_only=True)
-    assert first == steps and steps < stopped["global_step"] < 2 * steps  # written mid-epoch, at the stop
+    assert first == steps and steps + 10 < stopped["global_step"] < 2 * steps  # written at the stop, mid-epoch
     ClassifierModule.load_from_checkpoint(last, map_location="cpu")
 
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fit.py"), *args, "--resume"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(next(run.rglob("test_report.json")).read_text())
+    report = json.loads((run / "test_report.json").read_text())
     assert report["epochs"] == 3 and report["global_step"] == 3 * steps
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_devices(tmp_path, first, second):
+    # A 2-epoch run stopped after its first epoch on `first` CPU processes, resumed on `second`:
+    # it ends after the steps of each, and its cosine schedule, resized, ends at zero on the last.
+    data = write_noise_folder(tmp_path / "data", n_train=12)  # 30 training images
+    args = fit_args(data, tmp_path / "runs", "--batch-size", "2", "--accelerator", "cpu", "--scheduler", "cosine",
+                    "--epochs", "2")  # fmt: skip
+    steps = {1: 15, 2: 8}  # per epoch: 30 images in batches of 2, on one rank or split over two
+    stop = '--trainer.callbacks+={"class_path": "test_reliability.StopAfterFirstEpoch"}'  # a preempted job
+    for devices, more in ((first, [stop]), (second, ["--resume"])):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fit.py"), *args, "--devices", str(devices), *more],
+                              capture_output=True, text=True, timeout=600, cwd=REPO, env=_env_with_tests())  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "simple_cnn" / "version_0"
+    report = json.loads((run / "test_report.json").read_text())
+    assert report["epochs"] == 2 and report["global_step"] == steps[first] + steps[second], report
+    assert f"now ends at step {steps[first] + steps[second]}" in proc.stderr
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-6)
+    assert not run.with_name("version_1").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,3 +592,47 @@ def test_back_to_back_fits_leak_nothing(tmp_path):
     assert plt.get_fignums() == []
     assert len(os.listdir("/proc/self/fd")) <= fds + 2
     assert _rss_mb() < rss + 80, f"RSS grew from {rss:.0f} MB to {_rss_mb():.0f} MB over 5 fits"
+
+
+def test_resume_with_fewer_visible_gpus_restores_the_states_it_can(monkeypatch):
+    # A checkpoint from a process that saw 8 GPUs, resumed where one is visible.
+    from cifar_lightning.callbacks import resume
+
+    states = resume.collect_rng_states()
+    states["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda given: restored.extend(int(s[0]) for s in given))
+    resume.set_rng_states(states)
+    assert restored == [0]  # GPU 0 gets the first state, and none is set on a GPU that is not there
+
+
+class PoisonAt(Callback):
+    """Turns one weight NaN before optimizer step ``step``: that step's loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_a_lost_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    data = write_noise_folder(tmp_path / "data", n_train=12)  # 30 training images: 15 steps an epoch
+    poison = '{"class_path": "test_reliability.PoisonAt", "init_args": {"step": 20}}'
+    args = fit_args(data, tmp_path / "runs", "--epochs", "3", "--batch-size", "2", f"--trainer.callbacks+={poison}")
+    last = tmp_path / "runs" / "simple_cnn" / "version_0" / "checkpoints" / "last.ckpt"
+    with pytest.raises(SystemExit) as exc:
+        fit_main(args)
+    assert exc.value.code == 3
+    line = user_error(capsys)
+    assert line.startswith("error: the training loss became NaN or infinite at epoch 1, step 21"), line
+    assert "--lr" in line and "--precision 32" in line and "gradient_clip_val" in line
+    assert line.endswith(f"The last good checkpoint is {last}.")
+    kept = torch.load(last, weights_only=True)
+    assert kept["global_step"] == 15  # the end of epoch 0: not overwritten after the loss was lost
+    assert all(torch.isfinite(t).all() for t in kept["state_dict"].values() if t.is_floating_point())
+    assert not list(last.parent.glob("best-epoch001*"))  # nor a "best" checkpoint of broken weights

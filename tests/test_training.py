@@ -184,3 +184,69 @@ def test_onecycle_with_muon_keeps_each_group_at_its_own_lr_and_momentum():
         opt.step()
         sched.step()
     assert peaks[True] == pytest.approx(0.24, rel=0.01) and peaks[False] == pytest.approx(2.0, rel=0.01)
+
+
+def test_compiled_fit_with_the_summary_on_compiles_once(tiny_folder, tmp_path):
+    # The model summary must not send its example through the compiled network, and the steps
+    # after the first must not recompile. (The eager backend: dynamo's graphs without the code
+    # generation, which the GPU tests run.)
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            graphs.append(counters["stats"]["unique_graphs"])
+
+    # 30 training images in batches of 5: every batch the same size
+    dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, batch_size=5, num_workers=0)
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, compile=True, compile_backend="eager")
+    trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=True, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[Count()])  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    torch._dynamo.reset()
+    assert graphs == [1] * 6, graphs
+
+
+def test_a_resized_schedule_keeps_its_shape_and_its_state():
+    from cifar_lightning.optim import ResizableOneCycleLR, fit_schedules
+
+    shape = WarmupCosine(2, 10, 0.0)
+    before = [shape(s) for s in range(11)]
+    assert fit_schedules([torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], 1.0), shape)], 4, 10) == []
+    shape.resize(4, 16)  # resumed at step 4 with twice the steps per epoch left
+    assert shape(4) == before[4] and shape(10) == pytest.approx(before[7])
+    assert shape(16) == pytest.approx(0.0) and shape.end() == 16
+    # an ended schedule, resumed for more steps, stays ended
+    assert fit_schedules([torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], 1.0), shape)], 16, 20) == []
+    assert shape(20) == pytest.approx(0.0)
+
+    def one_cycle(total):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0, momentum=0.9)
+        return opt, ResizableOneCycleLR(opt, max_lr=1.0, total_steps=total, pct_start=0.25)
+
+    opt, sched = one_cycle(10)
+    reference = []
+    for _ in range(10):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    opt, sched = one_cycle(10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert fit_schedules([sched], 4, 16) == [(10, 16)]
+    state, opt_state = sched.state_dict(), opt.state_dict()
+    opt, sched = one_cycle(10)  # as Lightning restores a run: the optimizer, then the resized schedule
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(state)
+    lrs = []
+    for _ in range(4, 16):  # 12 more steps, where 6 were planned: no "tried to step" error
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(reference[4]) and lrs[6] == pytest.approx(reference[7])
+    assert lrs[-2] == pytest.approx(reference[9]) == lrs[-1]  # at the bottom of the cycle, not past it

@@ -6,7 +6,8 @@
 - ``history``: ``history.png`` after every fit;
 - ``dashboards``: the resolved config, watched gradients and the end-of-test views for W&B and
   TensorBoard;
-- ``tricks``: airbench94's training tricks (gradient scaling, freezing, Lookahead).
+- ``tricks``: airbench94's training tricks (gradient scaling, freezing, Lookahead);
+- ``guard``: a run stops, with one line and its last good checkpoint, when its loss is lost.
 
 A new callback goes into one of these files (or a new one beside them) and is exported here.
 """
@@ -18,6 +19,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 
 from cifar_lightning.callbacks.dashboards import ConfigSavingCallback, TestResultsLogger, WatchModel
+from cifar_lightning.callbacks.guard import LossNotFinite, StopOnNonFiniteLoss
 from cifar_lightning.callbacks.history import HistoryPlot
 from cifar_lightning.callbacks.progress import EpochLines, QuietRichProgressBar, progress_callback
 from cifar_lightning.callbacks.resume import ContinueLogs, LastCheckpoint, RandomState, fit_or_exit
@@ -25,7 +27,8 @@ from cifar_lightning.callbacks.tricks import FreezeAfter, Lookahead, ScaleGradie
 
 __all__ = [
     "CHECKPOINT_DEFAULTS", "ConfigSavingCallback", "ContinueLogs", "EpochLines", "FreezeAfter", "HistoryPlot",
-    "LastCheckpoint", "Lookahead", "QuietRichProgressBar", "RandomState", "ScaleGradients", "TestResultsLogger",
+    "LastCheckpoint", "Lookahead", "LossNotFinite", "QuietRichProgressBar", "RandomState", "ScaleGradients",
+    "StopOnNonFiniteLoss", "TestResultsLogger",
     "WatchModel", "default_callbacks", "fit_or_exit", "progress_callback",
 ]  # fmt: skip
 
@@ -45,11 +48,12 @@ def default_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:
     """Resumability, and a progress display and learning-rate monitor unless the trainer config
     turns them off: a rich bar on a terminal, one line per epoch otherwise.
 
-    Every run keeps its RNG state in checkpoints, continues its logs when resumed, and writes
-    ``last.ckpt`` after every epoch and when Ctrl-C or SIGTERM stops it. The model summary is
+    Every run keeps its RNG state in checkpoints, continues its logs when resumed, writes
+    ``last.ckpt`` after every epoch and when Ctrl-C or SIGTERM stops it, and stops when its
+    training loss becomes NaN or infinite. The model summary is
     Lightning's own default (RichModelSummary, depth 1 when rich is installed).
     """
-    callbacks: list[Callback] = [RandomState(), ContinueLogs()]
+    callbacks: list[Callback] = [RandomState(), ContinueLogs(), StopOnNonFiniteLoss()]
     if trainer_config.get("enable_checkpointing", True) is not False:
         callbacks.append(LastCheckpoint())
     if trainer_config.get("enable_progress_bar", True) is not False:

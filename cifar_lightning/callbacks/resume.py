@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cifar_lightning.callbacks.guard import StopOnNonFiniteLoss
 from cifar_lightning.checkpoint import LAST
 from cifar_lightning.loggers import ResumableCSVLogger
 
@@ -54,7 +55,9 @@ def set_rng_states(states: dict[str, Any]) -> None:
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # One state per GPU the saving process saw. Where fewer are visible (one GPU, or one
+        # device per rank under SLURM), the first ones go to the GPUs there are.
+        torch.cuda.set_rng_state_all(list(states["cuda"])[: torch.cuda.device_count()])
 
 
 class RandomState(Callback):
@@ -145,6 +148,9 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer: pl.Trainer) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit":
             return
+        guard = next((c for c in trainer.callbacks if isinstance(c, StopOnNonFiniteLoss)), None)
+        if guard is not None and guard.lost(trainer):
+            return  # lost weights: the previous last.ckpt stays the last good one
         path = self._path(trainer)
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint):
@@ -217,12 +223,19 @@ class LastCheckpoint(Checkpoint):
                 signal.signal(signum, previous)
         self._previous_sigint = self._previous_sigterm = None
 
+    def _close_group(self) -> None:
+        if self._stop_group is not None:
+            torch.distributed.destroy_process_group(self._stop_group)
+            self._stop_group = None
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_pending()
+        self._close_group()
         self._restore_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
+        self._close_group()  # (the checkpoint below is saved over the default group)
         if isinstance(exception, KeyboardInterrupt):
             self.signal = signal.SIGINT
         elif isinstance(exception, SIGTERMException):

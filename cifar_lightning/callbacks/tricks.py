@@ -127,10 +127,14 @@ class Lookahead(Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
-        step, total = trainer.global_step, int(trainer.estimated_stepping_batches)
+        # The module knows where a resumed run with another number of steps per epoch ends.
+        total = getattr(pl_module, "planned_steps", None) or int(trainer.estimated_stepping_batches)
+        step = trainer.global_step
         if step == self._last_step or self._ema is None:
             return  # no optimizer step since the last call (gradient accumulation)
         self._last_step = step
+        if step % self.every and step < total:
+            return  # most steps: nothing to do, and no state_dict() built (Python time a step)
         tracked = self._tracked(pl_module)
         if step % self.every == 0:
             weight = 1.0 - self.decay * min(1.0, step / total) ** self.power

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
-from cifar_lightning.data.transforms import AUGMENT_PRESETS, AugmentPreset, cutout_, random_crop_flip, to_input
+from cifar_lightning.data.transforms import AUGMENT_PRESETS, AugmentPreset, cutout_, on_device, random_crop_flip, to_input
 
 FlipMode = Literal["random", "alternating"]
 
@@ -159,7 +159,8 @@ class TensorLoader:
         epoch = self.sampler.epoch
         self.sampler.set_epoch(epoch + 1)  # a plain loop without set_epoch() still reshuffles
         order = self.indices[self.sampler.positions(epoch).to(self.indices.device)]
-        generator = torch.Generator(device=self.device).manual_seed(_mix_seed(self.seed, self.rank, epoch, 1))
+        # On the CPU whatever the device: the same seed gives the same batches on a CPU and a GPU.
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.rank, epoch, 1))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             # On a CPU a batch is a handful of small, memory-bound operations: a second OpenMP
@@ -168,7 +169,7 @@ class TensorLoader:
             # loaded 2-core machine). The model's convolutions keep every thread.
             with _single_threaded(self.device.type == "cpu"):
                 x, y = self.images.index_select(0, idx), self.labels.index_select(0, idx)  # (B, H, W, 3)
-                if x.device != self.device:
+                if x.device.type == "cpu" and self.device.type == "cuda":
                     # The array stayed on the host: a copy from pinned memory can overlap the
                     # GPU's work, one from pageable memory cannot (non_blocking is then ignored).
                     x, y = x.pin_memory(), y.pin_memory()
@@ -186,7 +187,7 @@ class TensorLoader:
             if flip and self.flip_parity is not None:
                 flips = self.flip_parity[idx].to(self.device) ^ bool(epoch % 2)
             elif flip:
-                flips = torch.rand(len(images), device=self.device, generator=generator) < 0.5
+                flips = on_device(torch.rand(len(images), generator=generator) < 0.5, self.device)
             images = random_crop_flip(images, pad, pad_mode, flips, generator)
         x = to_input(images, self.mean, self.std, self.memory_format)
         if self.train and self.cutout > 0:

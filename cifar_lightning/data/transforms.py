@@ -88,6 +88,14 @@ def build_transform(augment: AugmentPreset, mean: Channels, std: Channels) -> Ca
     return v2.Compose(ops)
 
 
+def on_device(drawn: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Random numbers drawn on the CPU, moved to ``device``: the draws (a few per image) are the
+    same whatever the device, so a GPU batch is augmented as the CPU batch of the same seed."""
+    if device.type == "cpu":
+        return drawn
+    return drawn.pin_memory().to(device, non_blocking=True)  # no wait on the GPU's queue
+
+
 def random_crop_flip(
     images: torch.Tensor,
     pad: int,
@@ -102,7 +110,7 @@ def random_crop_flip(
         pad: pixels of padding on every side; the crop offset is uniform in [0, 2 * pad] per axis.
         pad_mode: ``constant`` (zeros) or ``reflect``, as in ``torch.nn.functional.pad``.
         flip: (B,) bool, which images to mirror left-right; None mirrors none.
-        generator: random source of the crop offsets, on the images' device.
+        generator: random source of the crop offsets, a CPU generator (see ``on_device``).
 
     Returns:
         (B, C, H, W), a new tensor.
@@ -116,7 +124,7 @@ def random_crop_flip(
         # crops[i, dy, dx] is the (C, H, W) window of image i at offset (dy, dx): a view of all
         # n * n windows of every image, from which one advanced-indexing gather picks one each.
         crops = padded.as_strided((b, n, n, c, h, w), (sb, sh, sw, sc, sh, sw))
-        dy, dx = torch.randint(0, n, (2, b), device=images.device, generator=generator)
+        dy, dx = on_device(torch.randint(0, n, (2, b), generator=generator), images.device)
         out = crops[torch.arange(b, device=images.device), dy, dx]
     if flip is not None:
         out = torch.where(flip.view(b, 1, 1, 1), out.flip(-1), out)
@@ -127,12 +135,13 @@ def cutout_(images: torch.Tensor, size: int, generator: torch.Generator | None =
     """Zero a ``size`` x ``size`` square at a random centre of each image, in place; return it.
 
     After normalisation zero is the mean colour. The square may extend past the border, as in
-    DeVries & Taylor 2017 (arXiv:1708.04552). ``images``: (B, C, H, W) float.
+    DeVries & Taylor 2017 (arXiv:1708.04552). ``images``: (B, C, H, W) float. ``generator``: a
+    CPU generator (see ``on_device``).
     """
     b, _, h, w = images.shape
     device = images.device
-    cy = torch.randint(0, h, (b, 1), device=device, generator=generator) - size // 2
-    cx = torch.randint(0, w, (b, 1), device=device, generator=generator) - size // 2
+    cy = on_device(torch.randint(0, h, (b, 1), generator=generator), device) - size // 2
+    cx = on_device(torch.randint(0, w, (b, 1), generator=generator), device) - size // 2
     rows = torch.arange(h, device=device)
     cols = torch.arange(w, device=device)
     in_rows = (rows >= cy) & (rows < cy + size)  # (B, H)

@@ -7,6 +7,7 @@ priority, within a time budget.
 moment it ends; a section that fails or runs out of time is recorded with its error, exit code
 and last lines of output, and the next one runs.
 
+0. ``gpu_tests``: ``pytest -m gpu``, the CUDA paths tested before they are measured.
 1. ``airbench``: airbench94 (the ``airbench`` package, 0.1.8) beside ``configs/fastnet.yaml`` and
    ``configs/fastnet_muon.yaml`` through our CLI, all on the same images, seeds alternating (2 to
    5, as the time allows): TTA test accuracy, and training seconds counted as airbench counts
@@ -20,7 +21,7 @@ and last lines of output, and the next one runs.
 Before a section its cost (``COSTS``) is compared with the budget left: it is skipped, and says
 so, when its minimum does not fit. It then aims to finish within its estimate, less what the later
 sections' minimums need, and is stopped at its cap. ``--skip-done DIR`` skips the sections whose
-JSON in DIR has status "ok". OUT receives at most 7 files, flat: ``NN_<section>.json``,
+JSON in DIR has status "ok". OUT receives at most 8 files, flat: ``NN_<section>.json``,
 ``summary.json`` and ``gpu_evidence.log`` (everything printed). Fits write into temporary folders
 that are deleted; no checkpoint is kept. ``--quick`` runs every section end to end on the CPU
 with a tiny synthetic image folder (airbench's runs are then skipped: they need CUDA).
@@ -64,6 +65,9 @@ class Cost:
 #: Estimated from public figures, not yet from a run of ours on an H100 (see benchmarks/README.md).
 #: Process start ~10 s; warm-ups: cuDNN autotuning ~5-10 s, a cold torch.compile 20-40 s.
 COSTS: dict[str, Cost] = {
+    # every network's fast_dev_run compiled through AOT autograd (~5-10 s each), fastnet through
+    # inductor (~60 s), the loaders, Muon, evaluate/predict/export: ~5 min.
+    "gpu_tests": Cost(120, 300, 420),
     # cifar10/*.pt ~3 s, warmup94 ~10 s, our two warm-up fits ~10 s; a round of seeds ~18 s
     # (airbench94 3.5 s on an A100 plus its per-epoch evaluation; fastnet ~8 s and fastnet_muon
     # ~6 s with the CLI's set-up and the TTA test); the compile check ~45 s. Minimum: 2 rounds;
@@ -180,6 +184,10 @@ def headline(results: dict[str, Any]) -> list[str]:
                 line += f"; x{s['time_ratio_to_baseline']:.2f} {results['baseline']}'s time, "
                 line += f"{s['acc_diff_points_vs_baseline']:+.2f} points"
             lines.append(line)
+    if "pytest" in results:
+        t = results["pytest"]
+        counts = f"{t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('skipped', 0)} skipped"
+        lines.append(f"pytest -m gpu: {counts}" if "tests" in t else f"pytest -m gpu: no report (exit {t['exit_code']})")
     if "compile" in results:
         c = results["compile"]
         why = c.get("skipped") or c.get("error")

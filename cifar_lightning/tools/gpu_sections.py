@@ -14,6 +14,8 @@ import io
 import json
 import os
 import shlex
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -23,10 +25,22 @@ from typing import Any, Callable
 
 import torch
 
-#: Every fit of ours on a GPU takes the fast path: bf16 autocast, cuDNN autotuning, NHWC, batches
-#: made on the GPU by the tensor loader.
-GPU_FAST_PATH = ["--trainer.precision=bf16-mixed", "--trainer.benchmark=true", "--model.channels_last=true",
-                 "--data.loader=tensor"]  # fmt: skip
+
+def mixed_precision() -> str:
+    """bf16 autocast where the GPU has bf16 units (Ampere and later), fp16 with loss scaling on
+    older GPUs, and bf16 on a CPU (``--quick``, which runs the GPU's code paths there)."""
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "16-mixed"
+    return "bf16-mixed"
+
+
+def fast_path() -> list[str]:
+    """Every fit of ours on a GPU takes the fast path: mixed precision, cuDNN autotuning (set
+    explicitly, as it is for airbench), NHWC, batches made on the GPU by the tensor loader. On a
+    CPU (``--quick``) the same flags run, so their code paths are exercised there."""
+    return [f"--trainer.precision={mixed_precision()}", "--trainer.benchmark=true", "--model.channels_last=true",
+            "--data.loader=tensor"]  # fmt: skip
+
 
 #: ``--quick``: two steps of tiny batches, one batch of each evaluation, on the CPU.
 QUICK_FIT = ["--trainer.max_epochs=1", "--trainer.max_steps=2", "--trainer.limit_train_batches=2",
@@ -86,8 +100,9 @@ class Context:
         os.replace(tmp, self.result)
 
     def fit_args(self, overrides: list[str]) -> list[str]:
-        """The fast path on a GPU, then ``overrides``, then tiny runs with --quick, then ``--extra``."""
-        fast = GPU_FAST_PATH if self.cuda else ["--data.loader=tensor"]
+        """The fast path (on a GPU, and on the CPU with --quick), then ``overrides``, then tiny runs
+        with --quick, then ``--extra``."""
+        fast = fast_path() if self.cuda or self.quick else ["--data.loader=tensor"]
         return [*fast, *overrides, *(QUICK_FIT if self.quick else []), *self.extra]
 
 
@@ -120,11 +135,36 @@ def _free_memory() -> None:
 
 def train_clock(device: torch.device):
     """A callback timing the first training batch's start to the last optimizer step's end, the GPU
-    synchronised at both: as airbench counts, without data loading, warm-up or evaluation."""
+    synchronised at both, plus the network's whitening initialisation (``init_from_data``): as
+    airbench counts, without data loading, warm-up or evaluation. ``whiten_seconds`` is the
+    initialisation's share."""
     from lightning.pytorch.callbacks import Callback
 
     class TrainClock(Callback):
         start = end = None
+        whiten_seconds = 0.0
+
+        def on_fit_start(self, trainer, pl_module):
+            # Runs before the module's on_fit_start, which calls the initialisation: time it there.
+            net = pl_module.model
+            init = getattr(net, "init_from_data", None)
+            if not callable(init):
+                return
+            clock = self
+
+            def timed_init(images):
+                _sync(device)
+                start = time.perf_counter()
+                init(images)
+                _sync(device)
+                clock.whiten_seconds += time.perf_counter() - start
+
+            net.init_from_data = timed_init
+
+        def seconds(self) -> float | None:
+            if self.start is None or self.end is None:
+                return None
+            return self.end - self.start + self.whiten_seconds
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if self.start is None:
@@ -172,9 +212,11 @@ def timed_fit(ctx: Context, config: Path, seed: int, overrides: list[str]) -> di
         trainer.fit(model, datamodule=dm)
         fit_seconds = time.perf_counter() - start
         (metrics,) = trainer.test(model, datamodule=dm, verbose=False)
-        seconds = clock.end - clock.start if clock.start and clock.end else None
+        seconds = clock.seconds()
         result = {"seed": seed, "tta_acc": round(float(metrics["test/acc"]), 5), "tta": model.hparams.tta,
-                  "train_seconds": None if seconds is None else round(seconds, 3), "steps": trainer.global_step,
+                  "train_seconds": None if seconds is None else round(seconds, 3),
+                  "whiten_seconds": round(clock.whiten_seconds, 4), "precision": str(trainer.precision),
+                  "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "steps": trainer.global_step,
                   "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 2),
                   "wall_seconds": round(time.perf_counter() - wall, 2), "train_images": len(dm.train_set),
                   "test_images": len(dm.test_set), "compile": bool(model.hparams.compile)}  # fmt: skip
@@ -271,6 +313,8 @@ def airbench_run(ctx: Context, name: str, seed: int) -> dict[str, Any]:
         call = f"airbench.{name}({f'run={seed}' if kwargs else ''})"
         ctx.command(f"torch.manual_seed({max(seed, 0)}); {call}  # in a folder with cifar10/train.pt, test.pt")
         torch.manual_seed(max(seed, 0))
+        # airbench sets this itself; set here too, as our fits set it, so both sides are explicit.
+        torch.backends.cudnn.benchmark = True
         printed = io.StringIO()
         wall = time.perf_counter()
         with contextlib.redirect_stdout(printed):
@@ -278,7 +322,8 @@ def airbench_run(ctx: Context, name: str, seed: int) -> dict[str, Any]:
         torch.cuda.synchronize()
         wall = time.perf_counter() - wall
         print(printed.getvalue(), end="", flush=True)  # its table, into the log
-        result = {"seed": seed, "wall_seconds": round(wall, 2)} | parse_airbench_table(printed.getvalue())
+        result = {"seed": seed, "wall_seconds": round(wall, 2), "precision": "fp16 (airbench's own .half())",
+                  "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)} | parse_airbench_table(printed.getvalue())  # fmt: skip
         if seed >= 0:
             test = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
             result["tta_acc"] = round(airbench.evaluate(net, test, tta_level=2), 5)
@@ -305,6 +350,7 @@ def compile_check(ctx: Context, config: Path, batch: int, planned_images: int, c
 
     spec = yaml.safe_load(config.read_text())["model"]
     device, steps = ctx.device, (2 if ctx.quick else 20)
+    half = torch.bfloat16 if mixed_precision() == "bf16-mixed" else torch.float16
     torch.manual_seed(0)
     net = create_model(spec["arch"], num_classes=10, **(spec.get("arch_kwargs") or {}))
     net = net.to(device).to(memory_format=torch.channels_last)
@@ -313,7 +359,7 @@ def compile_check(ctx: Context, config: Path, batch: int, planned_images: int, c
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
 
     def step(f: Callable) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.cuda):
+        with torch.autocast(device.type, dtype=half, enabled=ctx.cuda):
             loss = F.cross_entropy(f(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -351,6 +397,45 @@ def compile_check(ctx: Context, config: Path, batch: int, planned_images: int, c
 # ---------------------------------------------------------------------------------------------
 
 
+def section_gpu_tests(ctx: Context) -> None:
+    """``pytest -m gpu``: the CUDA paths tested before anything is measured on them. Counts,
+    each failure with its message, and the reasons of the skips (all of them without CUDA)."""
+    import xml.etree.ElementTree as ET
+
+    report = ctx.work_dir / "gpu_tests.xml"
+    # tests/test_gpu.py holds the gpu tests; collecting only it keeps a module that imports a
+    # package the GPU machine lacks (wandb) from failing the run.
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+           "tests/test_gpu.py"]  # fmt: skip
+    ctx.command(shlex.join(["python", *cmd[1:-2], "--junitxml=<work>/gpu_tests.xml", "tests/test_gpu.py"]))
+    start = time.perf_counter()
+    try:
+        root = Path(__file__).resolve().parents[2]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(ctx.left() - 10, 10), cwd=root)
+        code, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired as err:
+        code, tail = None, str(err)
+    res: dict[str, Any] = {"exit_code": code, "seconds": round(time.perf_counter() - start, 1), "output_tail": tail}
+    if report.is_file():
+        suite = ET.parse(report).getroot()
+        suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
+        cases = list(suite.iter("testcase"))
+        failed = [c for c in cases if c.find("failure") is not None or c.find("error") is not None]
+        skipped = [c for c in cases if c.find("skipped") is not None]
+        res.update(
+            tests=len(cases), failed=len(failed), skipped=len(skipped), passed=len(cases) - len(failed) - len(skipped),
+            failures=[{"test": f"{c.get('classname')}::{c.get('name')}",
+                       "message": ((c.find("failure") if c.find("failure") is not None else c.find("error")).get("message") or "")[:500]}
+                      for c in failed],
+            skip_reasons=sorted({(c.find("skipped").get("message") or "")[:200] for c in skipped}),
+        )  # fmt: skip
+    ctx.results["pytest"] = res
+    ctx.save()
+    if res.get("failed", 1) or res.get("tests") is None:
+        # The section fails, its results kept, so that --skip-done runs the tests again.
+        raise RuntimeError(f"pytest -m gpu: {res.get('failed', 'no report')} failed (exit code {code})")
+
+
 def section_airbench(ctx: Context) -> None:
     """airbench94 beside fastnet and fastnet_muon through our CLI, seeds alternating."""
     res = ctx.results
@@ -372,7 +457,12 @@ def section_airbench(ctx: Context) -> None:
                           MAX_SEEDS * round_images, len(AIRBENCH94_PAIRS))  # fmt: skip
         res["compile"] = checked or res["compile"]
     compile_on = res["compile"].setdefault("pays", False)
-    overrides = {name: [*o, f"--model.compile={str(compile_on).lower()}"] for name, (_, o) in AIRBENCH94_PAIRS.items()}
+    compiled = [f"--model.compile={str(compile_on).lower()}"]
+    if ctx.quick and not ctx.cuda:
+        # The compiled path through a Trainer, as a GPU takes it when compiling pays; dynamo's
+        # graphs without the CPU's code generation, which would take minutes.
+        compile_on, compiled = True, ["--model.compile=true", "--model.compile_backend=eager"]
+    overrides = {name: [*o, *compiled] for name, (_, o) in AIRBENCH94_PAIRS.items()}
     ctx.save()
     if ctx.cuda or ctx.quick:  # cuDNN autotuning, compilation (before and after FreezeAfter) off the clock
         warmup = ["--trainer.max_steps=-1", f"--trainer.max_epochs={4 if compile_on else 1}"]
@@ -486,6 +576,7 @@ def section_tutorials(ctx: Context) -> None:
 
 #: The sections by name, in the runner's order of priority.
 SECTION_FUNCTIONS: dict[str, Callable[[Context], None]] = {
+    "gpu_tests": section_gpu_tests,
     "airbench": section_airbench,
     "overhead_data": section_overhead_data,
     "resnet18_fast": section_resnet18_fast,

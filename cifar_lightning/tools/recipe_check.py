@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from cifar_lightning.callbacks.guard import StopOnNonFiniteLoss
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.report import write_report
 
@@ -234,7 +235,10 @@ def _recipe_cli(recipe: str | Path, data_dir, steps: int | None, root_dir, seed:
         "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(root_dir),
         *overrides,
     ]  # fmt: skip
-    return CifarCLI(args=args, run=False)
+    cli = CifarCLI(args=args, run=False)
+    # The check judges a lost loss itself, from every step's loss, and goes on to its verdict.
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, StopOnNonFiniteLoss)]
+    return cli
 
 
 def _validate(trainer: pl.Trainer, model, root_dir, **loaders) -> dict[str, float]:
@@ -266,6 +270,9 @@ def fit_one_batch(
     hp.scheduler, hp.warmup_epochs, hp.min_lr = "cosine", 0.3, 0.0
     losses = _StepLosses()
     trainer.callbacks.append(losses)
+    init = getattr(model.model, "init_from_data", None)
+    if callable(init):  # as a fit with the data module would (fastnet's whitening layer)
+        init(dm.sample_train_images(5000))
     trainer.fit(model, train_dataloaders=_SameBatch(x, y, spec.batch_steps))
     batch = DataLoader(TensorDataset(x, y), batch_size=n)
     # Batch-norm running statistics trail the weights by tens of steps (momentum 0.1), and the
