@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the tta section")
     p.add_argument("--overhead-arch", help="network of the overhead section (default simple_cnn / fastnet on GPU)")
     p.add_argument("--overhead-batch-size", type=int, help="default 32 on a CPU, 1024 on a GPU")
-    p.add_argument("--timed-steps", type=int, help="steps timed per overhead fit (default 500)")
-    p.add_argument("--repeats", type=int, help="fits per overhead variant (default 2)")
+    p.add_argument("--timed-steps", type=int, help="steps timed per overhead fit (default 250)")
+    p.add_argument("--repeats", type=int, help="fits per overhead variant (default 4)")
     p.add_argument("tta_overrides", nargs="*", help="extra CLI arguments for the tta runs, after --")
     a = p.parse_args(argv)
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]

@@ -42,8 +42,8 @@ class BenchConfig:
     overhead_arch: str | None = None  # default: simple_cnn on a CPU, fastnet on a GPU
     overhead_batch_size: int | None = None  # default: 32 on a CPU, 1024 on a GPU
     warmup_steps: int = 10
-    timed_steps: int = 500  # per fit
-    repeats: int = 2
+    timed_steps: int = 250  # per fit
+    repeats: int = 4
     # time to accuracy: "airbench94" (the installed package) or a recipe file, alternated per seed
     runners: list[str] = field(
         default_factory=lambda: ["airbench94", "configs/fastnet.yaml", "configs/fastnet_muon.yaml"]

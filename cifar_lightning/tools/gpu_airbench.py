@@ -1,0 +1,107 @@
+"""airbench's side of the GPU command: its data files from our decoded arrays, its runs, and the
+table it prints (``gpu_sections`` runs them beside our recipes)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from cifar_lightning.tools.gpu_sections import Context
+
+
+def _free_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()  # a no-op without CUDA
+
+
+def write_airbench_data(ctx: Context) -> dict[str, Any]:
+    """``<work>/airbench/cifar10/{train,test}.pt`` in airbench's format, from the same image folder
+    decoded by our data module (class order = sorted folder names = CIFAR-10's label order)."""
+    import numpy as np
+
+    from cifar_lightning.data import CIFAR10DataModule
+    from cifar_lightning.data.sources import load_split
+
+    start = time.perf_counter()
+    dm = CIFAR10DataModule(data_dir=ctx.data_dir, download=False, val_size=0)
+    folder = ctx.work_dir / "airbench" / "cifar10"
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in ("train", "test"):
+        images, labels = load_split(dm.source, split, dm.hparams.cache_dir)
+        torch.save({"images": torch.from_numpy(np.ascontiguousarray(images)),  # uint8 (N, 32, 32, 3)
+                    "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+                    "classes": list(dm.class_names)}, folder / f"{split}.pt")  # fmt: skip
+        counts[split] = len(labels)
+    return {"folder": str(folder), "images": counts, "classes": list(dm.class_names),
+            "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+
+
+def airbench_unavailable() -> str | None:
+    """Why airbench cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available: airbench runs on a GPU only (its loader and network call .cuda())"
+    try:
+        import airbench  # noqa: F401
+    except ImportError as err:
+        return f"airbench is not importable ({err}); install it with pip install airbench==0.1.8"
+    return None
+
+
+def parse_airbench_table(text: str) -> dict[str, Any]:
+    """airbench's printed rows (run, epoch, train_loss, train_acc, val_acc, tta_val_acc,
+    total_time_seconds): training seconds after the last epoch (its own CUDA-event count of the
+    whitening init and the training steps), TTA accuracy and seconds with the TTA evaluation."""
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 7 or not line.lstrip().startswith("|"):
+            continue
+        epoch, tta, total = cells[1], cells[5], cells[6]
+        if epoch.isdigit() and total:
+            out.update(epochs=int(epoch) + 1, train_seconds=float(total))
+        elif epoch == "eval" and tta:
+            out.update(tta_acc_printed=float(tta), seconds_with_tta=float(total))
+    return out
+
+
+def airbench_run(ctx: Context, name: str, seed: int) -> dict[str, Any]:
+    """``airbench.<name>(run=seed)`` after ``torch.manual_seed(seed)``: what it prints, and our TTA
+    evaluation of the network it returns (to 5 digits; it prints 4). Seed -1: ``warmupNN()``."""
+    import airbench
+
+    here = os.getcwd()
+    os.chdir(ctx.work_dir / "airbench")  # its loader reads ./cifar10/{train,test}.pt
+    try:
+        kwargs = {"run": seed} if seed >= 0 else {}  # warmupNN() sets its own run=-1
+        call = f"airbench.{name}({f'run={seed}' if kwargs else ''})"
+        ctx.command(f"torch.manual_seed({max(seed, 0)}); {call}  # in a folder with cifar10/train.pt, test.pt")
+        torch.manual_seed(max(seed, 0))
+        # airbench sets this itself; set here too, as our fits set it, so both sides are explicit.
+        torch.backends.cudnn.benchmark = True
+        printed = io.StringIO()
+        wall = time.perf_counter()
+        with contextlib.redirect_stdout(printed):
+            net = getattr(airbench, name)(**kwargs)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - wall
+        print(printed.getvalue(), end="", flush=True)  # its table, into the log
+        result = {"seed": seed, "wall_seconds": round(wall, 2), "precision": "fp16 (airbench's own .half())",
+                  "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)} | parse_airbench_table(printed.getvalue())  # fmt: skip
+        if seed >= 0:
+            test = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
+            result["tta_acc"] = round(airbench.evaluate(net, test, tta_level=2), 5)
+    finally:
+        os.chdir(here)
+    del net
+    _free_memory()
+    print(f"{name} seed {seed}: " + json.dumps(result), flush=True)
+    return result
