@@ -250,3 +250,19 @@ def test_a_resized_schedule_keeps_its_shape_and_its_state():
         sched.step()
     assert lrs[0] == pytest.approx(reference[4]) and lrs[6] == pytest.approx(reference[7])
     assert lrs[-2] == pytest.approx(reference[9]) == lrs[-1]  # at the bottom of the cycle, not past it
+
+
+def test_fastnet_without_its_initialisation_data_is_an_error(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = ClassifierModule(arch="fastnet", num_classes=3)
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(UserError, match="fastnet sets its first layer from training images"):
+        trainer.fit(model, train_dataloaders=loader)
+    model.model.init_from_data(torch.randn(64, 3, 32, 32))  # initialised by hand: the fit runs
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, train_dataloaders=loader)
+    assert trainer.global_step == 1

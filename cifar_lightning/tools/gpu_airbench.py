@@ -9,12 +9,12 @@ import io
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from cifar_lightning.tools.gpu_sections import Context
+#: ``ctx`` below is a ``gpu_sections.Context`` (not imported: that module imports this one).
+Context = Any
 
 
 def _free_memory() -> None:
