@@ -284,10 +284,6 @@ class ClassifierModule(pl.LightningModule):
             return self._planned_steps
         return int(self.trainer.estimated_stepping_batches)
 
-    @planned_steps.setter
-    def planned_steps(self, steps: int) -> None:
-        self._planned_steps = steps
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._fit_schedules_at_first_batch:
             return
@@ -299,7 +295,7 @@ class ClassifierModule(pl.LightningModule):
         step, left = trainer.global_step, _steps_left(trainer, batch_idx)
         if left is None:
             return
-        total = self.planned_steps = step + left
+        total = self._planned_steps = step + left
         step_schedules = [c.scheduler for c in trainer.lr_scheduler_configs if c.interval == "step"]
         for old, new in fit_schedules(step_schedules, step, total):
             rank_zero_info(
@@ -310,8 +306,7 @@ class ClassifierModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         # Networks with data-dependent initialisation (fastnet's whitening layer) get it here, from
         # the same deterministic images on every rank; the network ignores repeated calls.
-        init = getattr(self.model, "init_from_data", None)
-        if not callable(init) or bool(getattr(self.model, "whiten_initialized", False)):
+        if not callable(getattr(self.model, "init_from_data", None)) or bool(getattr(self.model, "whiten_initialized", False)):
             return
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "sample_train_images"):
@@ -323,7 +318,14 @@ class ClassifierModule(pl.LightningModule):
                 "Trainer.fit, or call model.model.init_from_data(images) first with about 5,000 normalised "
                 "training images (N, 3, 32, 32)."
             )
-        init(dm.sample_train_images(5000).to(self.device))
+        self.init_network_from(dm)
+
+    def init_network_from(self, datamodule: Any) -> None:
+        """Data-dependent initialisation (fastnet's whitening layer) from 5,000 of the data module's
+        training images, the same on every rank; nothing for a network without one."""
+        init = getattr(self.model, "init_from_data", None)
+        if callable(init):
+            init(datamodule.sample_train_images(5000).to(self.device))
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -35,10 +35,8 @@ class BareLoop:
         torch.manual_seed(0)
         # The module with its defaults, for the same network, optimizer and schedule as the fit's.
         module = ClassifierModule(arch=arch, num_classes=dm.num_classes, class_names=dm.class_names, lr=OVERHEAD_LR)
-        self.model = module.model.to(device).train()
-        init = getattr(self.model, "init_from_data", None)
-        if callable(init):
-            init(dm.sample_train_images(5000).to(device))
+        self.model = module.to(device).model.train()
+        module.init_network_from(dm)
         self.opt = build_optimizer(self.model, module.hparams)
         schedule_length = SimpleNamespace(
             estimated_stepping_batches=steps, num_training_batches=steps, accumulate_grad_batches=1, max_epochs=1

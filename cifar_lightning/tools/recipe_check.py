@@ -270,9 +270,7 @@ def fit_one_batch(
     hp.scheduler, hp.warmup_epochs, hp.min_lr = "cosine", 0.3, 0.0
     losses = _StepLosses()
     trainer.callbacks.append(losses)
-    init = getattr(model.model, "init_from_data", None)
-    if callable(init):  # as a fit with the data module would (fastnet's whitening layer)
-        init(dm.sample_train_images(5000))
+    model.init_network_from(dm)  # as a fit with the data module would
     trainer.fit(model, train_dataloaders=_SameBatch(x, y, spec.batch_steps))
     batch = DataLoader(TensorDataset(x, y), batch_size=n)
     # Batch-norm running statistics trail the weights by tens of steps (momentum 0.1), and the
