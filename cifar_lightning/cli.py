@@ -127,9 +127,14 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 #: Lines Lightning prints on every run that say nothing about the run: the advertisement for its
-#: hosted logger, and a note on reading the training loader once to count the steps that the
-#: schedules span.
-_NOTES = ("💡 Tip: For seamless cloud logging", "Loading `train_dataloader` to estimate number of stepping batches")
+#: hosted logger, a note on reading the training loader once to count the steps that the
+#: schedules span, and the reason the fit ended, which it writes into the live progress bar's
+#: line (the bar is then drawn again below it); the epochs and steps run are in the report.
+_NOTES = (
+    "💡 Tip: For seamless cloud logging",
+    "Loading `train_dataloader` to estimate number of stepping batches",
+    "`Trainer.fit` stopped:",
+)
 
 
 def _not_a_note(record: logging.LogRecord) -> bool:

@@ -250,6 +250,20 @@ class ClassifierModule(pl.LightningModule):
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         self.images_seen[stage] = int(count.item())
 
+    def running_metrics(self, stage: str = "train") -> dict[str, float]:
+        """Mean loss and accuracy of ``stage`` so far in this epoch, on this process: read from the
+        metric objects' states in one transfer, with no synchronisation between processes (one
+        rank may call it alone). Empty before the epoch's first batch. For a live display; the
+        logged epoch values are synchronised."""
+        loss = self.loss_metrics[f"{stage}_"].metric_state
+        acc = self.acc_metrics[f"{stage}_"].metric_state
+        total, count, correct, seen = torch.stack([
+            loss["mean_value"].float(), loss["weight"].float(), acc["tp"].sum().float(), (acc["tp"] + acc["fn"]).sum().float(),
+        ]).tolist()  # fmt: skip
+        if count == 0 or seen == 0:
+            return {}
+        return {f"{stage}/loss": total / count, f"{stage}/acc": correct / seen}
+
     def on_train_epoch_start(self) -> None:
         self._logged_stages.discard("train")
 

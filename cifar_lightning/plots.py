@@ -341,10 +341,3 @@ def plot_history_main(argv: list[str] | None = None) -> Path:
     path = plot_history(args.run_dir, args.output)
     print(f"history: {path}")
     return path
-
-
-def __getattr__(name: str):
-    # Class paths of configs written before the callbacks moved (see cifar_lightning.compat).
-    from cifar_lightning.compat import moved
-
-    return moved(__name__, name)

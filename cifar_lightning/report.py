@@ -67,7 +67,9 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
     console = console or Console()
     detail = report.get("per_class") or {}
     tta = report.get("tta")
-    table = Table(title=f"Test results: {report['arch']} on {report['test_images']:,} images")
+    # The title is a line of its own: as a table's title, rich wraps it to the table's width.
+    console.print(f"[bold]Test results: {report['arch']} on {report['test_images']:,} images[/bold]", soft_wrap=True)
+    table = Table()
     columns = ["class", "accuracy"] + (["precision", "recall", "images"] if detail else []) + (["TTA accuracy"] if tta else [])
     for name in columns:
         table.add_column(name, justify="left" if name == "class" else "right")

@@ -3,12 +3,17 @@
 
 Examples:
     python scripts/bench.py --data-dir ../shared/data/cifar10-jpeg.tar.gz --output benchmarks/cpu.json
-    python scripts/bench.py --sections tta --seeds 0 1 --data-dir DATA --output benchmarks/time_to_accuracy_cpu.json
+    python scripts/bench.py --sections time_to_accuracy --seeds 0 1 --data-dir DATA --output benchmarks/time_to_accuracy_cpu.json
     python scripts/bench.py --quick                                      # seconds, tiny synthetic data
 """
 
 import sys
-from cifar_lightning.tools.bench import main
+from pathlib import Path
+
+# The harnesses run from the clone (benchmarks/ is not installed with the package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main(sys.argv[1:])

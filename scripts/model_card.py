@@ -5,7 +5,7 @@
     python scripts/model_card.py --output docs/models.md    # regenerate the committed card
 """
 
-from cifar_lightning.tools.model_card import main
+from cifar_lightning.models.card import main
 
 if __name__ == "__main__":
     main()

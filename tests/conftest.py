@@ -30,7 +30,7 @@ def arch_params() -> list:
     import torch
 
     from cifar_lightning.models import create_model, list_models
-    from cifar_lightning.tools.model_card import count_macs
+    from cifar_lightning.models import count_macs
 
     params = []
     for name in list_models():

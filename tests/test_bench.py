@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from cifar_lightning.tools.bench import main, summary_rows
-from cifar_lightning.tools.bench_memory import MemorySampler
-from cifar_lightning.tools.bench_speed import BenchConfig
+from benchmarks.bench import main, summary_rows
+from benchmarks.bench_memory import MemorySampler
+from benchmarks.bench_speed import BenchConfig
 from conftest import REPO
 
 
@@ -24,14 +24,14 @@ def test_quick_bench_writes_its_json(tmp_path, capsys):
     # In-process, every section but memory, whose two child fits take most of a minute (the slow
     # test below runs them all through scripts/bench.py).
     out = tmp_path / "quick.json"
-    returned = main(["--quick", "--sections", "data,overhead,tta", "--output", str(out)])
+    returned = main(["--quick", "--sections", "data,overhead,time_to_accuracy", "--output", str(out)])
     results = json.loads(out.read_text())
     assert results == json.loads(json.dumps(returned))
     assert results["meta"]["quick"] is True and results["meta"]["complete"] is True
     assert results["provenance"]["machine"]["cpu_cores"] >= 1 and results["provenance"]["command"].startswith("python")
     check_data(results["data"])
     check_overhead(results["overhead"])
-    check_tta(results["tta"])
+    check_time_to_accuracy(results["time_to_accuracy"])
     printed = capsys.readouterr().out
     assert "time to accuracy" in printed and "overhead" in printed  # the rich table
 
@@ -44,7 +44,7 @@ def test_quick_bench_every_section(tmp_path):
     results = json.loads(out.read_text())
     check_data(results["data"])
     check_overhead(results["overhead"])
-    check_tta(results["tta"])
+    check_time_to_accuracy(results["time_to_accuracy"])
     check_memory(results["memory"])
 
 
@@ -76,14 +76,14 @@ def check_overhead(overhead):
     assert groups["this package (module, callbacks, data)"]["calls_per_step"] > 0  # training_step, the loader
 
 
-def check_tta(tta):
-    runners = {r["runner"] for r in tta["runs"]}
+def check_time_to_accuracy(section):
+    runners = {r["runner"] for r in section["runs"]}
     assert runners == {"airbench94", "fastnet", "fastnet_muon"}, runners  # airbench is in the dev extra
-    ours = [r for r in tta["runs"] if r["runner"] != "airbench94"]
+    ours = [r for r in section["runs"] if r["runner"] != "airbench94"]
     assert all(r["tta"] == "flip_translate" and r["epochs"] == 1 and r["seconds"] > 0 for r in ours)
-    airbench = next(r for r in tta["runs"] if r["runner"] == "airbench94")
+    airbench = next(r for r in section["runs"] if r["runner"] == "airbench94")
     assert airbench["precision"] == "fp32" and airbench["steps"] > 0 and 0 <= airbench["test_acc"] <= 1
-    vs = tta["summary"]["fastnet"]["against_airbench94"]
+    vs = section["summary"]["fastnet"]["against_airbench94"]
     mine = next(r for r in ours if r["runner"] == "fastnet")
     assert vs["time_ratio"] == pytest.approx(mine["seconds"] / airbench["seconds"], rel=1e-3)
     assert vs["accuracy_difference_points"] == pytest.approx(100 * (mine["test_acc"] - airbench["test_acc"]), abs=1e-3)
@@ -115,7 +115,7 @@ def test_memory_sampler_sums_a_process_tree():
 
 
 def test_recipes_train_on_the_images_they_were_sized_for(tmp_path):
-    from cifar_lightning.tools.bench_time_to_accuracy import recipe_steps
+    from benchmarks.bench_time_to_accuracy import recipe_steps
 
     # the same images as the recipe's own run: 11 epochs of the 45,000 images its 5,000 held out
     # leave (fastnet, batch 1024), 8 of them for fastnet_muon (batch 2000), within one batch
@@ -129,7 +129,7 @@ def test_recipes_train_on_the_images_they_were_sized_for(tmp_path):
 
 
 def test_compare_to_baseline_pairs_seeds():
-    from cifar_lightning.tools.bench_time_to_accuracy import compare_to_baseline
+    from benchmarks.bench_time_to_accuracy import compare_to_baseline
 
     def run(runner, seed, acc, secs):
         return {"runner": runner, "seed": seed, "test_acc": acc, "seconds": secs, "images_seen": 1000}
@@ -162,7 +162,7 @@ def test_overhead_method_sees_a_known_cost(tmp_path):
     from lightning.pytorch.callbacks import Callback
 
     from cifar_lightning.data.synthetic import write_image_folder
-    from cifar_lightning.tools.bench_overhead import _interleaved_fit, _interleaved_null
+    from benchmarks.bench_overhead import _interleaved_fit, _interleaved_null
 
     class Spend(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

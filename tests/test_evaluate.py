@@ -45,7 +45,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
         fit_main([
             "--data-dir", str(data), "--output-dir", str(base / "runs"), "--num-workers", "0",
             "--batch-size", "4", "--val-size", "6", "--arch", "simple_cnn", "--epochs", "2", "--lr", "0.01",
-            "--trainer.callbacks+=cifar_lightning.plots.HistoryPlot", *QUIET,
+            "--trainer.callbacks+=cifar_lightning.callbacks.HistoryPlot", *QUIET,
         ])  # fmt: skip
     return ckpt, data
 

@@ -20,7 +20,7 @@ from cifar_lightning.export import export_main
 from cifar_lightning.fit import fit_main
 from cifar_lightning.models import list_models
 from cifar_lightning.predict import predict_main
-from cifar_lightning.tools.gpu_sections import mixed_precision
+from benchmarks.gpu_sections import mixed_precision
 from conftest import REPO, labelled_image, write_image_folder
 
 pytestmark = [

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_lightning.tools import gpu_evidence, gpu_sections
-from cifar_lightning.tools.gpu_sections import Context
+from benchmarks import gpu_evidence, gpu_sections
+from benchmarks.gpu_sections import Context
 from conftest import REPO
 
 MACHINE_KEYS = {"gpu", "cpu", "python", "torch", "lightning", "torchvision", "torchmetrics"}

@@ -1,5 +1,6 @@
 """The package's layout: downloads once per node, one decoder and one normalisation for every path,
-one report format, and configs and checkpoints from before the layout changed still load."""
+one report format, checkpoints whose hyperparameters predate later arguments still load, and the
+rules of the layout."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import torch
 from PIL import Image
 
 from cifar_lightning.checkpoint import build_classifier
-from cifar_lightning.cli import CifarCLI
-from cifar_lightning.compat import MOVED, moved
 from cifar_lightning.constants import CIFAR10_CLASSES
 from cifar_lightning.data import CIFAR10DataModule, datamodule
 from cifar_lightning.inference import model_input
@@ -137,38 +136,11 @@ def test_fit_and_evaluate_reports_share_their_keys(tiny_folder, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs, saved config.yaml files and checkpoints from before the layout changed
+# A checkpoint written by an earlier version
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_config_saved_before_the_move_still_loads(tiny_folder, tmp_path, monkeypatch):
-    # config.yaml of a fastnet run with the CSV, TensorBoard and W&B loggers, written by the old layout.
-    old = DATA / "config_before_layout.yaml"
-    assert "cifar_lightning.training_tricks.Lookahead" in old.read_text()
-    monkeypatch.chdir(tmp_path)  # its loggers write to runs/
-    cli = CifarCLI(args=["--config", str(old), "--data.data_dir", str(tiny_folder), "--data.val_size", "6"], run=False)
-    from cifar_lightning.callbacks import FreezeAfter, Lookahead, ScaleGradients
-    from cifar_lightning.loggers import ResumableCSVLogger, TensorBoardLogger, WandbLogger
-
-    assert [type(lg) for lg in cli.trainer.loggers] == [ResumableCSVLogger, TensorBoardLogger, WandbLogger]
-    kinds = {type(c) for c in cli.trainer.callbacks}
-    assert {ScaleGradients, FreezeAfter, Lookahead} <= kinds
-
-
-def test_every_moved_path_resolves_and_nothing_else_does():
-    import importlib
-
-    for old, new in MOVED.items():
-        module, _, name = old.rpartition(".")
-        assert getattr(importlib.import_module(module), name) is moved(module, name)
-        assert moved(module, name).__module__ + "." + name != old  # it really moved
-        new_module, _, new_name = new.rpartition(".")
-        assert getattr(importlib.import_module(new_module), new_name) is moved(module, name)
-    with pytest.raises(AttributeError):
-        moved("cifar_lightning.tracking", "NoSuchLogger")
-
-
-def test_a_checkpoint_written_before_the_move_still_loads():
+def test_a_checkpoint_written_by_an_earlier_version_still_loads():
     old = json.loads((DATA / "checkpoint_before_layout.json").read_text())
     fresh = ClassifierModule(**{k: v for k, v in old["hyper_parameters"].items() if not k.startswith("_")})
     module = build_classifier(
@@ -188,14 +160,24 @@ def test_a_checkpoint_written_before_the_move_still_loads():
 # ---------------------------------------------------------------------------------------------
 
 
-def _package_modules() -> dict[str, Path]:
-    root = REPO / "cifar_lightning"
+def _package_modules(packages: tuple[str, ...] = ("cifar_lightning", "benchmarks")) -> dict[str, Path]:
     mods = {}
-    for f in root.rglob("*.py"):
-        parts = f.relative_to(REPO).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        mods[name] = f
+    for package in packages:
+        for f in (REPO / package).rglob("*.py"):
+            parts = f.relative_to(REPO).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            mods[name] = f
     return mods
+
+
+def _imported_names(f: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    return names
 
 
 def test_no_module_over_500_lines():
@@ -207,17 +189,25 @@ def test_no_import_cycles():
     mods = _package_modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for m, f in mods.items():
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            # importing a package runs its __init__, which is how a package reaches its submodules
-            graph[m] |= {n for n in names if n in mods and n != m and not m.startswith(n + ".")}
+        # importing a package runs its __init__, which is how a package reaches its submodules
+        graph[m] = {n for n in _imported_names(f) if n in mods and n != m and not m.startswith(n + ".")}
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
         return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph[start])
 
     assert [m for m in graph if reaches(m, m, {m})] == []
+
+
+def test_the_installed_package_needs_nothing_from_the_clone():
+    # benchmarks/ is not installed: a module of the package that imported it would fail for a user.
+    users = {m for m, f in _package_modules(("cifar_lightning",)).items()
+             if any(n == "benchmarks" or n.startswith("benchmarks.") for n in _imported_names(f))}  # fmt: skip
+    assert users == set()
+    import configparser
+
+    from setuptools import find_packages
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    installed = find_packages(str(REPO), include=cfg["options.packages.find"]["include"].split())
+    assert "cifar_lightning" in installed and not any(p.startswith("benchmarks") for p in installed)

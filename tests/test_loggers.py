@@ -116,7 +116,7 @@ def test_logger_list_through_the_cli_config(tiny_folder, tmp_path):
         yaml.safe_dump(
             {"trainer": {"logger": [
                 {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
-                {"class_path": "cifar_lightning.tracking.WandbLogger",
+                {"class_path": "cifar_lightning.loggers.WandbLogger",
                  "init_args": {"save_dir": str(tmp_path), "project": "p", "watch": "all", "watch_log_freq": 1}},
             ]}}
         )

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cifar_lightning.models import UnknownModelError, create_model, list_models, model_info
-from cifar_lightning.tools.model_card import count_macs, count_parameters
+from cifar_lightning.models import count_macs, count_parameters
 from conftest import arch_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from cifar_lightning.fit import fit_main, in_fit_terms
 from cifar_lightning.data import CIFAR10DataModule, val_count
 from cifar_lightning.errors import UserError
 from cifar_lightning.callbacks.progress import EpochLines, QuietRichProgressBar, format_seconds, progress_callback
-from cifar_lightning.tools.reproduce import resolve_recipe
+from benchmarks.reproduce import resolve_recipe
 from conftest import REPO, write_image_folder
 
 #: Lines that say nothing about the run, each traced to where it came from and removed there.
@@ -83,6 +83,91 @@ def test_rich_bar_shows_no_version_number(tiny_folder, tmp_path):
     trainer.fit(model, datamodule=dm)
     items = bar.get_metrics(trainer, model)
     assert "v_num" not in items and "train/acc" in items
+
+
+def _run_in_terminal(cmd: list[str], cols: int, rows: int, timeout: float = 300) -> tuple[int, bytes]:
+    """Run ``cmd`` with a pseudo-terminal of ``cols`` x ``rows`` as its input and output, as from a
+    user's shell; returns its exit code and every byte it wrote to the terminal."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM", "COLUMNS", "LINES")}
+    env |= {"TERM": "xterm-256color", "COLUMNS": str(cols), "LINES": str(rows)}
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO, close_fds=True)
+    os.close(slave)
+    raw, deadline = bytearray(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            raw += chunk
+        elif proc.poll() is not None:
+            break
+    else:
+        proc.kill()
+    os.close(master)
+    return proc.wait(timeout=30), bytes(raw)
+
+
+def test_a_fit_in_a_terminal_shows_the_running_loss_and_one_final_bar(tiny_folder, tmp_path):
+    import pyte
+
+    cols = 200  # wide enough that no line wraps
+    code, raw = _run_in_terminal(
+        [sys.executable, str(REPO / "scripts" / "fit.py"), "--arch", "simple_cnn", "--epochs", "2",
+         "--data-dir", str(tiny_folder), "--output-dir", str(tmp_path / "runs"), "--num-workers", "0",
+         "--batch-size", "4", "--val-size", "6"],
+        cols, 50,
+    )  # fmt: skip
+    text = raw.decode(errors="replace")
+    assert code == 0, text[-3000:]
+    # Every frame rich drew, colours and cursor moves removed.
+    frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "\n").splitlines()
+    # The loss shows while the first epoch runs, before any epoch has ended (Lightning alone shows
+    # the previous epoch's means, so nothing in the first).
+    during = [f for f in frames if (m := re.match(r"Epoch 1/2 .* (\d+)/(\d+) ", f)) and 0 < int(m[1]) < int(m[2])]
+    assert during and all(re.search(r"train/loss: \d+\.\d{3} train/acc: \d\.\d{3}", f) for f in during), during[:3]
+    assert not any(f.startswith("Epoch 0") for f in frames)  # epochs count from 1
+    assert "`Trainer.fit` stopped" not in text  # never written into the bar's line
+
+    screen = pyte.Screen(cols, 400)  # taller than the output: nothing scrolls away
+    pyte.ByteStream(screen).feed(raw)
+    lines = [line.rstrip() for line in screen.display]
+    bars = [line for line in lines if line.startswith("Epoch ")]
+    assert len(bars) == 1 and bars[0].startswith("Epoch 2/2 ") and "val/acc:" in bars[0], bars  # one final bar
+    assert "Test results: simple_cnn on 12 images" in lines  # the report's title on one line
+
+
+def test_the_bar_reads_the_running_metrics_at_its_refresh_rate_not_per_step(tiny_folder, tmp_path):
+    import time
+
+    from cifar_lightning.module import ClassifierModule
+
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01)
+    reads = []
+    read = model.running_metrics
+    model.running_metrics = lambda stage="train": reads.append(stage) or read(stage)
+    dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=1, val_size=6)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[QuietRichProgressBar(refresh_rate=1)], logger=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=1)  # fmt: skip
+    start = time.monotonic()
+    trainer.fit(model, datamodule=dm)
+    seconds = time.monotonic() - start
+    steps = trainer.global_step
+    # At most one read a second, plus one at each epoch's start and end.
+    assert 0 < len(reads) <= seconds + 2 * trainer.max_epochs + 1, (len(reads), seconds)
+    assert len(reads) < steps / 2, (len(reads), steps)  # 60 steps of one image: far fewer reads
 
 
 def test_epoch_lines_estimate_the_time_left(tiny_folder, tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cifar_lightning.tools import provenance as prov_mod
-from cifar_lightning.tools.provenance import (
+from benchmarks import provenance as prov_mod
+from benchmarks.provenance import (
     command_line,
     describe_data,
     describe_path,

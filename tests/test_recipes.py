@@ -2,7 +2,7 @@
 
 Each recipe runs as written (its network, optimizer, schedule, batch size, augmentation and
 callbacks) for the steps in ``SMOKE``; the thresholds and how they were chosen are in
-``cifar_lightning/tools/recipe_check.py`` and ``benchmarks/recipe_smoke.md``. A recipe added to
+``benchmarks/recipe_check.py`` and ``benchmarks/recipe_smoke.md``. A recipe added to
 configs/ without a ``SMOKE`` entry fails here until it has been measured.
 
 The check itself is tested by breaking recipes: for each kind of check, a network that outputs
@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_lightning.tools import recipe_check
-from cifar_lightning.tools.recipe_check import CHANCE_LOSS, SMOKE, SmokeResult, SmokeSpec, check_recipe, failures
+from benchmarks import recipe_check
+from benchmarks.recipe_check import CHANCE_LOSS, SMOKE, SmokeResult, SmokeSpec, check_recipe, failures
 from conftest import REPO
 
 RECIPES = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))

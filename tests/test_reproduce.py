@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cifar_lightning.tools.reproduce import main, recipe_header
+from benchmarks.reproduce import main, recipe_header
 from conftest import REPO
 
 

@@ -13,13 +13,52 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 
 class QuietRichProgressBar(RichProgressBar):
-    """Lightning's rich progress bar without ``v_num``, the logger's version: the run directory
-    already says which version it is, and a CSV logger's 0 showed up as ``v_num: 0.000``."""
+    """Lightning's rich progress bar, with the running training loss and accuracy of the epoch.
+
+    - ``train/loss`` and ``train/acc`` are the means of the epoch so far on this process, read from
+      the module's metric objects (``ClassifierModule.running_metrics``) at most ``refresh_rate``
+      times a second, the rate at which rich redraws the bar, and at the epoch's end: no read from
+      the device per step, and no synchronisation between processes. Lightning alone would show the
+      previous epoch's means, and nothing during the first.
+    - Epochs count from 1, as the per-epoch lines and the report do: ``Epoch 2/2`` in the last.
+    - No ``v_num``, the logger's version: the run directory already says which version it is, and
+      a CSV logger's 0 showed up as ``v_num: 0.000``.
+    """
+
+    TRAIN_KEYS = ("train/loss", "train/acc")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._running: dict[str, float] = {}
+        self._read_at = -math.inf
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = f"Epoch {current_epoch + 1}"
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+            description += f"/{self.trainer.max_epochs}"
+        # As Lightning pads it: the bar does not jump when the validation bar's label replaces it.
+        return f"{description:{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._running, self._read_at = {}, -math.inf
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read_at = -math.inf  # the epoch's final means, whenever the last read was
+        super().on_train_epoch_end(trainer, pl_module)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        return items
+        read = getattr(pl_module, "running_metrics", None)
+        now = time.monotonic()
+        if read is not None and trainer.training and now - self._read_at >= 1 / max(self.refresh_rate, 1):
+            self._running = read("train")
+            self._read_at = now
+        if read is None:
+            return items
+        rest = {k: v for k, v in items.items() if k not in self.TRAIN_KEYS}
+        return {**self._running, **rest}
 
 
 def format_seconds(seconds: float) -> str:

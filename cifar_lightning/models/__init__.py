@@ -24,4 +24,16 @@ from cifar_lightning.models import vgg  # noqa: F401,E402
 from cifar_lightning.models import vit  # noqa: F401,E402
 from cifar_lightning.models import wide_resnet  # noqa: F401,E402
 
-__all__ = ["ModelInfo", "UnknownModelError", "create_model", "list_models", "model_info", "register_model"]
+# Parameter and MAC counts, and the model card built from them.
+from cifar_lightning.models.card import count_macs, count_parameters  # noqa: E402
+
+__all__ = [
+    "ModelInfo",
+    "UnknownModelError",
+    "count_macs",
+    "count_parameters",
+    "create_model",
+    "list_models",
+    "model_info",
+    "register_model",
+]

@@ -24,7 +24,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from cifar_lightning.callbacks.guard import StopOnNonFiniteLoss
+from benchmarks import REPO
+from benchmarks.fitting import build_fit, quiet_args
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.report import write_report
 
@@ -213,32 +214,17 @@ class _SameBatch:
 
 def _recipe_cli(recipe: str | Path, data_dir, steps: int | None, root_dir, seed: int, overrides: Sequence[str]):
     """The CLI's objects for ``recipe`` as written, laid over ``steps`` steps (None: its own length),
-    built but not run."""
-    import warnings
-
-    from cifar_lightning.cli import CifarCLI
-
-    # The arguments are built here on purpose; Lightning's note about sys.argv does not apply.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    # The smoke fit validates once, after training (below), so its checkpoint callback has no
-    # val/acc to watch during the fit.
-    warnings.filterwarnings("ignore", message=r"`ModelCheckpoint\(monitor='val/acc'\)` could not find")
+    built but not run. It validates once, after training (``_validate``), and writes no checkpoint."""
     args = [
-        "--config", str(recipe), "--seed_everything", str(seed),
-        "--data.data_dir", str(data_dir), "--data.download", "false", "--data.num_workers", "0",
-        "--data.val_size", str(VAL_IMAGES),
+        *quiet_args(data_dir, root_dir, seed), "--data.num_workers=0", f"--data.val_size={VAL_IMAGES}",
         # Channels-last convolutions: the same arithmetic, about a quarter cheaper on a CPU.
-        "--model.channels_last", "true",
-        *(["--trainer.max_steps", str(steps)] if steps else []), "--trainer.num_sanity_val_steps", "0",
-        "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(root_dir),
+        "--model.channels_last=true",
+        *([f"--trainer.max_steps={steps}"] if steps else []), "--trainer.num_sanity_val_steps=0",
+        "--trainer.limit_val_batches=0", "--trainer.enable_model_summary=false",
         *overrides,
     ]  # fmt: skip
-    cli = CifarCLI(args=args, run=False)
     # The check judges a lost loss itself, from every step's loss, and goes on to its verdict.
-    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, StopOnNonFiniteLoss)]
-    return cli
+    return build_fit(recipe, args, loss_guard=False)
 
 
 def _validate(trainer: pl.Trainer, model, root_dir, **loaders) -> dict[str, float]:
@@ -353,7 +339,7 @@ def run_all(
         spec = SMOKE.get(name)
         n = steps or (spec.steps if spec else 50)
         result = check_recipe(configs / f"{name}.yaml", data_dir, spec if spec and not steps else n, root_dir / name)
-        missed = failures(result, spec) if spec else ["no SMOKE entry: add one to cifar_lightning/tools/recipe_check.py"]
+        missed = failures(result, spec) if spec else ["no SMOKE entry: add one to benchmarks/recipe_check.py"]
         print(f"{name}: {result.as_row()} {'ok' if not missed else 'FAILED: ' + '; '.join(missed)}", flush=True)
         results.append((result, spec))
     return results
@@ -421,13 +407,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import tempfile
     from dataclasses import asdict
 
-    from cifar_lightning.tools.provenance import finish, provenance
+    from benchmarks.provenance import finish, provenance
 
     p = argparse.ArgumentParser(description="Smoke-check recipes on real images: a few steps each must learn.")
     p.add_argument("recipes", nargs="*", help="recipe names (default: every recipe in --configs)")
     p.add_argument("--data-dir", required=True, help="image folder or archive of CIFAR-10 (real images)")
-    p.add_argument("--configs", type=Path, default=Path("configs"))
-    p.add_argument("--output", type=Path, default=Path("benchmarks/recipe_smoke.json"),
+    p.add_argument("--configs", type=Path, default=REPO / "configs", help="the recipes folder (default: this clone's)")
+    p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "recipe_smoke.json",
                    help="JSON of the results; a .md beside it (default: benchmarks/recipe_smoke.json)")  # fmt: skip
     p.add_argument("--steps", type=int, help="steps for every recipe instead of each one's own (calibration)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as each test worker uses)")

@@ -8,7 +8,7 @@
    the same model, data, optimizer and batch, timed in alternating blocks; also with the
    progress bar and model summary off, and with nothing at all. The default step is short
    (simple_cnn, batch 32 on a CPU) so that a millisecond of framework shows.
-3. ``tta`` (time to accuracy): airbench94 (the installed ``airbench`` package, on a CPU in fp32,
+3. ``time_to_accuracy``: airbench94 (the installed ``airbench`` package, on a CPU in fp32,
    ``bench_airbench.py``) and the fastnet recipes (``configs/fastnet.yaml``,
    ``configs/fastnet_muon.yaml``) end to end on the same images, alternating runner by runner
    within each seed. Every runner trains as airbench trains (all 50,000 training images, no
@@ -36,17 +36,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from cifar_lightning.data.synthetic import write_image_folder
 from cifar_lightning.report import write_report
-from cifar_lightning.tools.bench_memory import bench_memory
-from cifar_lightning.tools.provenance import finish, provenance
-from cifar_lightning.tools.bench_overhead import bench_overhead
-from cifar_lightning.tools.bench_speed import TARGETS, BenchConfig, bench_data
-from cifar_lightning.tools.bench_time_to_accuracy import bench_time_to_accuracy
+from benchmarks.bench_memory import bench_memory
+from benchmarks.provenance import finish, provenance
+from benchmarks.bench_overhead import bench_overhead
+from benchmarks.bench_speed import TARGETS, BenchConfig, bench_data
+from benchmarks.bench_time_to_accuracy import bench_time_to_accuracy
 
-SECTIONS = ("data", "overhead", "memory", "tta")
+SECTIONS = ("data", "overhead", "memory", "time_to_accuracy")
 
 # ---------------------------------------------------------------------------------------------
 # Running, printing, saving
@@ -56,17 +54,13 @@ SECTION_FUNCTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "data": bench_data,
     "overhead": bench_overhead,
     "memory": bench_memory,
-    "tta": bench_time_to_accuracy,
+    "time_to_accuracy": bench_time_to_accuracy,
 }
 
 
 def run(cfg: BenchConfig, sections: list[str], save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the named sections; returns the JSON-ready results (``provenance``, ``meta``, one key per
     section). ``save(results)`` is called after each section and each time-to-accuracy run."""
-    import warnings
-
-    # The CLI is driven with explicit args on purpose; its note about sys.argv does not apply.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     unknown = [s for s in sections if s not in SECTION_FUNCTIONS]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
@@ -84,7 +78,7 @@ def run(cfg: BenchConfig, sections: list[str], save: Callable[[dict[str, Any]], 
     for name in sections:
         start = time.perf_counter()
         fn = SECTION_FUNCTIONS[name]
-        results[name] = fn(cfg, on_run=lambda part, n=name: keep(part, n)) if name == "tta" else fn(cfg)
+        results[name] = fn(cfg, on_run=lambda part, n=name: keep(part, n)) if name == "time_to_accuracy" else fn(cfg)
         results[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
         keep()
     results["meta"]["complete"] = True
@@ -121,9 +115,9 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f"{o['ratio' if variant == 'defaults' else 'ratio_' + variant]:.3f}",
                 target if variant == "defaults" else "",
             ))  # fmt: skip
-    if "tta" in results:
-        target = results.get("targets", TARGETS)["tta"]
-        for runner, s in results["tta"]["summary"].items():
+    if "time_to_accuracy" in results:
+        target = results.get("targets", TARGETS)["time_to_accuracy"]
+        for runner, s in results["time_to_accuracy"]["summary"].items():
             spread = f" ± {100 * s['std_test_acc']:.2f}" if s["std_test_acc"] is not None else ""
             vs = s.get("against_airbench94")
             ratio = ""
@@ -183,19 +177,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default="data,overhead,memory",
                    help=f"comma-separated, of {', '.join(SECTIONS)} (default data,overhead,memory; "
-                        "tta takes tens of minutes on a CPU)")  # fmt: skip
+                        "time_to_accuracy takes tens of minutes on a CPU)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="every section on tiny synthetic data, in seconds")
     p.add_argument("--output", help="write the results as JSON here, e.g. benchmarks/cpu.json")
     p.add_argument("--data-dir", default="data", help="image folder, archive or torchvision folder")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
-    p.add_argument("--runners", nargs="+", help="runners of the tta section, alternated per seed: airbench94 "
+    p.add_argument("--runners", nargs="+", help="runners of the time_to_accuracy section, alternated per seed: airbench94 "
                    "and recipe files (default airbench94 configs/fastnet.yaml configs/fastnet_muon.yaml)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the tta section")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the time_to_accuracy section")
     p.add_argument("--overhead-arch", help="network of the overhead section (default simple_cnn / fastnet on GPU)")
     p.add_argument("--overhead-batch-size", type=int, help="default 32 on a CPU, 1024 on a GPU")
     p.add_argument("--timed-steps", type=int, help="steps timed per overhead fit (default 250)")
     p.add_argument("--repeats", type=int, help="fits per overhead variant (default 4)")
-    p.add_argument("tta_overrides", nargs="*", help="extra CLI arguments for the tta runs, after --")
+    p.add_argument("fit_overrides", nargs="*", help="extra CLI arguments for the time_to_accuracy runs, after --")
     a = p.parse_args(argv)
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
     if a.sections == "all":
@@ -208,9 +202,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if a.quick:
             data_dir = write_image_folder(Path(tmp) / "data", n_train=96, n_test=8)
             cfg = BenchConfig.quick_config(data_dir=str(data_dir), **kw)
-            cfg.tta_overrides += a.tta_overrides
+            cfg.fit_overrides += a.fit_overrides
         else:
-            cfg = BenchConfig(data_dir=a.data_dir, tta_overrides=a.tta_overrides, **kw)
+            cfg = BenchConfig(data_dir=a.data_dir, fit_overrides=a.fit_overrides, **kw)
         out = Path(a.output) if a.output else None
         results = run(cfg, sections, save=(lambda r: write_report(r, out)) if out else None)
     print_results(results)

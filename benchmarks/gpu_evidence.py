@@ -2,7 +2,7 @@
 priority, within a time budget.
 
 ``python scripts/gpu_evidence.py --data-dir DIR --output-dir OUT --budget SECONDS [--skip-done DIR]
-[--quick]``. Each section runs in its own process (``python -m cifar_lightning.tools.gpu_evidence
+[--quick]``. Each section runs in its own process (``python -m benchmarks.gpu_evidence
 --section NAME ...``, the code in ``gpu_sections``) under a time cap, and its JSON is written the
 moment it ends; a section that fails or runs out of time is recorded with its error, exit code
 and last lines of output, and the next one runs.
@@ -41,11 +41,12 @@ import tempfile
 import threading
 import time
 import traceback
-import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from benchmarks import REPO, child_env
 
 LOG_NAME, SUMMARY_NAME = "gpu_evidence.log", "summary.json"
 TAIL_LINES = 40
@@ -118,7 +119,7 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    from cifar_lightning.tools.provenance import finish, provenance
+    from benchmarks.provenance import finish, provenance
 
     prov = finish(provenance())  # when the run started, and the load then
     m = prov["machine"]
@@ -228,7 +229,7 @@ def _process_age() -> float:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    from cifar_lightning.tools.provenance import scrub
+    from benchmarks.provenance import scrub
 
     data = scrub(json.loads(json.dumps(data, default=str)))  # results name no folder of the machine
     tmp = path.with_name("." + path.name + ".tmp")
@@ -261,13 +262,13 @@ def run_section(name: str, data_dir: str, scratch: Path, target: float, timeout:
     """Run one section's process, stream its output into the log, and return its record."""
     work, result = scratch / name, scratch / f"{name}.result.json"
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "cifar_lightning.tools.gpu_evidence", "--section", name, "--data-dir", data_dir,
+    cmd = [sys.executable, "-m", "benchmarks.gpu_evidence", "--section", name, "--data-dir", data_dir,
            "--work-dir", str(work), "--result", str(result), "--deadline", f"{time.time() + target:.1f}",
            "--configs", str(Path(a.configs).resolve()),
            *(["--quick"] if a.quick else []), *[f"--extra={e}" for e in a.extra_by_section.get(name, [])]]  # fmt: skip
     log(f"== {name}: aiming at {target:.0f} s, stopped at {timeout:.0f} s")
     log("+ " + shlex.join(cmd))
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "TMPDIR": str(work)}
+    env = child_env(PYTHONUNBUFFERED="1", TMPDIR=str(work))
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", start_new_session=True)  # fmt: skip
@@ -331,7 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, required=True, help="seconds the whole command may take")
     p.add_argument("--skip-done", metavar="DIR", help="skip the sections whose JSON in DIR has status ok")
     p.add_argument("--quick", action="store_true", help="every section on the CPU with tiny synthetic data")
-    p.add_argument("--configs", default="configs", help="the recipes folder (default: configs)")
+    p.add_argument("--configs", default=str(REPO / "configs"), help="the recipes folder (default: this clone's)")
     p.add_argument("--sections", help="comma-separated subset to run (default: all, in order)")
     p.add_argument(
         "--extra",
@@ -443,13 +444,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# A section's own process: python -m cifar_lightning.tools.gpu_evidence --section NAME ...
+# A section's own process: python -m benchmarks.gpu_evidence --section NAME ...
 # ---------------------------------------------------------------------------------------------
 
 
 def section_main(argv: list[str] | None = None) -> None:
     """Run one section of ``gpu_sections`` and keep its record in ``--result`` as it goes."""
-    from cifar_lightning.tools.gpu_sections import SECTION_FUNCTIONS, Context
+    from benchmarks.gpu_sections import SECTION_FUNCTIONS, Context
 
     p = argparse.ArgumentParser(description="one section of scripts/gpu_evidence.py, in its own process")
     p.add_argument("--section", required=True, choices=list(SECTION_FUNCTIONS))
@@ -458,11 +459,9 @@ def section_main(argv: list[str] | None = None) -> None:
     p.add_argument("--result", required=True, type=Path, help="the section's record (JSON)")
     p.add_argument("--deadline", required=True, type=float, help="Unix time by which to be done")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--configs", type=Path, default=Path("configs"), help="the recipes folder")
+    p.add_argument("--configs", type=Path, default=REPO / "configs", help="the recipes folder")
     p.add_argument("--extra", action="append", default=[], help="a CLI argument for every fit of ours")
     a = p.parse_args(argv)
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
     a.work_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(a.section, a.data_dir, a.work_dir.resolve(), a.result, a.deadline, a.quick, a.extra, a.configs)
     ctx.record["machine"] = machine()

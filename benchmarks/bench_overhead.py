@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar_lightning.tools.bench_speed import TARGETS, BenchConfig, _datamodule, _device, _sync
+from benchmarks.bench_speed import TARGETS, BenchConfig, _datamodule, _device, _sync
+from benchmarks.fitting import build_fit
 
 
 class BareLoop:
@@ -134,21 +135,16 @@ def _interleaved_fit(
 ) -> dict[str, list[float]]:
     """Seconds of each of ``cfg.timed_steps`` steps of one Trainer.fit of ``variant``, and of the bare
     step run beside each, after ``cfg.warmup_steps`` of both. ``extra_callbacks`` join the fit's."""
-    import warnings
-
-    from cifar_lightning.cli import CifarCLI
-
-    warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
     # One batch more than timed: the last timed step ends where the next one starts.
     steps = cfg.warmup_steps + cfg.timed_steps + 1
     bare = BareLoop(cfg, arch, bs, device, steps)
     timing: dict[str, list[float]] = {"fit": [], "bare": []}
     with tempfile.TemporaryDirectory() as out, _flush_denormal():
-        cli = CifarCLI(args=_overhead_args(cfg, arch, bs, steps, Path(out), variant), run=False)
-        if variant == "bare_trainer":
-            cli.trainer.callbacks = []  # the CLI's own callbacks (LR monitor, ...) too
-        cli.trainer.callbacks.extend(extra_callbacks)
-        cli.trainer.callbacks.append(_Interleaved(bare, cfg.warmup_steps, cfg.timed_steps, device, timing))
+        # The defaults are a user's fit: its checkpoint callbacks too. A bare trainer drops the
+        # CLI's own callbacks (LR monitor, ...) as well.
+        interleaved = _Interleaved(bare, cfg.warmup_steps, cfg.timed_steps, device, timing)
+        cli = build_fit(overrides=_overhead_args(cfg, arch, bs, steps, Path(out), variant), checkpoints=True,
+                        cli_callbacks=variant != "bare_trainer", callbacks=[*extra_callbacks, interleaved])  # fmt: skip
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if len(timing["fit"]) < cfg.timed_steps:
         raise RuntimeError(f"the training set has fewer than {steps} batches of {bs}")
@@ -199,8 +195,6 @@ def profile_fit(cfg: BenchConfig, arch: str, bs: int, variant: str = "defaults",
     the milliseconds, say where the framework's time goes."""
     from lightning.pytorch.callbacks import Callback
 
-    from cifar_lightning.cli import CifarCLI
-
     profiler = cProfile.Profile()
     warmup = cfg.warmup_steps
 
@@ -212,8 +206,8 @@ def profile_fit(cfg: BenchConfig, arch: str, bs: int, variant: str = "defaults",
                 profiler.disable()
 
     with tempfile.TemporaryDirectory() as out, _flush_denormal():
-        cli = CifarCLI(args=_overhead_args(cfg, arch, bs, warmup + steps + 1, Path(out), variant), run=False)
-        cli.trainer.callbacks.append(_Profile())
+        cli = build_fit(overrides=_overhead_args(cfg, arch, bs, warmup + steps + 1, Path(out), variant),
+                        checkpoints=True, cli_callbacks=variant != "bare_trainer", callbacks=[_Profile()])
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for (path, _, name), (_, calls, own, _, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]

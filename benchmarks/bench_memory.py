@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from benchmarks import child_env
 from cifar_lightning.report import write_report
 
 
@@ -153,9 +154,9 @@ def memory_child() -> None:
 
     from lightning.pytorch.callbacks import Callback
 
-    from cifar_lightning.cli import CifarCLI
+    from benchmarks.fitting import build_fit
 
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore")  # the probe's output is its report; its log is for failures
     report, args = Path(sys.argv[1]), sys.argv[2:]
 
     class _Probe(Callback):
@@ -166,8 +167,8 @@ def memory_child() -> None:
                 sharing = dataset_sharing(os.getpid(), address, images.nbytes)
                 write_report(sharing | {"dataset_mb": round(images.nbytes / 2**20, 1)}, report)
 
-    cli = CifarCLI(args=args, run=False)
-    cli.trainer.callbacks.append(_Probe())
+    # A user's fit, its checkpoints included: their memory counts.
+    cli = build_fit(overrides=args, checkpoints=True, callbacks=[_Probe()])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
 
@@ -177,7 +178,7 @@ def _measure_fit_memory(cfg: Any, run_name: str, out: Path) -> dict[str, Any]:
     loader, workers = MEMORY_RUNS[run_name]
     probe = out / f"memory-{run_name}.json"
     args = [
-        sys.executable, "-c", "from cifar_lightning.tools.bench_memory import memory_child; memory_child()", str(probe),
+        sys.executable, "-c", "from benchmarks.bench_memory import memory_child; memory_child()", str(probe),
         f"--data.data_dir={cfg.data_dir}", "--data.download=false", f"--data.loader={loader}",
         f"--data.num_workers={workers}", f"--data.val_size={cfg.val_size}", f"--data.batch_size={cfg.data_batch_size}",
         f"--model.arch={arch}", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
@@ -187,7 +188,7 @@ def _measure_fit_memory(cfg: Any, run_name: str, out: Path) -> dict[str, Any]:
     ]  # fmt: skip
     log = out / f"memory-{run_name}.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=child_env())
         sampler = MemorySampler(proc.pid)
         sampler.start()
         code = proc.wait()

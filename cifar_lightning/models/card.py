@@ -1,4 +1,5 @@
-"""The model card: parameter and MAC counts for every registered network, as a markdown table.
+"""Parameter and MAC counts of a network, and the model card: a markdown table of both for every
+registered network.
 
 ``scripts/model_card.py`` writes it to ``docs/models.md``; the tests check that the committed
 numbers match the code.

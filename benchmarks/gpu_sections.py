@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from cifar_lightning.tools.gpu_airbench import (  # noqa: F401 (part of this module's interface)
+from benchmarks import REPO
+from benchmarks.gpu_airbench import (  # noqa: F401 (part of this module's interface)
     _free_memory, airbench_run, airbench_unavailable, parse_airbench_table, write_airbench_data,
 )
 
@@ -182,28 +183,18 @@ def train_clock(device: torch.device):
 
 def timed_fit(ctx: Context, config: Path, seed: int, overrides: list[str]) -> dict[str, Any]:
     """One seed of ``config`` on all training images, tested with its TTA. No checkpoint: without a
-    validation split the last epoch is the result, so the checkpointing callbacks are dropped."""
-    from lightning.pytorch.callbacks import Checkpoint
-
-    from cifar_lightning.cli import CifarCLI
+    validation split the last epoch is the result."""
+    from benchmarks.fitting import build_fit, prepare, quiet_args
 
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as out:
-        args = [
-            f"--config={config}", f"--data.data_dir={ctx.data_dir}", "--data.download=false", "--data.val_size=0",
-            f"--seed_everything={seed}", f"--trainer.accelerator={'gpu' if ctx.cuda else 'cpu'}",
-            "--trainer.devices=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={out}", *ctx.fit_args(overrides),
-        ]  # fmt: skip
-        ctx.command("python -m cifar_lightning fit " + shlex.join(args) + "  # in-process, training steps timed")
-        cli = CifarCLI(args=args, run=False)
-        trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoint)]
+        accelerator = "gpu" if ctx.cuda else "cpu"
+        args = [*quiet_args(ctx.data_dir, out, seed, accelerator), "--data.val_size=0", *ctx.fit_args(overrides)]
+        ctx.command(f"python -m cifar_lightning fit --config={config} {shlex.join(args)}  # in-process, training steps timed")
         clock = train_clock(ctx.device)
-        trainer.callbacks.append(clock)
-        dm.prepare_data()
-        dm.setup("fit")
-        dm.setup("test")
+        cli = build_fit(config, args, callbacks=[clock])
+        trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+        prepare(cli)
         start = time.perf_counter()
         trainer.fit(model, datamodule=dm)
         fit_seconds = time.perf_counter() - start
@@ -316,8 +307,7 @@ def section_gpu_tests(ctx: Context) -> None:
     ctx.command(shlex.join(["python", *cmd[1:-2], "--junitxml=<work>/gpu_tests.xml", "tests/test_gpu.py"]))
     start = time.perf_counter()
     try:
-        root = Path(__file__).resolve().parents[2]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(ctx.left() - 10, 10), cwd=root)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(ctx.left() - 10, 10), cwd=REPO)
         code, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
     except subprocess.TimeoutExpired as err:
         code, tail = None, str(err)
@@ -395,8 +385,8 @@ def section_airbench(ctx: Context) -> None:
 def section_overhead_data(ctx: Context) -> None:
     """The bench ``overhead`` section (fastnet, batch 1024) and the ``data`` section, plus the
     per-image loaders with every core as a DataLoader worker (``bench_data`` uses 2)."""
-    from cifar_lightning.tools.bench_overhead import bench_overhead
-    from cifar_lightning.tools.bench_speed import BenchConfig, bench_data
+    from benchmarks.bench_overhead import bench_overhead
+    from benchmarks.bench_speed import BenchConfig, bench_data
 
     if ctx.quick:
         cfg = BenchConfig.quick_config(data_dir=ctx.data_dir)
@@ -423,7 +413,7 @@ def per_image_loaders(cfg: Any, workers: int, ours: float) -> dict[str, Any]:
     from torchvision import transforms as T
 
     from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
-    from cifar_lightning.tools.bench_speed import _datamodule, _images_per_second
+    from benchmarks.bench_speed import _datamodule, _images_per_second
 
     cpu, skip, bs, n = torch.device("cpu"), 1 + 2 * workers, cfg.data_batch_size, cfg.baseline_batches
     dm = _datamodule(cfg, loader="torchvision", augment="standard", batch_size=bs, num_workers=workers)

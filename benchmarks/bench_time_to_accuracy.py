@@ -1,5 +1,5 @@
 """Time to accuracy: airbench94 (the installed package) and the fastnet recipes end to end on the
-same images, alternating runner by runner; ``bench.py``'s ``tta`` section."""
+same images, alternating runner by runner; ``bench.py``'s ``time_to_accuracy`` section."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cifar_lightning.tools.bench_speed import BenchConfig, _device, _sync
+from benchmarks import REPO
+from benchmarks.bench_speed import BenchConfig, _device, _sync
+from benchmarks.fitting import build_fit, prepare, quiet_args
 
 
 def _epoch_timer_callback(times: list[float], device: torch.device):
@@ -59,37 +61,21 @@ def _train_split_size(data_dir: str) -> int:
 
 def run_recipe(cfg: BenchConfig, config: str, seed: int) -> dict[str, Any]:
     """One seed of a recipe: fit, then the TTA test; data decoded and cached before the clock.
+    No checkpoint: without a validation split the last epoch is the result.
 
     ``config`` is a path, or relative to the repository (``configs/fastnet.yaml``)."""
-    import warnings
-
-    from cifar_lightning.tools.provenance import REPO
-
     config = config if Path(config).is_file() else str(REPO / config)
-
-    from cifar_lightning.cli import CifarCLI
-
-    warnings.filterwarnings("ignore", message=".*could not find the monitored key.*")
     device = _device(cfg.accelerator)
     with tempfile.TemporaryDirectory() as out:
-        args = [
-            f"--config={config}", f"--data.data_dir={cfg.data_dir}", "--data.download=false",
-            # All 50,000 training images and no validation, as airbench trains and times itself.
-            "--data.val_size=0",
-            f"--seed_everything={seed}", f"--trainer.accelerator={cfg.accelerator}", "--trainer.devices=1",
-            "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={out}", *cfg.tta_overrides,
-        ]  # fmt: skip
-        if not any(a.startswith(("--trainer.max_steps", "--trainer.limit_train_batches")) for a in cfg.tta_overrides):
+        # All 50,000 training images and no validation, as airbench trains and times itself.
+        args = [*quiet_args(cfg.data_dir, out, seed, cfg.accelerator), "--data.val_size=0", *cfg.fit_overrides]
+        if not any(a.startswith(("--trainer.max_steps", "--trainer.limit_train_batches")) for a in cfg.fit_overrides):
             steps = recipe_steps(config, _train_split_size(cfg.data_dir))
             args += [f"--trainer.max_steps={steps}"] if steps else []  # the schedules are laid over it
-        cli = CifarCLI(args=args, run=False)
-        trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-        dm.prepare_data()
-        dm.setup("fit")
-        dm.setup("test")
         epoch_times: list[float] = []
-        trainer.callbacks.append(_epoch_timer_callback(epoch_times, device))
+        cli = build_fit(config, args, callbacks=[_epoch_timer_callback(epoch_times, device)])
+        trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+        prepare(cli)
         _sync(device)
         start = time.perf_counter()
         trainer.fit(model, datamodule=dm)
@@ -167,7 +153,7 @@ def bench_time_to_accuracy(cfg: BenchConfig, on_run=None) -> dict[str, Any]:
 
     ``on_run(partial_results)`` is called after every run, so a long benchmark keeps what it has.
     """
-    from cifar_lightning.tools.bench_airbench import airbench_version, run_airbench94, write_airbench_data
+    from benchmarks.bench_airbench import airbench_version, run_airbench94, write_airbench_data
 
     runs: list[dict[str, Any]] = []
     skipped = None
