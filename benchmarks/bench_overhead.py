@@ -207,7 +207,7 @@ def profile_fit(cfg: BenchConfig, arch: str, bs: int, variant: str = "defaults",
 
     with tempfile.TemporaryDirectory() as out, _flush_denormal():
         cli = build_fit(overrides=_overhead_args(cfg, arch, bs, warmup + steps + 1, Path(out), variant),
-                        checkpoints=True, cli_callbacks=variant != "bare_trainer", callbacks=[_Profile()])
+                        checkpoints=True, callbacks=[_Profile()])
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for (path, _, name), (_, calls, own, _, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]

@@ -61,7 +61,8 @@ def _train_split_size(data_dir: str) -> int:
 
 def run_recipe(cfg: BenchConfig, config: str, seed: int) -> dict[str, Any]:
     """One seed of a recipe: fit, then the TTA test; data decoded and cached before the clock.
-    No checkpoint: without a validation split the last epoch is the result.
+    The fit keeps the CLI's callbacks, checkpoints included (last.ckpt after each epoch counts in
+    the time), as the committed results were made.
 
     ``config`` is a path, or relative to the repository (``configs/fastnet.yaml``)."""
     config = config if Path(config).is_file() else str(REPO / config)
@@ -73,7 +74,7 @@ def run_recipe(cfg: BenchConfig, config: str, seed: int) -> dict[str, Any]:
             steps = recipe_steps(config, _train_split_size(cfg.data_dir))
             args += [f"--trainer.max_steps={steps}"] if steps else []  # the schedules are laid over it
         epoch_times: list[float] = []
-        cli = build_fit(config, args, callbacks=[_epoch_timer_callback(epoch_times, device)])
+        cli = build_fit(config, args, checkpoints=True, callbacks=[_epoch_timer_callback(epoch_times, device)])
         trainer, model, dm = cli.trainer, cli.model, cli.datamodule
         prepare(cli)
         _sync(device)

@@ -214,7 +214,7 @@ class _SameBatch:
 
 def _recipe_cli(recipe: str | Path, data_dir, steps: int | None, root_dir, seed: int, overrides: Sequence[str]):
     """The CLI's objects for ``recipe`` as written, laid over ``steps`` steps (None: its own length),
-    built but not run. It validates once, after training (``_validate``), and writes no checkpoint."""
+    built but not run. It validates once, after training (``_validate``)."""
     args = [
         *quiet_args(data_dir, root_dir, seed), "--data.num_workers=0", f"--data.val_size={VAL_IMAGES}",
         # Channels-last convolutions: the same arithmetic, about a quarter cheaper on a CPU.
@@ -224,7 +224,7 @@ def _recipe_cli(recipe: str | Path, data_dir, steps: int | None, root_dir, seed:
         *overrides,
     ]  # fmt: skip
     # The check judges a lost loss itself, from every step's loss, and goes on to its verdict.
-    return build_fit(recipe, args, loss_guard=False)
+    return build_fit(recipe, args, checkpoints=True, loss_guard=False)
 
 
 def _validate(trainer: pl.Trainer, model, root_dir, **loaders) -> dict[str, float]:

@@ -170,7 +170,7 @@ def table(recipes: list[Path], results: Path, smoke: dict[str, dict[str, Any]] |
     return "\n".join(rows) + "\n"
 
 
-def resolve_recipe(recipe: Path, configs: Path = Path("configs")) -> Path:
+def resolve_recipe(recipe: Path, configs: Path = REPO / "configs") -> Path:
     """A recipe file: ``recipe`` itself when it exists, else ``configs/<recipe>.yaml`` (a recipe's name)."""
     if recipe.is_file():
         return recipe

@@ -128,12 +128,14 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 #: Lines Lightning prints on every run that say nothing about the run: the advertisement for its
 #: hosted logger, a note on reading the training loader once to count the steps that the
-#: schedules span, and the reason the fit ended, which it writes into the live progress bar's
-#: line (the bar is then drawn again below it); the epochs and steps run are in the report.
+#: schedules span, and the end of a fit that ran its epochs or steps, which it writes into the live
+#: progress bar's line (the bar is then drawn again below it); the epochs and steps run are in the
+#: report. Other reasons to stop (no training batches) still print.
 _NOTES = (
     "💡 Tip: For seamless cloud logging",
     "Loading `train_dataloader` to estimate number of stepping batches",
-    "`Trainer.fit` stopped:",
+    "`Trainer.fit` stopped: `max_epochs=",
+    "`Trainer.fit` stopped: `max_steps=",
 )
 
 
@@ -247,6 +249,15 @@ class CifarCLI(LightningCLI):
         except MisconfigurationException as err:
             # Lightning's own checks (devices that do not exist, bad accelerator...) are user errors.
             raise UserError(str(err)) from None
+        except (TypeError, ValueError) as err:
+            # A class the parser builds (a callback in a list) that refuses its arguments with a
+            # UserError reaches here wrapped in the parser's own error: unwrap it.
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
     def after_instantiate_classes(self) -> None:
         if self.resume_from is not None:

@@ -43,6 +43,8 @@ FIT_ALIASES: dict[str, tuple[str, ...]] = {
     "--precision": ("--trainer.precision",),
     "--seed": ("--seed_everything",),
     "--output-dir": ("--trainer.default_root_dir",),
+    # A target holding {value} takes the value there; the others get "=value".
+    "--ema": ('--trainer.callbacks+={"class_path": "cifar_lightning.callbacks.EMA", "init_args": {"decay": {value}}}',),
 }
 
 
@@ -122,7 +124,10 @@ def expand_aliases(argv: list[str]) -> list[str]:
         elif arg.flag in FIT_ALIASES or arg.flag in LOGGER_FLAGS:
             if arg.value is None:
                 raise UserError(f"{arg.flag} needs a value, e.g. {arg.flag} {_ALIAS_EXAMPLES.get(arg.flag, 'VALUE')}")
-            out += [f"{target}={arg.value}" for target in FIT_ALIASES.get(arg.flag, ())]
+            out += [
+                target.replace("{value}", arg.value) if "{value}" in target else f"{target}={arg.value}"
+                for target in FIT_ALIASES.get(arg.flag, ())
+            ]
             opts.setdefault(arg.flag, []).append(arg.value)
         else:
             out += arg.tokens
@@ -141,7 +146,7 @@ def expand_aliases(argv: list[str]) -> list[str]:
 
 _ALIAS_EXAMPLES = {
     "--arch": "resnet18", "--epochs": "30", "--batch-size": "128", "--lr": "0.1",
-    "--logger": "tensorboard", "--watch": "gradients",
+    "--logger": "tensorboard", "--watch": "gradients", "--ema": "0.999",
 }  # fmt: skip
 
 

@@ -48,6 +48,17 @@ def test_every_network_runs_the_fast_path(arch, tiny_folder, tmp_path):
     assert fit.global_step == 1 and next(model.parameters()).is_cuda
 
 
+def test_the_weight_average_lives_on_the_gpu(tiny_folder, tmp_path):
+    from cifar_lightning.callbacks import EMA
+
+    ema = EMA(decay=0.9)
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, channels_last=True)
+    _fit(model, tiny_folder, tmp_path, max_epochs=1, callbacks=[ema])
+    averaged = list(ema._average_model.module.parameters())
+    assert averaged and all(p.is_cuda for p in averaged)  # no copy across to the CPU at every step
+    assert all(torch.equal(a, p) for a, p in zip(averaged, model.parameters()))  # the fit ends on it
+
+
 def test_fastnet_compiles_with_inductor_and_learns(tiny_folder, tmp_path):
     model = ClassifierModule(arch="fastnet", num_classes=3, channels_last=True, compile=True, lr=0.05)
     fit = _fit(model, tiny_folder, tmp_path, max_epochs=8, limit_val_batches=0)

@@ -115,9 +115,9 @@ def test_paths_are_named_by_role(tmp_path):
 
 
 def test_command_line_is_relative():
-    line = command_line([str(REPO / "scripts" / "bench.py"), "--output", f"{S}tmp/q.json", "--sections=tta", "--quick",
+    line = command_line([str(REPO / "scripts" / "bench.py"), "--output", f"{S}tmp/q.json", "--sections=time_to_accuracy", "--quick",
                          "--note", f"see {S}srv/logs/a.txt"])  # fmt: skip
-    assert line == "python scripts/bench.py --output '<outside>/q.json' --sections=tta --quick --note 'see <outside>/a.txt'"
+    assert line == "python scripts/bench.py --output '<outside>/q.json' --sections=time_to_accuracy --quick --note 'see <outside>/a.txt'"
 
 
 def test_provenance_records_commit_machine_versions_data_and_load(tmp_path):

@@ -7,7 +7,8 @@
 - ``dashboards``: the resolved config, watched gradients and the end-of-test views for W&B and
   TensorBoard;
 - ``tricks``: airbench94's training tricks (gradient scaling, freezing, Lookahead);
-- ``guard``: a run stops, with one line and its last good checkpoint, when its loss is lost.
+- ``guard``: a run stops, with one line and its last good checkpoint, when its loss is lost;
+- ``averaging``: an exponential moving average of the weights (``EMA``, ``--ema DECAY``).
 
 A new callback goes into one of these files (or a new one beside them) and is exported here.
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 
+from cifar_lightning.callbacks.averaging import EMA
 from cifar_lightning.callbacks.dashboards import ConfigSavingCallback, TestResultsLogger, WatchModel
 from cifar_lightning.callbacks.guard import LossNotFinite, StopOnNonFiniteLoss
 from cifar_lightning.callbacks.history import HistoryPlot
@@ -26,7 +28,7 @@ from cifar_lightning.callbacks.resume import ContinueLogs, LastCheckpoint, Rando
 from cifar_lightning.callbacks.tricks import FreezeAfter, Lookahead, ScaleGradients
 
 __all__ = [
-    "CHECKPOINT_DEFAULTS", "ConfigSavingCallback", "ContinueLogs", "EpochLines", "FreezeAfter", "HistoryPlot",
+    "CHECKPOINT_DEFAULTS", "ConfigSavingCallback", "ContinueLogs", "EMA", "EpochLines", "FreezeAfter", "HistoryPlot",
     "LastCheckpoint", "Lookahead", "LossNotFinite", "QuietRichProgressBar", "RandomState", "ScaleGradients",
     "StopOnNonFiniteLoss", "TestResultsLogger",
     "WatchModel", "default_callbacks", "fit_or_exit", "progress_callback",

@@ -15,11 +15,12 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 class QuietRichProgressBar(RichProgressBar):
     """Lightning's rich progress bar, with the running training loss and accuracy of the epoch.
 
-    - ``train/loss`` and ``train/acc`` are the means of the epoch so far on this process, read from
-      the module's metric objects (``ClassifierModule.running_metrics``) at most ``refresh_rate``
-      times a second, the rate at which rich redraws the bar, and at the epoch's end: no read from
-      the device per step, and no synchronisation between processes. Lightning alone would show the
-      previous epoch's means, and nothing during the first.
+    - ``train/loss`` and ``train/acc`` are the means of the epoch so far on this process (under
+      DDP, rank 0's share of the batches), read from the module's metric objects
+      (``ClassifierModule.running_metrics``) at most once every ``read_every`` seconds and at the
+      epoch's end: no read from the device per step (Lightning redraws the bar after every step),
+      and no synchronisation between processes. Lightning alone would show the previous epoch's
+      means, and nothing during the first.
     - Epochs count from 1, as the per-epoch lines and the report do: ``Epoch 2/2`` in the last.
     - No ``v_num``, the logger's version: the run directory already says which version it is, and
       a CSV logger's 0 showed up as ``v_num: 0.000``.
@@ -27,8 +28,9 @@ class QuietRichProgressBar(RichProgressBar):
 
     TRAIN_KEYS = ("train/loss", "train/acc")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, read_every: float = 0.5, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.read_every = read_every
         self._running: dict[str, float] = {}
         self._read_at = -math.inf
 
@@ -52,7 +54,7 @@ class QuietRichProgressBar(RichProgressBar):
         items.pop("v_num", None)
         read = getattr(pl_module, "running_metrics", None)
         now = time.monotonic()
-        if read is not None and trainer.training and now - self._read_at >= 1 / max(self.refresh_rate, 1):
+        if read is not None and trainer.training and now - self._read_at >= self.read_every:
             self._running = read("train")
             self._read_at = now
         if read is None:
