@@ -30,10 +30,13 @@ FIT_ALIASES: dict[str, tuple[str, ...]] = {
     "--batch-size": ("--data.batch_size",),
     "--lr": ("--model.lr",),
     "--optimizer": ("--model.optimizer",),
+    "--sam-rho": ("--model.sam_rho",),
     "--scheduler": ("--model.scheduler",),
     "--weight-decay": ("--model.weight_decay",),
     "--label-smoothing": ("--model.label_smoothing",),
     "--augment": ("--data.augment",),
+    "--mixup": ("--data.mixup",),
+    "--cutmix": ("--data.cutmix",),
     "--data-dir": ("--data.data_dir",),
     "--val-size": ("--data.val_size",),
     "--num-workers": ("--data.num_workers",),
@@ -54,6 +57,7 @@ FIT_SWITCHES: dict[str, tuple[str, ...]] = {
     "--no-download": ("--data.download=false",),
     "--fast-dev-run": ("--trainer.fast_dev_run=true",),
     "--deterministic": ("--trainer.deterministic=true",),
+    "--sam-adaptive": ("--model.sam_adaptive=true",),
 }
 
 

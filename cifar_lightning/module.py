@@ -17,7 +17,8 @@ from cifar_lightning.data.transforms import normalize
 from cifar_lightning.errors import UserError
 from cifar_lightning.models import create_model, model_info
 from cifar_lightning.optim import (
-    OPTIMIZERS, SCHEDULERS, OptimizerName, SchedulerName, build_optimizer, build_scheduler, fit_schedules,
+    OPTIMIZERS, SAM, SAM_BASES, SCHEDULERS, OptimizerName, SamBase, SchedulerName, build_optimizer, build_scheduler,
+    fit_schedules,
 )  # fmt: skip
 
 TTAMode = Literal["none", "flip", "flip_translate"]
@@ -38,12 +39,16 @@ class ClassifierModule(pl.LightningModule):
         num_classes: number of output classes (linked from the data).
         class_names: one name per class, in label order (linked from the data).
         norm_mean, norm_std: input normalisation the network expects (linked from the data).
-        optimizer: ``sgd`` (with ``momentum`` and ``nesterov``), ``adam``, ``adamw`` or ``muon``
+        optimizer: ``sgd`` (with ``momentum`` and ``nesterov``), ``adam``, ``adamw``, ``sam`` or ``muon``
             (conv filters by Muon at ``muon_lr`` and ``muon_momentum``, everything else by SGD
             with ``lr``, ``momentum``, ``nesterov`` and ``weight_decay``; see ``optim.MuonSGD``).
         lr: peak learning rate. weight_decay: L2 penalty (decoupled for ``adamw``).
         muon_lr, muon_momentum: Muon's peak step size (relative to the filters' norm) and momentum;
             the schedule scales ``muon_lr`` as it scales ``lr``.
+        sam_base, sam_rho, sam_adaptive: with ``optimizer="sam"``, the optimizer SAM wraps
+            (``sgd``, ``adam``, ``adamw``, with the settings above), the radius of its weight
+            perturbation, and ASAM's scale-invariant perturbation (see ``optim.SAM``). Each step
+            costs two forward and backward passes.
         betas: Adam/AdamW betas.
         scheduler: ``none``, ``multistep``, ``cosine``, ``linear`` (decay to ``min_lr`` at the last
             step), ``onecycle`` or ``plateau``.
@@ -78,6 +83,9 @@ class ClassifierModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         muon_lr: float = 0.24,
         muon_momentum: float = 0.6,
+        sam_base: SamBase = "sgd",
+        sam_rho: float = 0.05,
+        sam_adaptive: bool = False,
         scheduler: SchedulerName = "cosine",
         milestones: list[int] | None = None,
         milestone_unit: Literal["epoch", "step"] = "epoch",
@@ -103,6 +111,10 @@ class ClassifierModule(pl.LightningModule):
             raise UserError(f"unknown scheduler {scheduler!r}. Valid names: {', '.join(SCHEDULERS)}")
         if not lr > 0:
             raise UserError(f"the learning rate must be positive, got {lr}. Pass e.g. --lr 0.1.")
+        if optimizer == "sam" and sam_base not in SAM_BASES:
+            raise UserError(f"unknown sam_base {sam_base!r}. Valid names: {', '.join(SAM_BASES)}")
+        if optimizer == "sam" and not sam_rho > 0:
+            raise UserError(f"sam_rho must be positive, got {sam_rho}. Try 0.05 (SAM) or 2.0 (ASAM, --sam-adaptive).")
         if optimizer == "muon" and not muon_lr > 0:
             raise UserError(f"muon_lr must be positive, got {muon_lr}. Pass e.g. --model.muon_lr 0.24.")
         if num_classes < 2:
@@ -147,6 +159,7 @@ class ClassifierModule(pl.LightningModule):
         self._logged_stages: set[str] = set()  # stages whose metric objects this epoch has logged
         self._fit_schedules_at_first_batch = False
         self._planned_steps: int | None = None
+        self._sam: SAM | None = None
         self.class_acc_metrics = torch.nn.ModuleDict(
             {f"{s}_": MulticlassAccuracy(num_classes, average=None, validate_args=False) for s in ("val", "test")}
         )
@@ -197,13 +210,19 @@ class ClassifierModule(pl.LightningModule):
     def _shared_step(self, batch, stage: str) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = self(x) if stage == "train" else self.tta_logits(x)
+        # y is labels, or (B, classes) probabilities for a MixUp / CutMix training batch: the loss
+        # trains on them, and accuracy counts against the dominant label.
         losses = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing, reduction="none")
         loss = losses.mean()
         preds = logits.detach().argmax(dim=1)
+        y = y.argmax(dim=1) if y.is_floating_point() else y
         # Metric objects accumulate on the device; Lightning computes and syncs them once per epoch.
         # Per-sample losses, so that a smaller last batch weighs less (torchmetrics 1.9 drops the
         # ``weight`` argument when its NaN check is disabled).
         key = f"{stage}_"
+        if stage == "train" and getattr(self._sam, "perturbed", False):
+            # SAM's second pass over the same batch, at perturbed weights: counted once, in the first.
+            return {"loss": loss, "logits": logits.detach(), "targets": y}
         self.loss_metrics[key].update(losses.detach())
         self.acc_metrics[key].update(preds, y)
         if key in self.class_acc_metrics:
@@ -344,8 +363,24 @@ class ClassifierModule(pl.LightningModule):
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
         opt = build_optimizer(self.model, self.hparams)
+        if isinstance(opt, SAM):
+            _check_sam_trainer(self._trainer)
+            self._sam = opt
         # Per-step schedules size themselves from the trainer (epochs, data, devices, accumulation).
         return build_scheduler(opt, self.hparams, self._trainer)  # None outside a fit: per-step schedules need one
+
+
+def _check_sam_trainer(trainer: pl.Trainer | None) -> None:
+    """SAM runs the closure itself, twice per step: it cannot work where Lightning calls it instead."""
+    if trainer is None:
+        return
+    if str(trainer.precision) == "16-mixed":
+        raise UserError(
+            "--optimizer sam cannot run with 16-bit mixed precision: its gradient scaler runs the "
+            "training step itself, once. Use --precision bf16-mixed or 32."
+        )
+    if trainer.accumulate_grad_batches > 1:
+        raise UserError("--optimizer sam takes one batch per step: drop --trainer.accumulate_grad_batches.")
 
 
 def _steps_left(trainer: pl.Trainer, batch_idx: int) -> int | None:

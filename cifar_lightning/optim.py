@@ -21,9 +21,11 @@ import torch
 
 from cifar_lightning.errors import UserError
 
-OptimizerName = Literal["sgd", "adam", "adamw", "muon"]
+OptimizerName = Literal["sgd", "adam", "adamw", "muon", "sam"]
+SamBase = Literal["sgd", "adam", "adamw"]
 SchedulerName = Literal["none", "multistep", "cosine", "linear", "onecycle", "plateau"]
-OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "sam")
+SAM_BASES = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "multistep", "cosine", "linear", "onecycle", "plateau")
 
 #: Quintic Newton-Schulz coefficients that push singular values towards 1 fastest from near 0
@@ -124,6 +126,71 @@ class MuonSGD(torch.optim.Optimizer):
                     grad = orthogonalize(grad.reshape(p.shape[0], -1), group["ns_steps"]).view_as(p)
                 p.add_(grad, alpha=-lr)
         return loss
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimisation (Foret et al. 2021, arXiv:2010.01412) around a base optimizer;
+    with ``adaptive``, ASAM (Kwon et al. 2021, arXiv:2102.11600).
+
+    Each step takes the closure Lightning passes to ``step`` and runs it twice: at the weights
+    ``w``, for the gradient ``g``, then at ``w + e``, ``e = rho * g / ||g||`` (ASAM: ``e = rho *
+    w² g / ||w g||``, element-wise), for the gradient that the base optimizer then applies to
+    ``w``. Under DDP each backward pass all-reduces its gradients, as any backward does.
+
+    - BatchNorm statistics (``norm_modules``) come from the first pass only: the second one's
+      updates of the running statistics are undone.
+    - ``perturbed`` is True during the second pass, so that the module counts each batch once in
+      its training metrics.
+    - The param groups are the base optimizer's own (schedules change its learning rates), and the
+      state in a checkpoint is the base optimizer's: ``e`` lives only within a step.
+    """
+
+    def __init__(self, base: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = False,
+                 norm_modules: Sequence[torch.nn.Module] = ()) -> None:  # fmt: skip
+        if not rho > 0:
+            raise UserError(f"sam_rho must be positive, got {rho}. Try 0.05 (SAM) or 2.0 (ASAM).")
+        super().__init__(base.param_groups, {"rho": rho, "adaptive": adaptive})
+        self.base = base
+        self.param_groups = base.param_groups
+        self.rho, self.adaptive = rho, adaptive
+        self.norm_modules = list(norm_modules)
+        self.perturbed = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is None:
+            raise RuntimeError("SAM needs the closure that recomputes the loss and its gradients")
+        loss = torch.enable_grad()(closure)()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        scaled = [(p.abs() * p.grad) if self.adaptive else p.grad for p in params]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
+        scale = self.rho / (norm + 1e-12)
+        originals = [p.detach().clone() for p in params]
+        for p in params:
+            p.add_((p * p * p.grad) * scale if self.adaptive else p.grad * scale)
+        statistics = [{k: b.detach().clone() for k, b in m.named_buffers(recurse=False)} for m in self.norm_modules]
+        self.perturbed = True
+        try:
+            torch.enable_grad()(closure)()
+        finally:
+            self.perturbed = False
+            for p, original in zip(params, originals):
+                p.copy_(original)
+            for m, saved in zip(self.norm_modules, statistics):
+                for k, b in m.named_buffers(recurse=False):
+                    b.copy_(saved[k])
+        self.base.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base.load_state_dict(state_dict)
+        self.param_groups = self.base.param_groups
 
 
 def muon_param_groups(module: torch.nn.Module, muon_lr: float, muon_momentum: float) -> list[dict[str, Any]]:
@@ -258,10 +325,14 @@ def build_optimizer(model: torch.nn.Module, hp: Mapping[str, Any]) -> torch.opti
     """The optimizer ``hp["optimizer"]`` names, over ``model``'s trainable parameters.
 
     ``hp`` holds ``ClassifierModule``'s hyperparameters (lr, momentum, nesterov, weight_decay,
-    betas, muon_lr, muon_momentum).
+    betas, muon_lr, muon_momentum, sam_base, sam_rho, sam_adaptive).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     name = hp["optimizer"]
+    if name == "sam":
+        base = build_optimizer(model, {**hp, "optimizer": hp["sam_base"]})
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        return SAM(base, rho=hp["sam_rho"], adaptive=hp["sam_adaptive"], norm_modules=norms)
     if name == "sgd":
         return torch.optim.SGD(
             params, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"], weight_decay=hp["weight_decay"]

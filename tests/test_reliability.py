@@ -499,7 +499,7 @@ def test_deterministic_runs_are_bit_identical(tmp_path):
 @pytest.mark.parametrize(
     "flag, value, valid",
     [
-        ("--optimizer", "sgdd", ["['sgd', 'adam', 'adamw', 'muon']"]),
+        ("--optimizer", "sgdd", ["['sgd', 'adam', 'adamw', 'muon', 'sam']"]),
         ("--scheduler", "cosin", ["['none', 'multistep', 'cosine', 'linear', 'onecycle', 'plateau']"]),
         ("--precision", "17", ["'16-mixed'", "'bf16-mixed'", "'32-true'"]),
     ],

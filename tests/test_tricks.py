@@ -1,4 +1,4 @@
-"""Training tricks: an exponential moving average of the weights (``--ema``)."""
+"""Training tricks: an exponential moving average of the weights (``--ema``), MixUp and CutMix, SAM."""
 
 from __future__ import annotations
 
@@ -99,3 +99,175 @@ def test_ema_decay_out_of_range_is_a_user_error(tmp_path, capsys):
         fit_main(fit_args(data, tmp_path, "--epochs", "1", "--ema", "1.5"))
     assert exc.value.code == 2
     assert "the EMA decay must be between 0 and 1 (exclusive), got 1.5" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# MixUp and CutMix
+# ---------------------------------------------------------------------------------------------
+
+
+def constant_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four images, image i filled with the value i; labels 0, 1, 2, 0 of 3 classes."""
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 32, 32).contiguous()
+    return images, torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_mixing_weight_and_the_cutmix_box_are_the_targets_weight(seed):
+    from cifar_lightning.data.transforms import batch_mixing
+
+    torch.manual_seed(seed)
+    images, labels = constant_batch()
+    mixed, soft = batch_mixing(1.0, 0.0, num_classes=3)(images, labels)
+    # Image 1 is mixed with its neighbour, image 0 (value 0): its pixels are λ, its target λ on class 1.
+    lam = float(soft[1, 1])
+    assert torch.allclose(mixed[1], torch.full_like(mixed[1], lam)) and 0 < lam < 1
+    assert torch.allclose(soft.sum(1), torch.ones(4)) and soft[1, 0] == pytest.approx(1 - lam)
+
+    mixed, soft = batch_mixing(0.0, 1.0, num_classes=3)(images, labels)
+    kept = mixed[1, 0] == 1.0  # pixels still from image 1; the others come from image 0
+    assert torch.all((mixed[1, 0] == 1.0) | (mixed[1, 0] == 0.0))
+    assert float(kept.float().mean()) == pytest.approx(float(soft[1, 1]), abs=1e-6)  # λ is the area kept
+    rows, cols = torch.nonzero(~kept, as_tuple=True)
+    if len(rows):  # the pasted part is one rectangle
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert int(box) == len(rows)
+
+
+def test_mixed_training_batches_train_on_soft_targets_and_validation_is_untouched(tiny_folder, tmp_path):
+    import torch.nn.functional as F
+
+    seen: dict[str, list[torch.Tensor]] = {"train": [], "val": []}
+
+    class Batches(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["train"].append(batch[1])
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen["val"].append(batch[1])
+
+    for loader in ("tensor", "torchvision"):
+        seen["train"].clear(), seen["val"].clear()
+        dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=8, val_size=6, loader=loader,
+                               mixup=1.0, cutmix=1.0)  # fmt: skip
+        model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01)
+        pl.Trainer(max_epochs=1, callbacks=[Batches()], logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(model, dm)  # fmt: skip
+        assert seen["train"] and all(t.shape[1] == 3 and t.is_floating_point() for t in seen["train"]), loader
+        assert any((t.max(1).values < 1).any() for t in seen["train"])  # mixed, not one-hot
+        assert seen["val"] and all(t.ndim == 1 and not t.is_floating_point() for t in seen["val"]), loader
+
+    # The loss is cross-entropy against the probabilities; accuracy counts the dominant label.
+    x = torch.randn(6, 3, 32, 32)
+    soft = torch.softmax(torch.randn(6, 3), dim=1)
+    model.eval()  # the same forward pass twice (no dropout, BatchNorm statistics fixed)
+    out = model._shared_step((x, soft), "train")
+    assert float(out["loss"]) == pytest.approx(float(F.cross_entropy(model(x), soft)), rel=1e-5)
+    assert torch.equal(out["targets"], soft.argmax(1))
+
+
+def test_mixing_flags_and_their_errors(tmp_path, capsys):
+    data = write_noise_folder(tmp_path / "data", n_train=4)
+    report = fit_main(fit_args(data, tmp_path / "runs", "--epochs", "1", "--mixup", "0.2", "--cutmix", "1.0"))
+    config = yaml.safe_load((Path(report["report_path"]).parent / "config.yaml").read_text())
+    assert (config["data"]["mixup"], config["data"]["cutmix"], config["data"]["mixup_prob"]) == (0.2, 1.0, 0.5)
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(data, tmp_path / "bad", "--epochs", "1", "--cutmix", "-1"))
+    assert exc.value.code == 2
+    assert "cutmix is the alpha of a Beta distribution: 0 (off) or positive, got -1.0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM and ASAM
+# ---------------------------------------------------------------------------------------------
+
+
+def _sam_step(adaptive: bool):
+    """One SAM step of SGD (lr 0.1, no momentum) on a linear model with BatchNorm; returns the
+    model before and after, and the batch."""
+    from cifar_lightning.optim import SAM
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, adaptive=adaptive,
+              norm_modules=[model[1]])  # fmt: skip
+
+    def closure():
+        sam.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    sam.step(closure)
+    return before, model, x, y
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_a_sam_step_is_the_two_pass_update_by_hand(adaptive):
+    before, model, x, y = _sam_step(adaptive)
+
+    # By hand: the gradient at w, the perturbation e, the gradient at w + e, one SGD step from w.
+    names = ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+    def grads_at(weights):
+        w = {n: weights[n].clone().requires_grad_(True) for n in names}
+        h = x @ w["0.weight"].T + w["0.bias"]
+        h = torch.nn.functional.batch_norm(h, None, None, w["1.weight"], w["1.bias"], training=True)
+        loss = torch.nn.functional.cross_entropy(h, y)
+        return dict(zip(names, torch.autograd.grad(loss, [w[n] for n in names])))
+
+    g = grads_at(before)
+    if adaptive:
+        norm = torch.sqrt(sum(((before[n].abs() * g[n]) ** 2).sum() for n in names))
+        e = {n: 0.05 * before[n] ** 2 * g[n] / norm for n in names}
+    else:
+        norm = torch.sqrt(sum((g[n] ** 2).sum() for n in names))
+        e = {n: 0.05 * g[n] / norm for n in names}
+    g2 = grads_at({n: before[n] + e[n] for n in names})
+    for n in names:
+        torch.testing.assert_close(model.state_dict()[n], before[n] - 0.1 * g2[n], msg=n)
+    assert not torch.allclose(model.state_dict()["0.weight"], before["0.weight"] - 0.1 * g["0.weight"])  # not plain SGD
+
+    # BatchNorm's running statistics are those of the first pass alone.
+    first = torch.nn.BatchNorm1d(3)
+    first.load_state_dict({k[2:]: v for k, v in before.items() if k.startswith("1.")})
+    first.train()(x @ before["0.weight"].T + before["0.bias"])
+    torch.testing.assert_close(model[1].running_mean, first.running_mean)
+    torch.testing.assert_close(model[1].running_var, first.running_var)
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_sam_through_the_fit_counts_each_batch_once_and_resumes(tmp_path, capsys):
+    data = write_noise_folder(tmp_path / "data", n_train=10)
+    report = fit_main(fit_args(data, tmp_path / "runs", "--epochs", "1", "--optimizer", "sam", "--sam-rho", "0.1",
+                               "--sam-adaptive", "--model.sam_base", "adamw"))  # fmt: skip
+    config = yaml.safe_load((Path(report["report_path"]).parent / "config.yaml").read_text())["model"]
+    assert (config["optimizer"], config["sam_rho"], config["sam_adaptive"], config["sam_base"]) == ("sam", 0.1, True, "adamw")
+    assert report["global_step"] == 6  # 24 training images in batches of 4: one step per batch
+    state = torch.load(report["last_checkpoint"], weights_only=True)["optimizer_states"][0]
+    assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["state"].values())))  # the base AdamW's state
+
+    resumed = fit_main(fit_args(data, tmp_path / "runs", "--epochs", "2", "--optimizer", "sam", "--sam-rho", "0.1",
+                                "--sam-adaptive", "--model.sam_base", "adamw", "--resume"))  # fmt: skip
+    assert resumed["global_step"] == 12
+
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(data, tmp_path / "bad", "--epochs", "1", "--optimizer", "sam", "--sam-rho", "0"))
+    assert exc.value.code == 2 and "sam_rho must be positive, got 0.0" in capsys.readouterr().err
+
+
+def test_sam_counts_each_training_image_once(tiny_folder, tmp_path):
+    counted = []
+
+    class Count(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            counted.append(int(pl_module.loss_metrics["train_"].weight))
+
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01,
+                             optimizer="sam")  # fmt: skip
+    dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=8, val_size=6)
+    pl.Trainer(max_epochs=1, callbacks=[Count()], logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, default_root_dir=tmp_path).fit(model, dm)  # fmt: skip
+    assert counted == [30]  # 36 images less 6 for validation: once each, not once per pass

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
 from cifar_lightning.data.sources import DataSource, download_cifar10, load_split, resolve_source
 from cifar_lightning.data.tensor_loader import FlipMode, TensorLoader
-from cifar_lightning.data.transforms import AugmentPreset, build_transform, to_input
+from cifar_lightning.data.transforms import AugmentPreset, batch_mixing, build_transform, to_input
 from cifar_lightning.errors import UserError
 
 LoaderKind = Literal["torchvision", "tensor"]
@@ -127,6 +127,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         flip_mode: ``random`` or ``alternating`` (``tensor`` loader only; see ``TensorLoader``).
         cutout: side in pixels of a square zeroed in each training image, 0 = off (``tensor``
             loader only).
+        mixup, cutmix: alpha of MixUp / CutMix of each training batch, 0 = off (both loaders;
+            see ``transforms.batch_mixing``). The targets become probabilities; validation and
+            test batches are never mixed.
+        mixup_prob: with both, the probability that a batch gets MixUp rather than CutMix.
     """
 
     def __init__(
@@ -147,6 +151,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         loader: LoaderKind = "tensor",
         flip_mode: FlipMode = "random",
         cutout: int = 0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 0.5,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -167,6 +174,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             raise UserError(
                 "flip_mode 'alternating' and cutout need the tensor loader: pass --data.loader tensor."
             )
+        batch_mixing(mixup, cutmix, 2, mixup_prob)  # validates the alphas now, not mid-fit
         self.save_hyperparameters()
         # Finds the data (extracting an archive once) but downloads nothing: that is prepare_data's
         # job, run once per node. Missing data without download fails here, at once.
@@ -176,6 +184,17 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.test_set: Dataset | None = None
         self.predict_set: Dataset | None = None
         self._device_arrays: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mix: Any = None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """MixUp / CutMix of training batches, on the training device, after either loader."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training or not (self.hparams.mixup or self.hparams.cutmix):
+            return batch
+        if self._mix is None:
+            self._mix = batch_mixing(self.hparams.mixup, self.hparams.cutmix, self.num_classes, self.hparams.mixup_prob)
+        images, targets = batch
+        return self._mix(images, targets)
 
     # Attributes linked into the model, so the checkpoint knows what the data looked like.
     @property

@@ -147,3 +147,30 @@ def cutout_(images: torch.Tensor, size: int, generator: torch.Generator | None =
     in_rows = (rows >= cy) & (rows < cy + size)  # (B, H)
     in_cols = (cols >= cx) & (cols < cx + size)  # (B, W)
     return images.masked_fill_(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0.0)
+
+
+def batch_mixing(mixup: float, cutmix: float, num_classes: int, mixup_prob: float = 0.5) -> Callable | None:
+    """torchvision's MixUp (Zhang et al. 2018, arXiv:1710.09412) and CutMix (Yun et al. 2019,
+    arXiv:1905.04899) of a training batch, or None when both are off.
+
+    ``mixup`` and ``cutmix`` are the alphas of their Beta distributions (0: off). With both, each
+    batch gets one of them, mixup with probability ``mixup_prob``. The result is ``(images, soft
+    targets)``: each image mixed with its neighbour in the (shuffled) batch with one weight λ per
+    batch, and the targets mixed with the same weight, as (B, num_classes) probabilities; for
+    CutMix λ is the area left of the image after its box is clipped to the border.
+    """
+    for name, alpha in (("mixup", mixup), ("cutmix", cutmix)):
+        if alpha < 0:
+            raise UserError(f"{name} is the alpha of a Beta distribution: 0 (off) or positive, got {alpha}. Try 1.0.")
+    if not 0.0 <= mixup_prob <= 1.0:
+        raise UserError(f"mixup_prob is a probability, between 0 and 1, got {mixup_prob}.")
+    mixes = [
+        (v2.MixUp(alpha=mixup, num_classes=num_classes), mixup_prob) if mixup else None,
+        (v2.CutMix(alpha=cutmix, num_classes=num_classes), 1.0 - mixup_prob) if cutmix else None,
+    ]
+    chosen = [m for m in mixes if m is not None]
+    if not chosen:
+        return None
+    if len(chosen) == 1:
+        return chosen[0][0]
+    return v2.RandomChoice([m for m, _ in chosen], p=[p for _, p in chosen])
