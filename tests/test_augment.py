@@ -23,9 +23,11 @@ from cifar_lightning.data import (
     CIFAR10DataModule,
     EpochShards,
     TensorLoader,
+    build_transform,
     cutout_,
     random_crop_flip,
 )
+from cifar_lightning.data.transforms import random_erasing_
 from cifar_lightning.errors import UserError
 from cifar_lightning.callbacks import FreezeAfter, Lookahead, ScaleGradients
 from conftest import labelled_image
@@ -247,7 +249,7 @@ def test_tensor_and_pil_paths_give_the_same_images(tiny_folder, normalize):
 
 def test_tensor_only_options_are_user_errors(tiny_folder):
     with pytest.raises(UserError, match="--data.loader tensor"):
-        make_dm(tiny_folder, cutout=8, loader="torchvision")
+        make_dm(tiny_folder, flip_mode="alternating", loader="torchvision")
     with pytest.raises(UserError, match="unknown loader"):
         make_dm(tiny_folder, loader="dali")
 
@@ -405,3 +407,74 @@ def test_tta_average_is_float32_under_bf16_autocast():
         averaged = model.tta_logits(x)
     assert averaged.dtype == torch.float32
     torch.testing.assert_close(averaged, 0.5 * (views[0].float() + views[1].float()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cutout and random erasing: the same distribution on both loaders
+# ---------------------------------------------------------------------------------------------
+
+
+def _ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    grid = np.union1d(a, b)
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    return float(np.abs(cdf(a) - cdf(b)).max())
+
+
+def _erased_shapes(batch: torch.Tensor) -> np.ndarray:
+    """(rows, cols) of the zeroed pixels' bounding box in each image ((0, 0) when none), after
+    checking that the zeroed pixels of an image are exactly that box."""
+    zero = (batch == 0).all(dim=1)  # (B, H, W)
+    shapes = []
+    for z in zero:
+        rows, cols = torch.nonzero(z, as_tuple=True)
+        if len(rows) == 0:
+            shapes.append((0, 0))
+            continue
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert h * w == len(rows)  # one rectangle
+        shapes.append((h, w))
+    return np.array(shapes)
+
+
+@pytest.mark.parametrize("option", [{"cutout": 8}, {"random_erasing": 0.5}])
+def test_both_loaders_erase_from_the_same_distribution(option):
+    # A grey image, normalised: no pixel is exactly zero (the mean is not a whole 8-bit value)
+    # until one is erased.
+    n = 2000
+    image = np.full((32, 32, 3), 200, dtype=np.uint8)
+    torch.manual_seed(0)
+    per_image = build_transform("none", CIFAR10_MEAN, CIFAR10_STD, **option)
+    one_by_one = torch.stack([per_image(image) for _ in range(n)])
+    batch = (torch.full((n, 3, 32, 32), 200 / 255) - MEAN) / STD
+    generator = torch.Generator().manual_seed(1)
+    if "cutout" in option:
+        cutout_(batch, option["cutout"], generator)
+    else:
+        random_erasing_(batch, option["random_erasing"], generator)
+    a, b = _erased_shapes(one_by_one), _erased_shapes(batch)
+    # Two-sample KS at the 0.1% level: critical value 1.95 * sqrt(2 / n) (0.062 for n = 2000).
+    critical = 1.95 * math.sqrt(2 / n)
+    for column in range(2):  # heights, then widths
+        assert _ks_statistic(a[:, column], b[:, column]) < critical, column
+    assert _ks_statistic(a.prod(1), b.prod(1)) < critical  # areas
+    erased_share = (b.prod(1) > 0).mean()
+    if "cutout" in option:
+        assert (a.max(), b.max(), erased_share) == (8, 8, 1.0)  # every image, a side of at most 8
+    else:
+        assert abs(erased_share - 0.5) < 4 * math.sqrt(0.25 / n)  # erased with probability p
+        # The scale range, 2% to 33% of the image, widened by the rounding of each side.
+        areas = b.prod(1)[b.prod(1) > 0]
+        assert 0.02 * 1024 - 17 <= areas.min() and areas.max() <= 0.33 * 1024 + 17
+
+
+def test_the_erasing_distribution_test_sees_a_wrong_scale():
+    # The check above must fail for a batch erased from another distribution (a larger scale).
+    n = 2000
+    image = np.full((32, 32, 3), 200, dtype=np.uint8)
+    torch.manual_seed(0)
+    per_image = build_transform("none", CIFAR10_MEAN, CIFAR10_STD, random_erasing=0.5)
+    a = _erased_shapes(torch.stack([per_image(image) for _ in range(n)]))
+    batch = (torch.full((n, 3, 32, 32), 200 / 255) - MEAN) / STD
+    b = _erased_shapes(random_erasing_(batch, 0.5, torch.Generator().manual_seed(1), scale=(0.02, 0.4)))
+    assert _ks_statistic(a.prod(1), b.prod(1)) > 1.95 * math.sqrt(2 / n)

@@ -168,7 +168,9 @@ def test_mixed_training_batches_train_on_soft_targets_and_validation_is_untouche
 
 def test_mixing_flags_and_their_errors(tmp_path, capsys):
     data = write_noise_folder(tmp_path / "data", n_train=4)
-    report = fit_main(fit_args(data, tmp_path / "runs", "--epochs", "1", "--mixup", "0.2", "--cutmix", "1.0"))
+    # With the model summary, whose example input also passes the batch hooks.
+    report = fit_main(fit_args(data, tmp_path / "runs", "--epochs", "1", "--mixup", "0.2", "--cutmix", "1.0",
+                               "--trainer.enable_model_summary=true"))  # fmt: skip
     config = yaml.safe_load((Path(report["report_path"]).parent / "config.yaml").read_text())
     assert (config["data"]["mixup"], config["data"]["cutmix"], config["data"]["mixup_prob"]) == (0.2, 1.0, 0.5)
     with pytest.raises(SystemExit) as exc:
@@ -271,3 +273,15 @@ def test_sam_counts_each_training_image_once(tiny_folder, tmp_path):
     pl.Trainer(max_epochs=1, callbacks=[Count()], logger=False, enable_progress_bar=False, enable_model_summary=False,
                enable_checkpointing=False, default_root_dir=tmp_path).fit(model, dm)  # fmt: skip
     assert counted == [30]  # 36 images less 6 for validation: once each, not once per pass
+
+
+@pytest.mark.parametrize("loader", ["tensor", "torchvision"])
+def test_cutout_and_random_erasing_flags_on_both_loaders(loader, tmp_path, capsys):
+    data = write_noise_folder(tmp_path / "data", n_train=4)
+    report = fit_main(fit_args(data, tmp_path / "runs", "--epochs", "1", "--cutout", "8", "--random-erasing", "0.25",
+                               "--data.loader", loader))  # fmt: skip
+    config = yaml.safe_load((Path(report["report_path"]).parent / "config.yaml").read_text())["data"]
+    assert (config["cutout"], config["random_erasing"], config["loader"]) == (8, 0.25, loader)
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(data, tmp_path / "bad", "--epochs", "1", "--random-erasing", "2", "--data.loader", loader))
+    assert exc.value.code == 2 and "random_erasing is a probability, between 0 and 1, got 2.0" in capsys.readouterr().err

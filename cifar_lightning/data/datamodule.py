@@ -125,8 +125,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
             batches are finished inside the loader, so ``num_workers`` and ``pin_memory`` do not
             apply) or ``torchvision`` (a DataLoader with per-image transforms in workers).
         flip_mode: ``random`` or ``alternating`` (``tensor`` loader only; see ``TensorLoader``).
-        cutout: side in pixels of a square zeroed in each training image, 0 = off (``tensor``
-            loader only).
+        cutout: side in pixels of a square zeroed in each training image, 0 = off (DeVries &
+            Taylor 2017). random_erasing: probability of random erasing of each training image
+            (Zhong et al. 2020), 0 = off. Both after normalisation, on either loader, with zeros.
         mixup, cutmix: alpha of MixUp / CutMix of each training batch, 0 = off (both loaders;
             see ``transforms.batch_mixing``). The targets become probabilities; validation and
             test batches are never mixed.
@@ -151,6 +152,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         loader: LoaderKind = "tensor",
         flip_mode: FlipMode = "random",
         cutout: int = 0,
+        random_erasing: float = 0.0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
         mixup_prob: float = 0.5,
@@ -170,10 +172,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
             raise UserError(f"unknown flip_mode {flip_mode!r}. Valid names: random, alternating")
         if cutout < 0:
             raise UserError(f"cutout must be 0 (off) or a size in pixels, got {cutout}.")
-        if loader == "torchvision" and (flip_mode != "random" or cutout):
-            raise UserError(
-                "flip_mode 'alternating' and cutout need the tensor loader: pass --data.loader tensor."
-            )
+        if not 0.0 <= random_erasing <= 1.0:
+            raise UserError(f"random_erasing is a probability, between 0 and 1, got {random_erasing}.")
+        if loader == "torchvision" and flip_mode != "random":
+            raise UserError("flip_mode 'alternating' needs the tensor loader: pass --data.loader tensor.")
         batch_mixing(mixup, cutmix, 2, mixup_prob)  # validates the alphas now, not mid-fit
         self.save_hyperparameters()
         # Finds the data (extracting an archive once) but downloads nothing: that is prepare_data's
@@ -191,6 +193,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or not trainer.training or not (self.hparams.mixup or self.hparams.cutmix):
             return batch
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            return batch  # not a training batch: the model summary's example input
         if self._mix is None:
             self._mix = batch_mixing(self.hparams.mixup, self.hparams.cutmix, self.num_classes, self.hparams.mixup_prob)
         images, targets = batch
@@ -246,7 +250,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
                     "count or a fraction such as --data.val_size 0.1."
                 )
             train_idx, val_idx = split_indices(len(images), n_val, self.hparams.split_seed)
-            train_tf = build_transform(self.hparams.augment, self.norm_mean, self.norm_std)
+            train_tf = build_transform(self.hparams.augment, self.norm_mean, self.norm_std, self.hparams.cutout,
+                                       self.hparams.random_erasing)  # fmt: skip
             self.train_set = ArrayDataset(images, labels, train_idx, train_tf)
             self.val_set = ArrayDataset(images, labels, evaluation_order(val_idx), eval_tf) if len(val_idx) else None
         if stage in (None, "test", "predict") and self.test_set is None:
@@ -337,6 +342,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             augment=self.hparams.augment if train else "none",
             flip_mode=self.hparams.flip_mode,
             cutout=self.hparams.cutout if train else 0,
+            random_erasing=self.hparams.random_erasing if train else 0.0,
             mean=self.norm_mean,
             std=self.norm_std,
             device=device,

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
-from cifar_lightning.data.transforms import AUGMENT_PRESETS, AugmentPreset, cutout_, on_device, random_crop_flip, to_input
+from cifar_lightning.data.transforms import (
+    AUGMENT_PRESETS, AugmentPreset, cutout_, on_device, random_crop_flip, random_erasing_, to_input,
+)  # fmt: skip
 
 FlipMode = Literal["random", "alternating"]
 
@@ -103,6 +105,7 @@ class TensorLoader:
             probability 1/2; ``alternating`` flips a fixed random half of the images in even
             epochs and the other half in odd ones (airbench's alternating flip, arXiv:2404.00498).
         cutout: side of the square zeroed in each training image after normalisation; 0 = off.
+        random_erasing: probability of random erasing of each training image, after cutout.
         mean, std: per-channel normalisation, 0-1 scale.
         device: where batches are made. num_replicas, rank: the process's place under DDP.
         channels_last: make batches in channels-last memory format, the layout a network run
@@ -123,6 +126,7 @@ class TensorLoader:
         augment: AugmentPreset = "none",
         flip_mode: FlipMode = "random",
         cutout: int = 0,
+        random_erasing: float = 0.0,
         mean: tuple[float, float, float] = CIFAR10_MEAN,
         std: tuple[float, float, float] = CIFAR10_STD,
         device: torch.device | str = "cpu",
@@ -136,7 +140,7 @@ class TensorLoader:
         self.indices = torch.as_tensor(indices, dtype=torch.long).to(images.device)
         self.batch_size = batch_size
         self.train = train
-        self.augment, self.flip_mode, self.cutout = augment, flip_mode, cutout
+        self.augment, self.flip_mode, self.cutout, self.random_erasing = augment, flip_mode, cutout, random_erasing
         self.device = torch.device(device)
         self.rank, self.seed = rank, seed
         self.sampler = EpochShards(len(self.indices), num_replicas, rank, shuffle=train, pad=train, seed=seed)
@@ -192,5 +196,7 @@ class TensorLoader:
         x = to_input(images, self.mean, self.std, self.memory_format)
         if self.train and self.cutout > 0:
             cutout_(x, self.cutout, generator)
+        if self.train and self.random_erasing > 0:
+            random_erasing_(x, self.random_erasing, generator)
         return x
 

@@ -67,12 +67,28 @@ class ToInput:
         return to_input(image.as_subclass(torch.Tensor), self.mean, self.std)
 
 
-def build_transform(augment: AugmentPreset, mean: Channels, std: Channels) -> Callable:
+class Cutout:
+    """``cutout_`` of one normalised image (C, H, W), for the DataLoader's workers: the tensor
+    loader's operation on a batch of one."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return cutout_(image[None], self.size)[0]
+
+
+def build_transform(
+    augment: AugmentPreset, mean: Channels, std: Channels, cutout: int = 0, random_erasing: float = 0.0
+) -> Callable:
     """torchvision transform from a uint8 HWC array to a normalised float (3, 32, 32) tensor.
 
     ``standard`` is the usual CIFAR augmentation: a random 32x32 crop of the image zero-padded by
     4 pixels on each side, then a horizontal flip with probability 0.5. ``translate`` crops from a
-    2-pixel reflect padding instead, ``flip`` only flips (see ``AUGMENT_PRESETS``).
+    2-pixel reflect padding instead, ``flip`` only flips (see ``AUGMENT_PRESETS``). After the
+    normalisation, ``cutout`` zeroes a square of that side (``Cutout``), and ``random_erasing``
+    is the probability of torchvision's ``RandomErasing`` with zeros (the mean colour), as the
+    tensor loader does them per batch (``cutout_``, ``random_erasing_``).
     """
     if augment not in AUGMENT_PRESETS:
         raise UserError(
@@ -85,6 +101,10 @@ def build_transform(augment: AugmentPreset, mean: Channels, std: Channels) -> Ca
     if flip:
         ops.append(v2.RandomHorizontalFlip())
     ops.append(ToInput(mean, std))
+    if cutout:
+        ops.append(Cutout(cutout))
+    if random_erasing:
+        ops.append(v2.RandomErasing(p=random_erasing, value=0))
     return v2.Compose(ops)
 
 
@@ -146,6 +166,40 @@ def cutout_(images: torch.Tensor, size: int, generator: torch.Generator | None =
     cols = torch.arange(w, device=device)
     in_rows = (rows >= cy) & (rows < cy + size)  # (B, H)
     in_cols = (cols >= cx) & (cols < cx + size)  # (B, W)
+    return images.masked_fill_(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0.0)
+
+
+def random_erasing_(
+    images: torch.Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.02, 0.33),
+    ratio: tuple[float, float] = (0.3, 3.3),
+) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020, arXiv:1708.04896) of a whole batch, in place, drawn as
+    torchvision's ``RandomErasing`` draws per image: with probability ``p``, a rectangle of area
+    ``scale`` x the image and aspect ``ratio`` (log-uniform), the first of 10 tries that fits,
+    at a uniform position, set to zero (the mean colour after normalisation); no rectangle when
+    none of the tries fits. ``images``: (B, C, H, W) float; ``generator``: a CPU generator."""
+    b, _, h, w = images.shape
+    device = images.device
+    tries = 10
+    erase = torch.rand(b, generator=generator) < p
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * torch.rand(b, tries, generator=generator))
+    log_lo, log_hi = torch.log(torch.tensor(ratio[0])), torch.log(torch.tensor(ratio[1]))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(b, tries, generator=generator))
+    eh, ew = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
+    fits = (eh < h) & (ew < w)
+    first = fits.int().argmax(dim=1, keepdim=True)  # the first try that fits (0 when none does)
+    erase &= fits.any(dim=1)
+    eh, ew = eh.gather(1, first).squeeze(1), ew.gather(1, first).squeeze(1)
+    top = (torch.rand(b, generator=generator) * (h - eh + 1)).long()
+    left = (torch.rand(b, generator=generator) * (w - ew + 1)).long()
+    eh, ew = eh * erase, ew * erase  # nothing erased where the coin said no or nothing fitted
+    top, left, eh, ew = (on_device(t[:, None], device) for t in (top, left, eh, ew))
+    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
+    in_rows = (rows >= top) & (rows < top + eh)
+    in_cols = (cols >= left) & (cols < left + ew)
     return images.masked_fill_(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0.0)
 
 
