@@ -100,6 +100,18 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "data: tensor loader vs decoded arrays + PIL transforms, 2 workers",
             f"{d['array_pil_loader_2_workers']['images_per_s']:,.0f} img/s", f"{d['speedup_over_array_pil']:.1f}x", "",
         ))  # fmt: skip
+        p = d.get("presets")
+        for name, r in (p or {}).get("presets", {}).items():
+            rows.append((
+                f"data: {name}, tensor loader vs per image in 2 workers (vs crop + flip: {r['tensor_over_standard_tensor']:.2f}x)",
+                f"{r['tensor_loader_images_per_s']:,.0f} vs {r['per_image_2_workers_images_per_s']:,.0f} img/s",
+                f"{r['tensor_over_per_image']:.1f}x", ">= 10x" if name == "trivialaugment" else "",
+            ))  # fmt: skip
+        if p:
+            rows.append((
+                f"data: trivialaugment on the tensor loader vs resnet20 training ({p['resnet20_training_images_per_s']:,.0f} img/s)",
+                "", f"{p['policy_over_resnet20_training']:.1f}x", ">= 5x",
+            ))  # fmt: skip
     if "overhead" in results:
         o = results["overhead"]
         labels = {

@@ -19,6 +19,9 @@ TARGETS: dict[str, dict[str, Any]] = {
     # the bare step's time is in the results as bare_step_ms).
     "overhead_cpu": {"ratio": 0.95, "framework_ms": 0.3, "where": "CPU, simple_cnn, batch 32 (short steps)"},
     "overhead_gpu": {"ratio": 0.90, "where": "GPU, fastnet, batch 1024"},
+    # The tensor loader's trivialaugment is never the bottleneck: at least 5x the images/s that
+    # resnet20 trains at, and at least 10x torchvision's per-image policy in 2 workers.
+    "policies": {"over_resnet20_training": 5.0, "over_per_image_2_workers": 10.0, "preset": "trivialaugment"},
     # Against airbench94 run in the same benchmark, on the same machine and images: at most its
     # time, and no more than 0.2 points below its accuracy (about one seed-to-seed spread).
     "time_to_accuracy": {"time_ratio": 1.0, "accuracy_difference_points": -0.2, "where": "same run as airbench94"},
@@ -165,4 +168,58 @@ def bench_data(cfg: BenchConfig) -> dict[str, Any]:
         "speedup": round(ours[0] / baseline[0], 2),
         "speedup_over_array_pil": round(ours[0] / ours_pil[0], 2),
         "target_speedup": TARGETS["data"]["speedup"],
+        "presets": bench_presets(cfg, device, ours[0]),
+    }
+
+
+#: The augmentation presets the data section compares with crop + flip ("standard").
+PRESETS = ("standard", "autoaugment", "randaugment", "trivialaugment")
+
+
+def _training_images_per_second(arch: str, bs: int, device: torch.device, steps: int) -> float:
+    """Images/s of plain training steps of ``arch`` (forward, backward, SGD) on random batches:
+    the pace a loader must keep up with."""
+    from cifar_lightning.models import create_model
+
+    model = create_model(arch).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(bs, 3, 32, 32, device=device), torch.randint(0, 10, (bs,), device=device)
+    for i in range(steps + 1):
+        if i == 1:  # the first step warms up
+            _sync(device)
+            start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    _sync(device)
+    return steps * bs / (time.perf_counter() - start)
+
+
+def bench_presets(cfg: BenchConfig, device: torch.device, standard_tensor: float) -> dict[str, Any]:
+    """Images/s of each augmentation preset, on the tensor loader and per image in 2 DataLoader
+    workers, against crop + flip (``standard_tensor``, measured in the same run), and the
+    policy targets against resnet20's training pace."""
+    bs = cfg.data_batch_size
+    rows: dict[str, Any] = {}
+    for preset in PRESETS:
+        dm = _datamodule(cfg, loader="tensor", augment=preset, batch_size=bs)
+        tensor = _images_per_second(dm.tensor_loader(dm.train_set, train=True, device=device, seed=0), None, device)
+        dm = _datamodule(cfg, loader="torchvision", augment=preset, batch_size=bs, num_workers=2)
+        per_image = _images_per_second(dm.train_dataloader(), cfg.baseline_batches, torch.device("cpu"), 1 + 2 * 2)
+        rows[preset] = {
+            "tensor_loader_images_per_s": round(tensor[0], 1),
+            "per_image_2_workers_images_per_s": round(per_image[0], 1),
+            "tensor_over_per_image": round(tensor[0] / per_image[0], 2),
+            "tensor_over_standard_tensor": round(tensor[0] / standard_tensor, 3),
+        }
+    training = _training_images_per_second("resnet20", bs, device, steps=2 if cfg.quick else 5)
+    preset = TARGETS["policies"]["preset"]
+    over_training = rows[preset]["tensor_loader_images_per_s"] / training
+    return {
+        "presets": rows,
+        "resnet20_training_images_per_s": round(training, 1),
+        "policy_over_resnet20_training": round(over_training, 2),
+        "policy_over_per_image": rows[preset]["tensor_over_per_image"],
+        "met": bool(over_training >= TARGETS["policies"]["over_resnet20_training"]
+                    and rows[preset]["tensor_over_per_image"] >= TARGETS["policies"]["over_per_image_2_workers"]),
     }

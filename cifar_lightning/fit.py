@@ -35,6 +35,8 @@ FIT_ALIASES: dict[str, tuple[str, ...]] = {
     "--weight-decay": ("--model.weight_decay",),
     "--label-smoothing": ("--model.label_smoothing",),
     "--augment": ("--data.augment",),
+    "--randaugment-n": ("--data.randaugment_n",),
+    "--randaugment-m": ("--data.randaugment_m",),
     "--cutout": ("--data.cutout",),
     "--random-erasing": ("--data.random_erasing",),
     "--mixup": ("--data.mixup",),

@@ -133,8 +133,9 @@ def test_cutout_zeroes_one_square_per_image():
     assert torch.equal(x[:, 0] == 0, x[:, 2] == 0)  # every channel
 
 
-def test_same_seed_same_batches_new_epoch_new_batches():
-    a, b = make_loader(augment="standard", seed=7), make_loader(augment="standard", seed=7)
+@pytest.mark.parametrize("augment", ["standard", "trivialaugment", "autoaugment"])
+def test_same_seed_same_batches_new_epoch_new_batches(augment):
+    a, b = make_loader(augment=augment, seed=7), make_loader(augment=augment, seed=7)
     first = [x for x, _ in a]
     assert all(torch.equal(p, q) for p, q in zip(first, (x for x, _ in b)))
     second = [x for x, _ in a]  # iterating again without set_epoch moves to the next epoch

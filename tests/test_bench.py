@@ -55,6 +55,21 @@ def check_data(data):
         data["tensor_loader"]["images_per_s"] / data["imagefolder_pil_2_workers"]["images_per_s"], rel=0.02
     )
     assert data["target_speedup"] == 20
+    presets = data["presets"]
+    assert set(presets["presets"]) == {"standard", "autoaugment", "randaugment", "trivialaugment"}
+    for row in presets["presets"].values():
+        assert row["tensor_loader_images_per_s"] > 0 and row["per_image_2_workers_images_per_s"] > 0
+        assert row["tensor_over_per_image"] == pytest.approx(
+            row["tensor_loader_images_per_s"] / row["per_image_2_workers_images_per_s"], rel=0.02
+        )
+    for row in presets["presets"].values():  # each against crop + flip of the same run
+        assert row["tensor_over_standard_tensor"] == pytest.approx(
+            row["tensor_loader_images_per_s"] / data["tensor_loader"]["images_per_s"], rel=0.02
+        )
+    assert presets["policy_over_resnet20_training"] == pytest.approx(
+        presets["presets"]["trivialaugment"]["tensor_loader_images_per_s"] / presets["resnet20_training_images_per_s"],
+        rel=0.02,
+    )
 
 
 def check_overhead(overhead):

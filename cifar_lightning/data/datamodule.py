@@ -117,7 +117,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         split_seed: seed of the train/validation split, independent of the training seed.
         batch_size: images per batch (per device under DDP).
         augment: training augmentation preset: ``none``, ``standard`` (zero-pad 4, random crop,
-            flip), ``flip`` or ``translate`` (reflect-pad 2, random crop, flip).
+            flip), ``flip``, ``translate`` (reflect-pad 2, random crop, flip), or a policy then the
+            standard crop and flip: ``autoaugment`` (CIFAR-10 policy), ``randaugment``,
+            ``trivialaugment`` (see ``policies.py``).
+        randaugment_n, randaugment_m: RandAugment's operations per image and magnitude level (0-30).
         normalize: subtract ``mean`` and divide by ``std``; off gives plain [0, 1] tensors.
         mean, std: per-channel normalisation constants (default: CIFAR-10 training set).
         num_workers, pin_memory, persistent_workers: DataLoader settings (``torchvision`` loader).
@@ -151,6 +154,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         loader: LoaderKind = "tensor",
         flip_mode: FlipMode = "random",
+        randaugment_n: int = 2,
+        randaugment_m: int = 9,
         cutout: int = 0,
         random_erasing: float = 0.0,
         mixup: float = 0.0,
@@ -172,6 +177,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
             raise UserError(f"unknown flip_mode {flip_mode!r}. Valid names: random, alternating")
         if cutout < 0:
             raise UserError(f"cutout must be 0 (off) or a size in pixels, got {cutout}.")
+        if randaugment_n < 1 or not 0 <= randaugment_m <= 30:
+            raise UserError(
+                f"RandAugment takes at least 1 operation and a level from 0 to 30, got n={randaugment_n}, "
+                f"m={randaugment_m}. Try --data.randaugment_n 2 --data.randaugment_m 9."
+            )
         if not 0.0 <= random_erasing <= 1.0:
             raise UserError(f"random_erasing is a probability, between 0 and 1, got {random_erasing}.")
         if loader == "torchvision" and flip_mode != "random":
@@ -250,8 +260,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
                     "count or a fraction such as --data.val_size 0.1."
                 )
             train_idx, val_idx = split_indices(len(images), n_val, self.hparams.split_seed)
-            train_tf = build_transform(self.hparams.augment, self.norm_mean, self.norm_std, self.hparams.cutout,
-                                       self.hparams.random_erasing)  # fmt: skip
+            hp = self.hparams
+            train_tf = build_transform(hp.augment, self.norm_mean, self.norm_std, hp.cutout, hp.random_erasing,
+                                       hp.randaugment_n, hp.randaugment_m)  # fmt: skip
             self.train_set = ArrayDataset(images, labels, train_idx, train_tf)
             self.val_set = ArrayDataset(images, labels, evaluation_order(val_idx), eval_tf) if len(val_idx) else None
         if stage in (None, "test", "predict") and self.test_set is None:
@@ -341,6 +352,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
             train=train,
             augment=self.hparams.augment if train else "none",
             flip_mode=self.hparams.flip_mode,
+            randaugment_n=self.hparams.randaugment_n,
+            randaugment_m=self.hparams.randaugment_m,
             cutout=self.hparams.cutout if train else 0,
             random_erasing=self.hparams.random_erasing if train else 0.0,
             mean=self.norm_mean,

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
+from cifar_lightning.data.policies import BatchPolicy
 from cifar_lightning.data.transforms import (
-    AUGMENT_PRESETS, AugmentPreset, cutout_, on_device, random_crop_flip, random_erasing_, to_input,
+    AUGMENT_PRESETS, POLICIES, AugmentPreset, cutout_, on_device, random_crop_flip, random_erasing_, to_input,
 )  # fmt: skip
 
 FlipMode = Literal["random", "alternating"]
@@ -104,6 +105,7 @@ class TensorLoader:
         augment: a preset of ``AUGMENT_PRESETS``. flip_mode: ``random`` flips each image with
             probability 1/2; ``alternating`` flips a fixed random half of the images in even
             epochs and the other half in odd ones (airbench's alternating flip, arXiv:2404.00498).
+        randaugment_n, randaugment_m: RandAugment's operations per image and level.
         cutout: side of the square zeroed in each training image after normalisation; 0 = off.
         random_erasing: probability of random erasing of each training image, after cutout.
         mean, std: per-channel normalisation, 0-1 scale.
@@ -125,6 +127,8 @@ class TensorLoader:
         train: bool,
         augment: AugmentPreset = "none",
         flip_mode: FlipMode = "random",
+        randaugment_n: int = 2,
+        randaugment_m: int = 9,
         cutout: int = 0,
         random_erasing: float = 0.0,
         mean: tuple[float, float, float] = CIFAR10_MEAN,
@@ -141,6 +145,8 @@ class TensorLoader:
         self.batch_size = batch_size
         self.train = train
         self.augment, self.flip_mode, self.cutout, self.random_erasing = augment, flip_mode, cutout, random_erasing
+        h, w = images.shape[1:3]
+        self.policy = BatchPolicy(augment, randaugment_n, randaugment_m, h, w) if train and augment in POLICIES else None
         self.device = torch.device(device)
         self.rank, self.seed = rank, seed
         self.sampler = EpochShards(len(self.indices), num_replicas, rank, shuffle=train, pad=train, seed=seed)
@@ -185,6 +191,8 @@ class TensorLoader:
         self, images: torch.Tensor, idx: torch.Tensor, epoch: int, generator: torch.Generator | None
     ) -> torch.Tensor:
         """uint8 (B, 3, H, W) of array positions ``idx`` to the normalised float batch."""
+        if self.policy is not None:
+            images = self.policy(images, generator)
         if self.train:
             pad, pad_mode, flip = AUGMENT_PRESETS[self.augment]
             flips = None

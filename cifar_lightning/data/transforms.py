@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from cifar_lightning.constants import IMAGE_SIZE
 from cifar_lightning.errors import UserError
 
-AugmentPreset = Literal["none", "standard", "flip", "translate"]
+AugmentPreset = Literal["none", "standard", "flip", "translate", "autoaugment", "randaugment", "trivialaugment"]
 
 #: Training augmentation presets: (padding in pixels, padding mode, horizontal flip). A preset
 #: pads every side, takes a random crop of the original size, then flips with probability 1/2.
@@ -28,9 +28,27 @@ AUGMENT_PRESETS: dict[str, tuple[int, str, bool]] = {
     "flip": (0, "constant", True),
     # airbench94: reflect-pad 2 (translations of at most 2 pixels with no black border), flip.
     "translate": (2, "reflect", True),
+    # A policy (``policies.py``) per image, then the standard crop and flip, as the policies'
+    # papers train on CIFAR-10.
+    "autoaugment": (4, "constant", True),
+    "randaugment": (4, "constant", True),
+    "trivialaugment": (4, "constant", True),
 }
 
+PolicyName = Literal["autoaugment", "randaugment", "trivialaugment"]
+POLICIES = ("autoaugment", "randaugment", "trivialaugment")
+
 Channels = Sequence[float] | torch.Tensor
+
+
+def policy_transform(name: PolicyName, n: int = 2, m: int = 9) -> v2.Transform:
+    """torchvision's per-image transform of policy ``name`` (``n``, ``m``: RandAugment's
+    operations per image and level); ``policies.BatchPolicy`` is its batched twin."""
+    if name == "autoaugment":
+        return v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    if name == "randaugment":
+        return v2.RandAugment(num_ops=n, magnitude=m)
+    return v2.TrivialAugmentWide()
 
 
 def _per_channel(values: Channels, like: torch.Tensor) -> torch.Tensor:
@@ -79,13 +97,21 @@ class Cutout:
 
 
 def build_transform(
-    augment: AugmentPreset, mean: Channels, std: Channels, cutout: int = 0, random_erasing: float = 0.0
+    augment: AugmentPreset,
+    mean: Channels,
+    std: Channels,
+    cutout: int = 0,
+    random_erasing: float = 0.0,
+    randaugment_n: int = 2,
+    randaugment_m: int = 9,
 ) -> Callable:
     """torchvision transform from a uint8 HWC array to a normalised float (3, 32, 32) tensor.
 
     ``standard`` is the usual CIFAR augmentation: a random 32x32 crop of the image zero-padded by
     4 pixels on each side, then a horizontal flip with probability 0.5. ``translate`` crops from a
-    2-pixel reflect padding instead, ``flip`` only flips (see ``AUGMENT_PRESETS``). After the
+    2-pixel reflect padding instead, ``flip`` only flips (see ``AUGMENT_PRESETS``).
+    ``autoaugment``, ``randaugment`` (``randaugment_n`` operations at level ``randaugment_m``) and
+    ``trivialaugment`` run torchvision's policy on the image, then the standard crop and flip. After the
     normalisation, ``cutout`` zeroes a square of that side (``Cutout``), and ``random_erasing``
     is the probability of torchvision's ``RandomErasing`` with zeros (the mean colour), as the
     tensor loader does them per batch (``cutout_``, ``random_erasing_``).
@@ -96,6 +122,8 @@ def build_transform(
         )
     pad, pad_mode, flip = AUGMENT_PRESETS[augment]
     ops: list = [v2.ToImage()]
+    if augment in POLICIES:
+        ops.append(policy_transform(augment, randaugment_n, randaugment_m))
     if pad:
         ops.append(v2.RandomCrop(IMAGE_SIZE, padding=pad, padding_mode=pad_mode))
     if flip:

@@ -1,0 +1,236 @@
+"""Augmentation policies: AutoAugment's CIFAR-10 policy, RandAugment and TrivialAugment, per image
+(torchvision's transforms, ``transforms.policy_transform``, in the DataLoader's workers) and per
+batch (``BatchPolicy``, in the tensor loader).
+
+Both draw from the same distribution: the operations, their magnitudes and the policy tables are
+torchvision's own (read from its transform classes, not copied), and ``BatchPolicy`` applies
+each operation with torchvision's arithmetic to every image that drew it, with that image's own
+magnitude, in one tensor operation per operation: no Python loop over images.
+
+- AutoAugment (Cubuk et al. 2019, arXiv:1805.09501), CIFAR-10 policy: one of 25 sub-policies per
+  image, each two operations applied with their own probability and magnitude.
+- RandAugment (Cubuk et al. 2020, arXiv:1909.13719): ``n`` operations per image, uniformly, each
+  at magnitude ``m`` of 31 levels.
+- TrivialAugment (Müller & Hutter 2021, arXiv:2103.10158), wide: one operation per image at a
+  uniform magnitude.
+
+Every signed magnitude (shear, translation, rotation, enhancement) takes a random sign.
+Geometric operations fill with black and use nearest pixels, torchvision's defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from cifar_lightning.data.transforms import PolicyName, on_device, policy_transform
+
+#: Magnitude bins of each policy, as torchvision sets them.
+_BINS = {"autoaugment": 10, "randaugment": 31, "trivialaugment": 31}
+
+
+def _space(name: PolicyName) -> dict[str, tuple[Callable, bool]]:
+    return type(policy_transform(name))._AUGMENTATION_SPACE  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# The operations, on uint8 (B, 3, H, W) with one magnitude per image (B,)
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_image(values: torch.Tensor) -> torch.Tensor:
+    """(B,) factors in float64, as torchvision computes them in Python, rounded once to float32."""
+    return values.float().view(-1, 1, 1, 1)
+
+
+def _factor(m: torch.Tensor) -> torch.Tensor:
+    # torchvision's enhancement factor, 1 + magnitude, computed in double precision.
+    return 1.0 + m.double()
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    # torchvision's _blend, with one ratio per image.
+    return torch.addcmul(images.float() * _per_image(ratio), other, _per_image(1.0 - ratio)).clamp_(0, 255).to(torch.uint8)
+
+
+def _grayscale(images: torch.Tensor) -> torch.Tensor:
+    r, g, b = images.unbind(dim=1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1).floor_()
+
+
+def _brightness(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (images.float() * _per_image(_factor(m))).clamp_(0, 255).to(torch.uint8)
+
+
+def _color(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return _blend(images, _grayscale(images), _factor(m))
+
+
+def _contrast(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return _blend(images, _grayscale(images).mean(dim=(1, 2, 3), keepdim=True), _factor(m))
+
+
+def _sharpness(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    # torchvision's: blend with a 3x3 blur (1s around a 5, over 13) inside a one-pixel border.
+    a, b = 1.0 / 13.0, 5.0 / 13.0
+    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device).expand(3, 1, 3, 3)
+    out = images.float()
+    blurred = F.conv2d(out, kernel, groups=3).round_()
+    inner = out[..., 1:-1, 1:-1]
+    inner.addcmul_(blurred.sub_(inner), _per_image(1.0 - _factor(m)))
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _posterize(images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    bits = bits.long()
+    mask = ((1 << bits) - 1) << (8 - bits)
+    return images & _per_image(mask).to(torch.uint8)
+
+
+def _solarize(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return torch.where(images.float() >= _per_image(255.0 * m), 255 - images, images)
+
+
+def _affine(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Resample each image through its inverse affine map (B, 2, 3), in torchvision's pixel frame
+    (origin at the image centre, pixel centres at half-integers), nearest pixel, black outside."""
+    b, _, h, w = images.shape
+    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, device=images.device)
+    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=images.device)
+    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=images.device)], -1)
+    theta = inverse.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=images.device)
+    grid = (base.view(1, h * w, 3) @ theta).view(b, h, w, 2)
+    out = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round_().to(torch.uint8)
+
+
+def _inverse_matrix(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, shear_x: torch.Tensor,
+                    shear_y: torch.Tensor, cx: float, cy: float) -> torch.Tensor:  # fmt: skip
+    """torchvision's inverse affine matrix (``_get_inverse_affine_matrix``, scale 1), per image:
+    angles in degrees, centre ``(cx, cy)`` relative to the image centre. In double precision, as
+    torchvision computes it in Python, then float32, as it hands it to the sampling grid."""
+    angle, tx, ty, shear_x, shear_y = (t.double() for t in (angle, tx, ty, shear_x, shear_y))
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -torch.cos(rot - sy) * torch.tan(sx) / torch.cos(sy) - torch.sin(rot)
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
+    m0, m1, m3, m4 = d, -b, -c, a
+    m2 = m0 * (-cx - tx) + m1 * (-cy - ty) + cx
+    m5 = m3 * (-cx - tx) + m4 * (-cy - ty) + cy
+    return torch.stack([torch.stack([m0, m1, m2], -1), torch.stack([m3, m4, m5], -1)], -2).float()
+
+
+def _geometric(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def apply(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        zero = torch.zeros_like(m)
+        if kind == "ShearX":  # about the top-left corner, as torchvision's policies shear
+            inv = _inverse_matrix(zero, zero, zero, torch.rad2deg(torch.atan(m.double())), zero, -w * 0.5, -h * 0.5)
+        elif kind == "ShearY":
+            inv = _inverse_matrix(zero, zero, zero, zero, torch.rad2deg(torch.atan(m.double())), -w * 0.5, -h * 0.5)
+        elif kind == "TranslateX":  # whole pixels, as torchvision's int(magnitude)
+            inv = _inverse_matrix(zero, m.trunc(), zero, zero, zero, 0.0, 0.0)
+        elif kind == "TranslateY":
+            inv = _inverse_matrix(zero, zero, m.trunc(), zero, zero, 0.0, 0.0)
+        else:  # Rotate, about the centre: torchvision's rotate builds the matrix of -angle
+            inv = _inverse_matrix(-m, zero, zero, zero, zero, 0.0, 0.0)
+        return _affine(images, inv.to(images.device))
+
+    return apply
+
+
+#: Each operation: uint8 (B, 3, H, W) and magnitudes (B,) -> uint8 (B, 3, H, W).
+OPERATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "Identity": lambda x, m: x,
+    "ShearX": _geometric("ShearX"),
+    "ShearY": _geometric("ShearY"),
+    "TranslateX": _geometric("TranslateX"),
+    "TranslateY": _geometric("TranslateY"),
+    "Rotate": _geometric("Rotate"),
+    "Brightness": _brightness,
+    "Color": _color,
+    "Contrast": _contrast,
+    "Sharpness": _sharpness,
+    "Posterize": _posterize,
+    "Solarize": _solarize,
+    "AutoContrast": lambda x, m: TF.autocontrast(x),
+    "Equalize": lambda x, m: TF.equalize(x),
+    "Invert": lambda x, m: TF.invert(x),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# A policy over a batch
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchPolicy:
+    """Policy ``name`` applied to each image of a uint8 batch (B, 3, H, W) on any device: every
+    image draws its own operations and magnitudes (on the CPU generator it is given, as the
+    crops do), and each operation then runs once on the images that drew it.
+
+    Args:
+        name: ``autoaugment``, ``randaugment`` or ``trivialaugment``.
+        n, m: RandAugment's operations per image and magnitude level (0-30).
+        height, width: the images' size (translations scale with it).
+    """
+
+    def __init__(self, name: PolicyName, n: int = 2, m: int = 9, height: int = 32, width: int = 32) -> None:
+        self.name, self.n, self.m = name, n, m
+        space = _space(name)
+        self.ops = list(space)
+        bins = _BINS[name]
+        # (op index) -> magnitudes per bin (None: no magnitude), signed
+        magnitudes = [space[op][0](bins, height, width) for op in self.ops]
+        self.table = torch.zeros(len(self.ops), bins)  # (op, bin) -> magnitude; 0 for none
+        for i, mags in enumerate(magnitudes):
+            if mags is not None:
+                self.table[i] = mags.float()
+        self.signed = torch.tensor([space[op][1] for op in self.ops])
+        if name == "autoaugment":
+            policies = policy_transform(name)._policies  # type: ignore[attr-defined]
+            # (sub-policy, step) -> op index, probability, magnitude bin
+            self.sub_ops = torch.tensor([[self.ops.index(op) for op, _, _ in p] for p in policies])
+            self.sub_probs = torch.tensor([[prob for _, prob, _ in p] for p in policies])
+            self.sub_bins = torch.tensor([[b if b is not None else 0 for _, _, b in p] for p in policies])
+
+    def draw(self, b: int, generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The steps of a batch of ``b`` images: per step, (op index, magnitude, applied) per image."""
+        steps = []
+        if self.name == "autoaugment":
+            chosen = torch.randint(0, len(self.sub_ops), (b,), generator=generator)
+            for step in range(2):
+                ops = self.sub_ops[chosen, step]
+                applied = torch.rand(b, generator=generator) <= self.sub_probs[chosen, step]
+                steps.append((ops, self._magnitude(ops, self.sub_bins[chosen, step], generator), applied))
+            return steps
+        for _ in range(self.n if self.name == "randaugment" else 1):
+            ops = torch.randint(0, len(self.ops), (b,), generator=generator)
+            if self.name == "randaugment":
+                bins = torch.full((b,), self.m)
+            else:
+                bins = torch.randint(0, _BINS[self.name], (b,), generator=generator)
+            steps.append((ops, self._magnitude(ops, bins, generator), torch.ones(b, dtype=torch.bool)))
+        return steps
+
+    def _magnitude(self, ops: torch.Tensor, bins: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        magnitude = self.table[ops, bins]
+        flip = torch.rand(len(ops), generator=generator) <= 0.5
+        return torch.where(self.signed[ops] & flip, -magnitude, magnitude)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        out = images.clone()
+        for ops, magnitude, applied in self.draw(len(images), generator):
+            # Which images take which operation is known on the CPU: the device gets the indices
+            # and magnitudes, and never has to say which operations occur.
+            for i, op in enumerate(self.ops):
+                idx = ((ops == i) & applied).nonzero().squeeze(1)
+                if op == "Identity" or len(idx) == 0:
+                    continue
+                idx_d, mag_d = on_device(idx, images.device), on_device(magnitude[idx], images.device)
+                out[idx_d] = OPERATIONS[op](out[idx_d], mag_d)
+        return out
