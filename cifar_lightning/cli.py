@@ -254,7 +254,7 @@ class CifarCLI(LightningCLI):
             # UserError reaches here wrapped in the parser's own error: unwrap it.
             cause: BaseException | None = err
             while cause is not None and not isinstance(cause, UserError):
-                cause = cause.__cause__ or cause.__context__
+                cause = cause.__cause__  # only what the parser raised from, never an unrelated context
             if cause is None:
                 raise
             raise cause from None

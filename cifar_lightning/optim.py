@@ -140,7 +140,8 @@ class SAM(torch.optim.Optimizer):
     - BatchNorm statistics (``norm_modules``) come from the first pass only: the second one's
       updates of the running statistics are undone.
     - ``perturbed`` is True during the second pass, so that the module counts each batch once in
-      its training metrics.
+      its training metrics. Callbacks that read a step's loss (the loss guard) see the second
+      pass's, at the perturbed weights.
     - The param groups are the base optimizer's own (schedules change its learning rates), and the
       state in a checkpoint is the base optimizer's: ``e`` lives only within a step.
     """
@@ -149,7 +150,8 @@ class SAM(torch.optim.Optimizer):
                  norm_modules: Sequence[torch.nn.Module] = ()) -> None:  # fmt: skip
         if not rho > 0:
             raise UserError(f"sam_rho must be positive, got {rho}. Try 0.05 (SAM) or 2.0 (ASAM).")
-        super().__init__(base.param_groups, {"rho": rho, "adaptive": adaptive})
+        # The base optimizer's defaults too: a schedule that cycles momentum looks for them there.
+        super().__init__(base.param_groups, {**base.defaults, "rho": rho, "adaptive": adaptive})
         self.base = base
         self.param_groups = base.param_groups
         self.rho, self.adaptive = rho, adaptive

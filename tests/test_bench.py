@@ -160,6 +160,16 @@ def test_compare_to_baseline_pairs_seeds():
 
 def test_summary_rows_and_configs():
     assert summary_rows({"meta": {}}) == []
+    row = {"tensor_loader_images_per_s": 9000.0, "per_image_2_workers_images_per_s": 3000.0,
+           "tensor_over_per_image": 3.0, "tensor_over_standard_tensor": 0.2}  # fmt: skip
+    data = {"batch_size": 512, "tensor_loader": {"images_per_s": 45000.0}, "imagefolder_pil_2_workers": {"images_per_s": 2000.0},
+            "array_pil_loader_2_workers": {"images_per_s": 4000.0}, "speedup": 22.5, "speedup_over_array_pil": 11.25,
+            "target_speedup": 20.0, "presets": {"presets": {"trivialaugment": row}, "resnet20_training_images_per_s": 600.0,
+                                                "policy_over_resnet20_training": 15.0}}  # fmt: skip
+    rows = summary_rows({"data": data})
+    policy = next(r for r in rows if r[0].startswith("data: trivialaugment, tensor loader"))
+    assert policy[1:] == ("9,000 vs 3,000 img/s", "3.0x", ">= 10x") and "0.20x" in policy[0]
+    assert next(r for r in rows if "resnet20 training (600 img/s)" in r[0])[2:] == ("15.0x", ">= 5x")
     quick = BenchConfig.quick_config(data_dir="x")
     assert quick.quick and quick.data_dir == "x" and quick.val_size < 100
     assert BenchConfig().seeds == [0] and BenchConfig().val_size == 5000

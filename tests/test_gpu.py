@@ -69,11 +69,13 @@ def test_fastnet_compiles_with_inductor_and_learns(tiny_folder, tmp_path):
     assert metrics["val/acc"] > 0.5  # the classes are coloured patterns: far above a third
 
 
-def test_tensor_loader_makes_the_same_batches_on_the_gpu(tmp_path):
+@pytest.mark.parametrize("augment", ["standard", "autoaugment", "randaugment", "trivialaugment"])
+def test_tensor_loader_makes_the_same_batches_on_the_gpu(tmp_path, augment):
+    # The draws are made on the CPU; every operation, policies included, computes the same pixels.
     rng = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (64,), generator=rng)
     images = torch.stack([torch.from_numpy(labelled_image(int(c), np.random.default_rng(i))) for i, c in enumerate(labels)])
-    kw = dict(train=True, augment="standard", cutout=8, seed=5, batch_size=16)
+    kw = dict(train=True, augment=augment, cutout=8, random_erasing=0.5, seed=5, batch_size=16)
     cpu = TensorLoader(images, labels, torch.arange(64), device="cpu", **kw)
     gpu = TensorLoader(images.cuda(), labels.cuda(), torch.arange(64), device="cuda", **kw)
     for (x, y), (xg, yg) in zip(cpu, gpu):

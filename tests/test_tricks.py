@@ -286,3 +286,48 @@ def test_cutout_and_random_erasing_flags_on_both_loaders(loader, tmp_path, capsy
     with pytest.raises(SystemExit) as exc:
         fit_main(fit_args(data, tmp_path / "bad", "--epochs", "1", "--random-erasing", "2", "--data.loader", loader))
     assert exc.value.code == 2 and "random_erasing is a probability, between 0 and 1, got 2.0" in capsys.readouterr().err
+
+
+def test_mixing_draws_come_from_the_seed_and_the_step_not_the_global_generator(tiny_folder, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+    dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=8, val_size=6, mixup=1.0, cutmix=1.0)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
+
+    def mixed(step: int, global_seed: int):
+        dm.trainer = SimpleNamespace(training=True, global_rank=0, global_step=step,
+                                     fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=step)))  # fmt: skip
+        torch.manual_seed(global_seed)  # what dropout or anything else left the global generator at
+        return dm.on_after_batch_transfer((images, labels), 0)
+
+    first, again = mixed(5, 0), mixed(5, 123)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert any(not torch.equal(first[1], mixed(s, 0)[1]) for s in range(6, 12))  # other steps, other draws
+
+
+def test_sam_with_one_cycle_and_scaled_gradients(tiny_folder, tmp_path):
+    from cifar_lightning.callbacks import ScaleGradients
+
+    seen = []
+
+    class Perturbation(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append((optimizer.perturbed, float(next(pl_module.parameters()).grad.abs().sum())))
+
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01,
+                             optimizer="sam", scheduler="onecycle")  # fmt: skip
+    dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=8, val_size=6)
+    scale = ScaleGradients(pattern=r".*", factor=1000.0)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[scale, Perturbation()], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, dm)
+    momentum = trainer.optimizers[0].param_groups[0]["momentum"]
+    assert trainer.global_step == 4 and 0.85 <= momentum <= 0.95  # one-cycle cycles SGD's momentum under SAM
+    # Both passes reach the hooks (recorded after the scaling); only the second pass's gradients,
+    # the ones SAM steps with, are scaled by 1000: its perturbation follows the plain gradient.
+    assert [p for p, _ in seen] == [False, True] * 4
+    # (The first step's pair: at the same weights up to SAM's small perturbation, before the
+    # 1000-fold steps move them.)
+    (_, plain), (_, scaled) = seen[0], seen[1]
+    assert 300 < scaled / plain < 3000, seen[:2]

@@ -35,6 +35,8 @@ class ScaleGradients(Callback):
     and a weight decay ``factor`` times lower, so that the decay per step is unchanged: airbench's
     ``bias_scaler`` (64 for the BatchNorm biases), with the module's single parameter group.
     The gradients are scaled after they are all-reduced under DDP and unscaled under fp16 AMP.
+    Under SAM only the gradient it steps with (its second pass) is scaled: its perturbation is
+    taken along the plain gradient of the first.
 
     Args:
         pattern: regular expression searched in each parameter name.
@@ -49,6 +51,8 @@ class ScaleGradients(Callback):
         self._params = _matching(pl_module, self.pattern)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if getattr(optimizer, "perturbed", None) is False:  # SAM's first pass (optim.SAM)
+            return
         for p in self._params:
             if p.grad is not None:
                 p.grad.mul_(self.factor)

@@ -208,7 +208,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if self._mix is None:
             self._mix = batch_mixing(self.hparams.mixup, self.hparams.cutmix, self.num_classes, self.hparams.mixup_prob)
         images, targets = batch
-        return self._mix(images, targets)
+        # torchvision draws λ, the box and the choice from the global CPU generator, which dropout
+        # also uses on a CPU: the draws get a generator of their own, seeded from the run's seed,
+        # the rank and the step, so they are the same on a CPU and a GPU and after a resume.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        step_seed = hash((seed, trainer.global_rank, trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx)) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(step_seed)
+            return self._mix(images, targets)
 
     # Attributes linked into the model, so the checkpoint knows what the data looked like.
     @property

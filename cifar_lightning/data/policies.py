@@ -102,9 +102,16 @@ def _affine(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=images.device)
     base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=images.device)], -1)
     theta = inverse.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=images.device)
-    grid = (base.view(1, h * w, 3) @ theta).view(b, h, w, 2)
-    out = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out.round_().to(torch.uint8)
+    grid = base.view(1, h * w, 3) @ theta  # (B, H*W, 2): normalised source coordinates
+    # grid_sample's nearest pixel, as its CPU kernel computes it ((g + 1) * size/2 - 0.5, rounded
+    # half to even), gathered directly: a copy of whole pixels needs no interpolation.
+    x = ((grid[..., 0] + 1) * (w / 2) - 0.5).round_()
+    y = ((grid[..., 1] + 1) * (h / 2) - 0.5).round_()
+    inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    index = (y.clamp_(0, h - 1) * w + x.clamp_(0, w - 1)).long()
+    flat = images.reshape(b, images.shape[1], h * w)
+    out = flat.gather(2, index[:, None, :].expand(-1, images.shape[1], -1)) * inside[:, None, :]
+    return out.view(b, -1, h, w).to(torch.uint8)
 
 
 def _inverse_matrix(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, shear_x: torch.Tensor,
@@ -124,21 +131,27 @@ def _inverse_matrix(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, she
     return torch.stack([torch.stack([m0, m1, m2], -1), torch.stack([m3, m4, m5], -1)], -2).float()
 
 
+#: The operations that move pixels: one sampling grid serves them all.
+GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+def _inverse_for(kind: str, m: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse matrices (B, 2, 3) of geometric operation ``kind`` at magnitudes ``m``."""
+    zero = torch.zeros_like(m)
+    if kind == "ShearX":  # about the top-left corner, as torchvision's policies shear
+        return _inverse_matrix(zero, zero, zero, torch.rad2deg(torch.atan(m.double())), zero, -w * 0.5, -h * 0.5)
+    if kind == "ShearY":
+        return _inverse_matrix(zero, zero, zero, zero, torch.rad2deg(torch.atan(m.double())), -w * 0.5, -h * 0.5)
+    if kind == "TranslateX":  # whole pixels, as torchvision's int(magnitude)
+        return _inverse_matrix(zero, m.trunc(), zero, zero, zero, 0.0, 0.0)
+    if kind == "TranslateY":
+        return _inverse_matrix(zero, zero, m.trunc(), zero, zero, 0.0, 0.0)
+    return _inverse_matrix(-m, zero, zero, zero, zero, 0.0, 0.0)  # Rotate: torchvision's is of -angle
+
+
 def _geometric(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     def apply(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        h, w = images.shape[-2:]
-        zero = torch.zeros_like(m)
-        if kind == "ShearX":  # about the top-left corner, as torchvision's policies shear
-            inv = _inverse_matrix(zero, zero, zero, torch.rad2deg(torch.atan(m.double())), zero, -w * 0.5, -h * 0.5)
-        elif kind == "ShearY":
-            inv = _inverse_matrix(zero, zero, zero, zero, torch.rad2deg(torch.atan(m.double())), -w * 0.5, -h * 0.5)
-        elif kind == "TranslateX":  # whole pixels, as torchvision's int(magnitude)
-            inv = _inverse_matrix(zero, m.trunc(), zero, zero, zero, 0.0, 0.0)
-        elif kind == "TranslateY":
-            inv = _inverse_matrix(zero, zero, m.trunc(), zero, zero, 0.0, 0.0)
-        else:  # Rotate, about the centre: torchvision's rotate builds the matrix of -angle
-            inv = _inverse_matrix(-m, zero, zero, zero, zero, 0.0, 0.0)
-        return _affine(images, inv.to(images.device))
+        return _affine(images, _inverse_for(kind, m, *images.shape[-2:]).to(images.device))
 
     return apply
 
@@ -224,13 +237,22 @@ class BatchPolicy:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         out = images.clone()
+        h, w = images.shape[-2:]
         for ops, magnitude, applied in self.draw(len(images), generator):
             # Which images take which operation is known on the CPU: the device gets the indices
             # and magnitudes, and never has to say which operations occur.
+            moved, matrices = [], []
             for i, op in enumerate(self.ops):
                 idx = ((ops == i) & applied).nonzero().squeeze(1)
                 if op == "Identity" or len(idx) == 0:
                     continue
+                if op in GEOMETRIC:  # collected, then resampled together below
+                    moved.append(idx)
+                    matrices.append(_inverse_for(op, magnitude[idx], h, w))
+                    continue
                 idx_d, mag_d = on_device(idx, images.device), on_device(magnitude[idx], images.device)
                 out[idx_d] = OPERATIONS[op](out[idx_d], mag_d)
+            if moved:
+                idx_d = on_device(torch.cat(moved), images.device)
+                out[idx_d] = _affine(out[idx_d], on_device(torch.cat(matrices), images.device))
         return out
