@@ -190,10 +190,16 @@ def cutout_(images: torch.Tensor, size: int, generator: torch.Generator | None =
     device = images.device
     cy = on_device(torch.randint(0, h, (b, 1), generator=generator), device) - size // 2
     cx = on_device(torch.randint(0, w, (b, 1), generator=generator), device) - size // 2
-    rows = torch.arange(h, device=device)
-    cols = torch.arange(w, device=device)
-    in_rows = (rows >= cy) & (rows < cy + size)  # (B, H)
-    in_cols = (cols >= cx) & (cols < cx + size)  # (B, W)
+    return _zero_boxes_(images, cy, cx, size, size)
+
+
+def _zero_boxes_(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h, w) -> torch.Tensor:
+    """Zero, in place, the box of each image from (``top``, ``left``), (B, 1) on its device,
+    ``h`` x ``w`` (numbers or (B, 1)); the parts past the border are ignored."""
+    rows = torch.arange(images.shape[-2], device=images.device)
+    cols = torch.arange(images.shape[-1], device=images.device)
+    in_rows = (rows >= top) & (rows < top + h)  # (B, H)
+    in_cols = (cols >= left) & (cols < left + w)  # (B, W)
     return images.masked_fill_(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0.0)
 
 
@@ -225,10 +231,7 @@ def random_erasing_(
     left = (torch.rand(b, generator=generator) * (w - ew + 1)).long()
     eh, ew = eh * erase, ew * erase  # nothing erased where the coin said no or nothing fitted
     top, left, eh, ew = (on_device(t[:, None], device) for t in (top, left, eh, ew))
-    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
-    in_rows = (rows >= top) & (rows < top + eh)
-    in_cols = (cols >= left) & (cols < left + ew)
-    return images.masked_fill_(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0.0)
+    return _zero_boxes_(images, top, left, eh, ew)
 
 
 def batch_mixing(mixup: float, cutmix: float, num_classes: int, mixup_prob: float = 0.5) -> Callable | None:
