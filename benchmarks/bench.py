@@ -21,6 +21,9 @@
 4. ``memory``: peak proportional set size (PSS) of a CPU fit with 2 DataLoader workers, main and
    worker processes summed, and how much of the dataset the workers hold privately (a copy per
    worker would show as about one dataset each).
+5. ``tricks``: training images/s with each training trick (EMA, SWA, MixUp, CutMix, Cutout,
+   random erasing, the policies, SAM) against none, fits of resnet20 one after another
+   (``bench_tricks.py``).
 
 ``--quick`` runs every section on a tiny synthetic image folder in seconds, so the code cannot rot;
 the targets (``TARGETS``) are reported, never asserted. ``scripts/bench.py`` is the command line.
@@ -43,8 +46,9 @@ from benchmarks.provenance import finish, provenance
 from benchmarks.bench_overhead import bench_overhead
 from benchmarks.bench_speed import TARGETS, BenchConfig, bench_data
 from benchmarks.bench_time_to_accuracy import bench_time_to_accuracy
+from benchmarks.bench_tricks import bench_tricks
 
-SECTIONS = ("data", "overhead", "memory", "time_to_accuracy")
+SECTIONS = ("data", "overhead", "memory", "time_to_accuracy", "tricks")
 
 # ---------------------------------------------------------------------------------------------
 # Running, printing, saving
@@ -55,6 +59,7 @@ SECTION_FUNCTIONS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
     "overhead": bench_overhead,
     "memory": bench_memory,
     "time_to_accuracy": bench_time_to_accuracy,
+    "tricks": bench_tricks,
 }
 
 
@@ -158,6 +163,11 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ))  # fmt: skip
         if m.get("tensor"):
             rows.append(("memory: CPU fit, tensor loader", f"{m['tensor']['pss_total_mb']:,.0f} MB", "", ""))
+    if "tricks" in results:
+        t = results["tricks"]
+        for name, r in t["tricks"].items():
+            rows.append((f"tricks: {name} ({t['arch']}, batch {t['batch_size']}, training images/s)",
+                         f"{r['images_per_s']:,.0f} img/s", f"{r['over_standard']:.2f}x", ""))  # fmt: skip
     return rows
 
 

@@ -54,6 +54,11 @@ class BenchConfig:
     # memory
     memory_steps: int = 15
     memory_loaders: list[str] = field(default_factory=lambda: list(MEMORY_RUNS))
+    # tricks
+    tricks_arch: str = "resnet20"
+    tricks_batch_size: int = 128
+    tricks_warmup: int = 3
+    tricks_steps: int = 20
     work_dir: str | None = None
 
     @classmethod
@@ -62,6 +67,7 @@ class BenchConfig:
         defaults = dict(
             quick=True, val_size=16, data_batch_size=32, baseline_batches=4, overhead_arch="simple_cnn",
             overhead_batch_size=16, warmup_steps=1, timed_steps=3, repeats=1, memory_steps=3,
+            tricks_batch_size=16, tricks_warmup=1, tricks_steps=2,
             memory_loaders=["torchvision_2_workers", "torchvision_0_workers"],
             fit_overrides=[
                 "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--data.batch_size=32",

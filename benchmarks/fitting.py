@@ -8,6 +8,7 @@ which of the CLI's callbacks a harness's fit keeps.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -81,3 +82,25 @@ def prepare(cli: CifarCLI) -> None:
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
+
+
+def _callback(class_name: str, **init_args: float) -> str:
+    spec = {"class_path": f"cifar_lightning.callbacks.{class_name}", "init_args": init_args}
+    return f"--trainer.callbacks+={json.dumps(spec)}"
+
+
+#: The training tricks a harness compares, as overrides of a recipe: ``standard`` (none) and one
+#: trick each, at their papers' settings (bench's ``tricks`` section, the GPU command's ablation).
+TRICKS: dict[str, list[str]] = {
+    "standard": [],
+    "ema": [_callback("EMA", decay=0.99)],
+    "swa": [_callback("SWA", swa_lrs=0.05, swa_epoch_start=0.5, annealing_epochs=1)],
+    "mixup": ["--data.mixup=1.0"],
+    "cutmix": ["--data.cutmix=1.0"],
+    "cutout": ["--data.cutout=16"],
+    "random_erasing": ["--data.random_erasing=0.5"],
+    "autoaugment": ["--data.augment=autoaugment"],
+    "randaugment": ["--data.augment=randaugment"],
+    "trivialaugment": ["--data.augment=trivialaugment"],
+    "sam": ["--model.optimizer=sam", "--model.sam_base=sgd", "--model.sam_rho=0.05"],
+}

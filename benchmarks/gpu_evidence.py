@@ -15,8 +15,9 @@ and last lines of output, and the next one runs.
 2. ``overhead_data``: the bench ``overhead`` section (fastnet, batch 1024) and ``data`` section,
    and the per-image torchvision loaders again with every core as a worker.
 3. ``resnet18_fast``: ``configs/resnet18_fast.yaml`` beside airbench95.
-4. ``resnet20_paper``: one seed of ``configs/resnet20_paper.yaml``'s 64k iterations.
-5. ``tutorials``: ``configs/resnet34_tutorial.yaml`` then ``configs/mynet_tutorial.yaml``.
+4. ``recipes``: ``configs/resnet34_tutorial.yaml`` and ``configs/mynet_tutorial.yaml`` as written,
+   then one seed of ``configs/resnet20_paper.yaml``'s 64k iterations where it fits.
+5. ``ablation``: resnet18 on a short schedule with each training trick, 2 seeds (``gpu_ablation``).
 
 Before a section its cost (``COSTS``) is compared with the budget left: it is skipped, and says
 so, when its minimum does not fit. It then aims to finish within its estimate, less what the later
@@ -81,12 +82,14 @@ COSTS: dict[str, Cost] = {
     # 18 epochs of ResNet-18 (3.3 GFLOP a training image) at ~4-5 s an epoch, with the TTA test
     # ~85 s. Minimum: one seed of each; estimate: 3 seeds of airbench95.
     "resnet18_fast": Cost(115, 135, 300),
-    # 64,000 steps of 128 images at ~5 ms (ResNet-20 is too small to fill an H100: the per-step
-    # cost of the framework dominates) and 182 validations: ~7 min.
-    "resnet20_paper": Cost(420, 420, 600),
     # resnet34_tutorial: 20 epochs of 45k at 7 GFLOP a training image, with validation, ~80 s;
-    # mynet_tutorial ~20 s.
-    "tutorials": Cost(110, 110, 240),
+    # mynet_tutorial ~20 s; then resnet20_paper where it fits: 64,000 steps of 128 images at ~5 ms
+    # (ResNet-20 is too small to fill an H100: the framework's per-step cost dominates) and 182
+    # validations, ~7 min.
+    "recipes": Cost(110, 530, 600),
+    # 11 variants of resnet18_fast cut to 4 epochs of 50k (~20 s each with the TTA test, SAM ~35 s)
+    # and a warm-up fit ~8 s: a round of seeds ~250 s. Minimum: the baseline and one trick.
+    "ablation": Cost(60, 520, 600),
 }
 
 #: --quick: every section is a few CPU seconds after its ~5 s of imports.
@@ -205,7 +208,7 @@ def headline(results: dict[str, Any]) -> list[str]:
                 f"x{d['speedup']:.1f} ImageFolder+PIL with 2 workers")  # fmt: skip
         lines.append(line + (f", x{w['speedup']:.1f} with {w['workers']} workers" if w else ""))
     for name in ("resnet20_paper", "resnet34_tutorial", "mynet_tutorial"):
-        if name in results:
+        if name in results and "test_acc" in results[name]:
             r = results[name]
             lines.append(f"{name}: {100 * r['test_acc']:.2f}% test accuracy, {r['fit_seconds']:,.1f} s of fit")
     for name in ("airbench94", "airbench95"):
@@ -448,12 +451,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def section_functions() -> dict[str, Any]:
+    """The sections by name, in the runner's order of priority (they import torch: call in a
+    section's process only)."""
+    from benchmarks.gpu_ablation import section_ablation
+    from benchmarks.gpu_sections import SECTION_FUNCTIONS
+
+    return {**SECTION_FUNCTIONS, "ablation": section_ablation}
+
+
 def section_main(argv: list[str] | None = None) -> None:
-    """Run one section of ``gpu_sections`` and keep its record in ``--result`` as it goes."""
-    from benchmarks.gpu_sections import SECTION_FUNCTIONS, Context
+    """Run one section and keep its record in ``--result`` as it goes."""
+    from benchmarks.gpu_sections import Context
+
+    functions = section_functions()
 
     p = argparse.ArgumentParser(description="one section of scripts/gpu_evidence.py, in its own process")
-    p.add_argument("--section", required=True, choices=list(SECTION_FUNCTIONS))
+    p.add_argument("--section", required=True, choices=list(functions))
     p.add_argument("--data-dir", required=True)
     p.add_argument("--work-dir", required=True, type=Path, help="scratch folder, deleted by the runner")
     p.add_argument("--result", required=True, type=Path, help="the section's record (JSON)")
@@ -467,7 +481,7 @@ def section_main(argv: list[str] | None = None) -> None:
     ctx.record["machine"] = machine()
     ctx.save()
     try:
-        SECTION_FUNCTIONS[a.section](ctx)
+        functions[a.section](ctx)
     except BaseException as err:
         ctx.record["error"] = f"{type(err).__name__}: {err}"
         ctx.record["traceback"] = traceback.format_exc()[-4000:]

@@ -96,6 +96,11 @@ SMOKE: dict[str, SmokeSpec] = {
     "fastnet": SmokeSpec(16, max_loss=2.26, min_acc=0.18),  # label smoothing 0.2 lifts its loss
     "fastnet_muon": SmokeSpec(6, max_loss=2.15, min_acc=0.20),
     "resnet18": SmokeSpec(40, max_loss=2.27, min_acc=0.13),
+    "resnet18_cutout": SmokeSpec(40, max_loss=2.25, min_acc=0.14),
+    # Trained on mixed targets, its loss stays higher than on clean ones.
+    "preact_resnet18_mixup": SmokeSpec(40, max_loss=2.28, min_acc=0.13),
+    # Label smoothing 0.1 lifts its loss; two passes a step make it slow on a CPU.
+    "wrn16_8_sam": SmokeSpec(16, max_loss=2.29, min_acc=0.15),
     # ResNet-56 at SGD 0.1 from the first step blows its loss up for tens of steps (its data run's
     # losses in recipe_smoke.json), too long for a CPU smoke run to wait. One batch at SGD 0.1
     # blows up the same way in calibration; at a tenth of it the batch is learnt.

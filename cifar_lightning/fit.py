@@ -52,6 +52,7 @@ FIT_ALIASES: dict[str, tuple[str, ...]] = {
     "--output-dir": ("--trainer.default_root_dir",),
     # A target holding {value} takes the value there; the others get "=value".
     "--ema": ('--trainer.callbacks+={"class_path": "cifar_lightning.callbacks.EMA", "init_args": {"decay": {value}}}',),
+    "--swa": ('--trainer.callbacks+={"class_path": "cifar_lightning.callbacks.SWA", "init_args": {"swa_lrs": {value}}}',),
 }
 
 
@@ -154,7 +155,7 @@ def expand_aliases(argv: list[str]) -> list[str]:
 
 _ALIAS_EXAMPLES = {
     "--arch": "resnet18", "--epochs": "30", "--batch-size": "128", "--lr": "0.1",
-    "--logger": "tensorboard", "--watch": "gradients", "--ema": "0.999",
+    "--logger": "tensorboard", "--watch": "gradients", "--ema": "0.999", "--swa": "0.01",
 }  # fmt: skip
 
 
@@ -223,8 +224,10 @@ def _fit_test_report(argv: list[str] | None) -> dict[str, Any] | None:
     # Read before testing: loading a checkpoint for the test restores the callback's older state.
     best = ckpt_cb.best_model_path if ckpt_cb else ""
     last = (ckpt_cb.last_model_path if ckpt_cb else "") or None
+    # A run whose result is its final weights (SWA's average) tests those, not the best epoch's.
+    tested = (last or best) if any(getattr(cb, "tests_final_weights", False) for cb in trainer.callbacks) else best
     start = time.perf_counter()
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=tested or None, verbose=False)
     test_seconds = time.perf_counter() - start
     run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP: every rank
     if not trainer.is_global_zero:
@@ -238,7 +241,7 @@ def _fit_test_report(argv: list[str] | None) -> dict[str, Any] | None:
         test_loss=metrics["test/loss"],
         per_class_acc={n: metrics[f"test/acc/{n}"] for n in names if f"test/acc/{n}" in metrics},
         test_images=len(datamodule.test_set),
-        checkpoint=best or None,
+        checkpoint=tested or None,
         last_checkpoint=last,
         fit_seconds=round(fit_seconds, 2),
         test_seconds=round(test_seconds, 2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,6 +47,7 @@ def test_quick_bench_every_section(tmp_path):
     check_overhead(results["overhead"])
     check_time_to_accuracy(results["time_to_accuracy"])
     check_memory(results["memory"])
+    check_tricks(results["tricks"])
 
 
 def check_data(data):
@@ -204,3 +206,37 @@ def test_overhead_method_sees_a_known_cost(tmp_path):
     assert spent - plain == pytest.approx(3.0, abs=0.75)
     null = _interleaved_null(cfg, "simple_cnn", 8, cpu)
     assert abs(float(np.median(1e3 * (np.asarray(null["fit"]) - np.asarray(null["bare"]))))) < 0.75
+
+
+def test_tricks_clock_counts_what_happens_before_the_step(tiny_folder, tmp_path, monkeypatch):
+    # A known cost where the mixing runs, after the transfer and before Lightning's batch start:
+    # the section's clock must see it whole.
+    from benchmarks.bench_tricks import _trick_fit
+    from cifar_lightning.data import CIFAR10DataModule
+
+    cfg = BenchConfig.quick_config(data_dir=str(tiny_folder), val_size=6, tricks_batch_size=6, tricks_steps=3)
+    plain = _trick_fit(cfg, [], tmp_path / "plain")
+    transfer = CIFAR10DataModule.on_after_batch_transfer
+
+    def slow_transfer(self, batch, dataloader_idx):
+        if self.trainer is not None and self.trainer.training:
+            time.sleep(0.2)
+        return transfer(self, batch, dataloader_idx)
+
+    monkeypatch.setattr(CIFAR10DataModule, "on_after_batch_transfer", slow_transfer)
+    slowed = _trick_fit(cfg, [], tmp_path / "slowed")
+    assert plain["images"] == slowed["images"] == 3 * 6
+    # 0.6 s more (a clock started at the batch's start would see none of it); the upper bound
+    # leaves room for a busy machine.
+    assert 0.5 < slowed["seconds"] - plain["seconds"] < 1.5, (plain, slowed)
+    assert slowed["images_per_s"] == pytest.approx(slowed["images"] / slowed["seconds"], rel=0.01)
+
+
+def check_tricks(section):
+    from benchmarks.fitting import TRICKS
+
+    rows = section["tricks"]
+    assert set(rows) == set(TRICKS) and rows["standard"]["over_standard"] == 1.0
+    for row in rows.values():
+        assert row["images"] == section["timed_steps"] * section["batch_size"] and row["seconds"] > 0
+        assert row["over_standard"] == pytest.approx(row["images_per_s"] / rows["standard"]["images_per_s"], rel=0.01)

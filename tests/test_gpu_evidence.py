@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu_evidence, gpu_sections
+from benchmarks import gpu_ablation, gpu_evidence, gpu_sections
 from benchmarks.gpu_sections import Context
 from conftest import REPO
 
@@ -69,26 +69,31 @@ def test_quick_runs_every_section_end_to_end(tmp_path):
     assert load(out, "resnet18_fast")["results"]["airbench95"]["status"] == "skipped"
     overhead = load(out, "overhead_data")["results"]
     assert overhead["overhead"]["ratio"] > 0 and overhead["data_all_cores"]["speedup"] > 0
-    tutorials = load(out, "tutorials")["results"]
-    assert {"resnet34_tutorial", "mynet_tutorial"} <= set(tutorials)
+    recipes = load(out, "recipes")["results"]
+    assert {"resnet34_tutorial", "mynet_tutorial", "resnet20_paper"} <= set(recipes)
+    assert all(0 <= r["test_acc"] <= 1 for r in recipes.values())
+    ablation = load(out, "ablation")["results"]
+    assert ablation["baseline"] == "standard" and set(ablation["runs"]) == set(gpu_ablation.VARIANTS)
+    assert all(len(runs) == 1 and 0 <= runs[0]["tta_acc"] <= 1 for runs in ablation["runs"].values())
+    assert ablation["summary"]["sam"]["time_ratio_to_baseline"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert {n: s["status"] for n, s in summary["sections"].items()} == dict.fromkeys(gpu_evidence.SECTIONS, "ok")
     assert "== done" in proc.stdout and "== done" in (out / "gpu_evidence.log").read_text()
 
 
 def test_a_failed_section_is_recorded_and_the_next_one_runs(tmp_path):
-    # A bad override makes resnet18_fast fail; resnet20_paper runs after it; a 1 s cap stops tutorials.
+    # A bad override makes resnet18_fast fail; recipes runs after it; a 1 s cap stops the ablation.
     out = tmp_path / "out"
-    proc = run_quick(out, "--budget", "600", "--sections", "resnet18_fast,resnet20_paper,tutorials",
-                     "--extra", "resnet18_fast=--model.arch=no_such_net", "--cap", "tutorials=1")  # fmt: skip
+    proc = run_quick(out, "--budget", "600", "--sections", "resnet18_fast,recipes,ablation",
+                     "--extra", "resnet18_fast=--model.arch=no_such_net", "--cap", "ablation=1")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_flat_and_few(out)
     failed = load(out, "resnet18_fast")
     assert failed["status"] == "failed" and failed["exit_code"] != 0
     assert "no_such_net" in failed["error"] and failed["output_tail"] and failed["traceback"]
     assert MACHINE_KEYS <= set(failed["machine"])
-    assert load(out, "resnet20_paper")["status"] == "ok"
-    stopped = load(out, "tutorials")
+    assert load(out, "recipes")["status"] == "ok"
+    stopped = load(out, "ablation")
     assert stopped["status"] == "timeout" and "time cap" in stopped["error"]
     assert not (out / section_file("airbench")).exists()  # not selected: nothing written for it
     assert "resnet18_fast: failed" in (out / "gpu_evidence.log").read_text()
@@ -127,7 +132,7 @@ def test_a_tiny_budget_skips_what_does_not_fit(tmp_path):
 
 
 def test_sections_costs_and_functions_agree():
-    assert list(gpu_sections.SECTION_FUNCTIONS) == list(gpu_evidence.SECTIONS)
+    assert list(gpu_evidence.section_functions()) == list(gpu_evidence.SECTIONS)
     for cost in gpu_evidence.COSTS.values():
         assert 0 < cost.minimum <= cost.estimate <= cost.cap
     costs = {n: gpu_evidence.Cost(10, 20, 30) for n in "abc"}

@@ -42,6 +42,7 @@ EXPECTED_PARAMS = {
     "resnet110": 1_727_962,
     "preact_resnet18": 11_172_170,  # kuangliu's 11,171,146 + the paper's final BN (1,024)
     "wrn28_10": 36_479_194,  # "36.5M" in table 1 of the paper
+    "wrn16_8": 10_961_370,  # the paper gives 11.0M
     "mobilenetv2": 2_296_922,
     "densenet121": 6_956_298,
     "vit": 3_195_146,

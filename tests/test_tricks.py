@@ -1,4 +1,4 @@
-"""Training tricks: an exponential moving average of the weights (``--ema``), MixUp and CutMix, SAM."""
+"""Training tricks: averages of the weights (``--ema``, ``--swa``), MixUp and CutMix, SAM."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from torch.optim.swa_utils import get_ema_avg_fn
 
-from cifar_lightning.callbacks import EMA
+from cifar_lightning.callbacks import EMA, SWA
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.evaluation import evaluate_main
 from cifar_lightning.fit import fit_main
@@ -100,6 +100,82 @@ def test_ema_decay_out_of_range_is_a_user_error(tmp_path, capsys):
         fit_main(fit_args(data, tmp_path, "--epochs", "1", "--ema", "1.5"))
     assert exc.value.code == 2
     assert "the EMA decay must be between 0 and 1 (exclusive), got 1.5" in capsys.readouterr().err
+
+
+class EpochStarts(Callback):
+    """The parameters at the start of every training epoch, and the weights validation runs on."""
+
+    def __init__(self) -> None:
+        self.starts: list[dict[str, torch.Tensor]] = []
+        self.validated: list[dict[str, torch.Tensor]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.starts.append({k: p.detach().clone() for k, p in pl_module.named_parameters()})
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.validated.append(float_state(pl_module))
+
+
+def test_swa_averages_epoch_weights_recomputes_batchnorm_and_validates_the_average(tiny_folder, tmp_path):
+    pl.seed_everything(0)
+    model = ClassifierModule(arch="resnet20", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.05)
+    dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=6, val_size=6)
+    starts = EpochStarts()  # before SWA in the list: it sees each epoch's weights before SWA's update
+    trainer = pl.Trainer(max_epochs=4, callbacks=[starts, SWA(swa_lrs=0.01, swa_epoch_start=3)], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+
+    # Averaging from epoch 3 of 4 (1-based): the weights at the starts of the 0-based epochs 2 and
+    # 3, equally weighted, as torch.optim.swa_utils.AveragedModel would average them.
+    assert len(starts.starts) == 5  # 4 epochs and the BatchNorm pass
+    expected = {k: (starts.starts[2][k] + starts.starts[3][k]) / 2 for k in starts.starts[2]}
+    assert starts.starts[3]["model.fc.weight"].ne(expected["model.fc.weight"]).any()  # an average, not one
+    for k, v in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[k], v, msg=k)
+        torch.testing.assert_close(starts.validated[-1][k], v, msg=k)  # the last validation ran on it
+    # The BatchNorm statistics were recomputed for the average over one pass: reset, then counted
+    # over exactly one epoch's batches (a cumulative mean), where training counted them all.
+    batches = trainer.num_training_batches
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert int(bn.num_batches_tracked) == batches
+    assert bn.momentum is not None  # the training momentum is back once the pass is over
+    # The pass is one more epoch; Lightning counts one optimizer step at its end, with no gradients
+    # (the weights above are still the average).
+    assert trainer.current_epoch == 5 and trainer.global_step == 4 * batches + 1
+
+
+def test_swa_flag_tests_the_average_through_fit_and_evaluate(tmp_path):
+    data = write_noise_folder(tmp_path / "data", n_train=10)
+    report = fit_main(fit_args(data, tmp_path / "runs", "--arch", "resnet20", "--epochs", "3", *EXACT, "--swa", "0.005"))
+    run = Path(report["report_path"]).parent
+    callbacks = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["callbacks"]
+    assert any(c["class_path"] == "cifar_lightning.callbacks.SWA" and c["init_args"]["swa_lrs"] == 0.005
+               for c in callbacks)  # fmt: skip
+    # The average is the run's result: the report tested last.ckpt, which holds it, and evaluate
+    # on that file gives the same figures.
+    assert report["checkpoint"] == report["last_checkpoint"]
+    evaluated = evaluate_main([report["checkpoint"], "--output-dir", str(tmp_path / "eval")])
+    assert evaluated["test_loss"] == pytest.approx(report["test_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--swa", "0"), "the SWA learning rate must be positive, got 0.0"),
+        (("--swa", "0.01", "--ema", "0.9"), "SWA and EMA both average the weights: use one of them"),
+        (("--swa", "0.01", "--trainer.max_steps", "3"), "give the length as --epochs N only"),
+        (("--swa", "0.01", "--optimizer", "sam"), "SWA cannot run with --optimizer sam"),
+    ],
+    ids=["lr", "with-ema", "max-steps", "sam"],
+)
+def test_swa_settings_it_cannot_serve_are_user_errors(extra, message, tmp_path, capsys):
+    data = write_noise_folder(tmp_path / "data", n_train=4)
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(data, tmp_path, "--epochs", "2", *extra))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))  # stopped before the first step
 
 
 # ---------------------------------------------------------------------------------------------

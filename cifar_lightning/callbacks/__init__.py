@@ -8,7 +8,8 @@
   TensorBoard;
 - ``tricks``: airbench94's training tricks (gradient scaling, freezing, Lookahead);
 - ``guard``: a run stops, with one line and its last good checkpoint, when its loss is lost;
-- ``averaging``: an exponential moving average of the weights (``EMA``, ``--ema DECAY``).
+- ``averaging``: averages of the weights: exponential (``EMA``, ``--ema DECAY``) and stochastic
+  weight averaging (``SWA``, ``--swa LR``).
 
 A new callback goes into one of these files (or a new one beside them) and is exported here.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 
-from cifar_lightning.callbacks.averaging import EMA
+from cifar_lightning.callbacks.averaging import EMA, SWA
 from cifar_lightning.callbacks.dashboards import ConfigSavingCallback, TestResultsLogger, WatchModel
 from cifar_lightning.callbacks.guard import LossNotFinite, StopOnNonFiniteLoss
 from cifar_lightning.callbacks.history import HistoryPlot
@@ -30,7 +31,7 @@ from cifar_lightning.callbacks.tricks import FreezeAfter, Lookahead, ScaleGradie
 __all__ = [
     "CHECKPOINT_DEFAULTS", "ConfigSavingCallback", "ContinueLogs", "EMA", "EpochLines", "FreezeAfter", "HistoryPlot",
     "LastCheckpoint", "Lookahead", "LossNotFinite", "QuietRichProgressBar", "RandomState", "ScaleGradients",
-    "StopOnNonFiniteLoss", "TestResultsLogger",
+    "StopOnNonFiniteLoss", "SWA", "TestResultsLogger",
     "WatchModel", "default_callbacks", "fit_or_exit", "progress_callback",
 ]  # fmt: skip
 

@@ -34,3 +34,16 @@ def wrn28_10(*, num_classes: int = 10, dropout: float = 0.0, **kwargs) -> WideRe
         **kwargs: forwarded to :class:`WideResNet`.
     """
     return WideResNet(depth=28, widen_factor=10, dropout=dropout, num_classes=num_classes, **kwargs)
+
+
+@register_model(family="wide_resnet", source="Zagoruyko & Komodakis 2016 (arXiv:1605.07146), WRN-16-8")
+def wrn16_8(*, num_classes: int = 10, dropout: float = 0.0, **kwargs) -> WideResNet:
+    """WRN-16-8 (arXiv:1605.07146): two blocks a stage at widths 128/256/512, the network of
+    davda54/sam's SAM and ASAM runs.
+
+    Args:
+        num_classes: number of output logits.
+        dropout: dropout probability between the convs of every block.
+        **kwargs: forwarded to :class:`WideResNet`.
+    """
+    return WideResNet(depth=16, widen_factor=8, dropout=dropout, num_classes=num_classes, **kwargs)
