@@ -101,6 +101,10 @@ SMOKE: dict[str, SmokeSpec] = {
     "preact_resnet18_mixup": SmokeSpec(40, max_loss=2.28, min_acc=0.13),
     # Label smoothing 0.1 lifts its loss; two passes a step make it slow on a CPU.
     "wrn16_8_sam": SmokeSpec(16, max_loss=2.29, min_acc=0.15),
+    # WRN-28-10 (5.2 GMAC an image) under AutoAugment and Cutout: its loss first rises at SGD 0.1
+    # (still above its start after 8 steps), below it after 16 of the recipe's own schedule; too
+    # few for its validation to leave chance, so 16 images fit in one batch show the rest.
+    "wrn28_10_autoaugment": SmokeSpec(16, kind="overfit", schedule="recipe", batch_steps=30, batch_images=16),
     # ResNet-56 at SGD 0.1 from the first step blows its loss up for tens of steps (its data run's
     # losses in recipe_smoke.json), too long for a CPU smoke run to wait. One batch at SGD 0.1
     # blows up the same way in calibration; at a tenth of it the batch is learnt.

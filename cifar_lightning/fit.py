@@ -14,7 +14,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from lightning.pytorch.callbacks import Callback
 
 from cifar_lightning.callbacks import fit_or_exit
 from cifar_lightning.cli import TRAINER_DEFAULTS, CifarCLI, scan_args, value_of, without_flag
@@ -192,13 +194,24 @@ def in_fit_terms(message: str) -> str:
 @exit_on_user_error
 def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """``scripts/fit.py``: fit, test the best checkpoint, print and save the report (rank 0)."""
+    return fit_run(argv)
+
+
+def fit_run(argv: list[str] | None = None, *, test: bool = True, callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
+    """What ``fit_main`` does, without the exit on a user error: fit with ``fit.py``'s arguments
+    ``argv`` and ``callbacks`` added to the CLI's, then, with ``test``, test and report.
+
+    Without ``test`` (a sweep's trial, which must not see the test set) the returned dict holds the
+    fit alone: run directory, best and last checkpoints, the monitored metric's best value,
+    epochs, steps and seconds. Returns None on the ranks other than 0 of a DDP run.
+    """
     try:
-        return _fit_test_report(argv)
+        return _fit_test_report(argv, test, callbacks)
     except UserError as err:
         raise type(err)(in_fit_terms(str(err))) from None  # the same kind, so the same exit code
 
 
-def _fit_test_report(argv: list[str] | None) -> dict[str, Any] | None:
+def _fit_test_report(argv: list[str] | None, test: bool, callbacks: Sequence[Callback]) -> dict[str, Any] | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(fit_help())
@@ -209,6 +222,7 @@ def _fit_test_report(argv: list[str] | None) -> dict[str, Any] | None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     cli = CifarCLI(args=args, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    trainer.callbacks.extend(callbacks)
     ckpt_path = cli.config.get("ckpt_path")
 
     def resume_command(ckpt: str) -> str:
@@ -226,6 +240,15 @@ def _fit_test_report(argv: list[str] | None) -> dict[str, Any] | None:
     last = (ckpt_cb.last_model_path if ckpt_cb else "") or None
     # A run whose result is its final weights (SWA's average) tests those, not the best epoch's.
     tested = (last or best) if any(getattr(cb, "tests_final_weights", False) for cb in trainer.callbacks) else best
+    if not test:
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP: every rank
+        score = ckpt_cb.best_model_score if ckpt_cb else None
+        return {
+            "run_dir": run_dir, "checkpoint": tested or None,
+            "last_checkpoint": last, "monitor": ckpt_cb.monitor if ckpt_cb else None,
+            "best_score": None if score is None else float(score), "fit_seconds": round(fit_seconds, 2),
+            "epochs": trainer.current_epoch, "global_step": trainer.global_step,
+        } if trainer.is_global_zero else None  # fmt: skip
     start = time.perf_counter()
     trainer.test(model, datamodule=datamodule, ckpt_path=tested or None, verbose=False)
     test_seconds = time.perf_counter() - start
