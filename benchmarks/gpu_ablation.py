@@ -4,9 +4,10 @@ time, over two seeds, beside the same schedule without it.
 Each variant is ``configs/resnet18_fast.yaml`` cut to ``ABLATION_EPOCHS`` epochs on all 50,000
 training images (tested with its TTA, as the other timed fits), with the overrides of one entry of
 ``VARIANTS``. Seed 0 of every variant runs first, then seed 1 of those that still fit before the
-deadline, so a short window still gets one figure of each. The settings are the papers' (mixup
-and CutMix alpha 1, Cutout 16, SAM rho 0.05), not tuned for so short a schedule: the figures say
-what each trick costs in time and what it does to a short run, not what it gives at 200 epochs.
+deadline, so a short window still gets one figure of each. The settings are those of
+``fitting.TRICKS`` (mixup and CutMix alpha 1, Cutout 16, SAM rho 0.05: the papers'), not tuned
+for so short a schedule: the figures say what each trick costs in time and what it does to a
+short run, not what it gives at 200 epochs.
 """
 
 from __future__ import annotations

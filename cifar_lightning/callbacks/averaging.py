@@ -75,7 +75,9 @@ class SWA(StochasticWeightAveraging):
 
     What Lightning's ``StochasticWeightAveraging`` does with it: after the last epoch the average
     replaces the weights, and one more pass over the training images, without optimizer steps,
-    recomputes the BatchNorm statistics for them (the extra epoch the progress display shows);
+    recomputes the BatchNorm statistics for them (the extra epoch the progress display shows; a
+    network without BatchNorm gets the same epoch, which changes nothing, so that what follows
+    holds for it too);
     validation then runs on the average, and the ``last.ckpt`` written after it holds it. That is
     the run's result, so ``scripts/fit.py`` tests ``last.ckpt`` rather than the best epoch's
     checkpoint (``tests_final_weights``). A checkpoint holds the average so far, so a resumed run
@@ -131,6 +133,11 @@ class SWA(StochasticWeightAveraging):
         if others:
             raise UserError(f"SWA and {others[0]} both average the weights: use one of them.")
         super().on_fit_start(trainer, pl_module)
+        if not self._model_contains_batch_norm:
+            # Lightning would copy the average in only after the fit, past the last validation and
+            # last.ckpt; its extra epoch (a pass that updates nothing here) puts both after it.
+            self._model_contains_batch_norm = True
+            trainer.fit_loop.max_epochs += 1
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with warnings.catch_warnings():

@@ -202,8 +202,17 @@ def test_best(study: optuna.Study, out: Path) -> dict[str, Any] | None:
     if best is None or not best.user_attrs.get("checkpoint"):
         return None
     done = study.user_attrs.get("test")
-    if done and done.get("trial") == best.number:
+    if done:
+        if done.get("trial") != best.number:
+            print(f"the study's test set was used once, by trial {done['trial']}; its new best, trial "
+                  f"{best.number}, is not tested (a second look would choose on the test set)")  # fmt: skip
         return None
+    ckpt = best.user_attrs["checkpoint"]
+    if not Path(ckpt).is_file():
+        print(f"the best trial's checkpoint {ckpt} is not on this machine: test it where it is, with "
+              f"python scripts/evaluate.py {ckpt}")  # fmt: skip
+        return None
+    study.set_user_attr("test", {"trial": best.number, "state": "running"})  # claimed before it runs
     report = evaluate_main([best.user_attrs["checkpoint"], "--output-dir", str(out / "best_test")])
     test = {"trial": best.number, "test_acc": report["test_acc"], "test_loss": report["test_loss"],
             "checkpoint": _relative(best.user_attrs["checkpoint"], out), "report": "best_test/report.json"}  # fmt: skip

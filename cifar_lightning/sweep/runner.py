@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.sweep.results import test_best, write_results
 from cifar_lightning.sweep.spec import PRUNED_EXIT, SweepSpec, extremes, load_sweep, param_args, suggest
-from cifar_lightning.sweep.storage import make_storage
+from cifar_lightning.sweep.storage import STORAGE_ENV, make_storage
 
 #: States a study's size counts: a failed trial does not use up a place, a running one does.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -45,6 +45,15 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 class TrialFailed(Exception):
     """A trial that ended with an error: recorded as failed, and the study goes on."""
+
+
+def stop_when_failing(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Stop the study once as many trials failed as it has places: the rest would fail too."""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    size = study.user_attrs.get("n_trials", 0)
+    if size and len(failed) >= size:
+        print(f"stopping: {len(failed)} trials failed (see trials.md for their errors)", file=sys.stderr, flush=True)
+        study.stop()
 
 
 def preflight(spec: SweepSpec, fit_args: list[str]) -> None:
@@ -69,6 +78,8 @@ def preflight(spec: SweepSpec, fit_args: list[str]) -> None:
                                 f"{in_fit_terms(lines[-1] if lines else 'see above')}") from None  # fmt: skip
             except UserError as e:
                 raise UserError(f"{spec.path}: a trial with {params} is refused: {in_fit_terms(str(e))}") from None
+            except Exception as e:  # a network that cannot be built with these values, ...
+                raise UserError(f"{spec.path}: a trial with {params} cannot be built: {type(e).__name__}: {e}") from None
             if cli.datamodule.hparams.val_size == 0:
                 raise UserError(f"{spec.path}: a study chooses on the validation split, and its trials have none "
                                 "(--val-size 0): give them one, e.g. --val-size 5000")  # fmt: skip
@@ -150,7 +161,7 @@ class Worker:
         ]  # fmt: skip
         if "wandb" in self.fit_args and "--group" not in self.fit_args:
             fit_argv += ["--group", self.study.study_name]  # W&B: the trials grouped by study
-        command = [sys.executable, "-m", "cifar_lightning.sweep.trial", "--storage", self.storage_url,
+        command = [sys.executable, "-m", "cifar_lightning.sweep.trial",  # the storage URL: in STORAGE_ENV
                    "--study", self.study.study_name, "--trial-id", str(trial._trial_id),
                    "--monitor", self.spec.metric, "--pruner", json.dumps(self.spec.pruner),
                    "--record", str(record_path), "--", *fit_argv]  # fmt: skip
@@ -160,10 +171,12 @@ class Worker:
         for key in ("run_dir", "seconds", "epochs", "checkpoint"):
             if record.get(key) is not None:
                 trial.set_user_attr(key, record[key])
-        if self.interrupted or record.get("state") == "interrupted":
+        if record.get("state") == "interrupted" or (self.interrupted and record.get("state") != "complete"):
             trial.set_user_attr("error", "stopped by a signal (Ctrl-C or SIGTERM)")
             print(f"trial {trial.number}: stopped by a signal", flush=True)
             raise KeyboardInterrupt
+        if self.interrupted:  # the signal came as the trial ended: keep its result, then stop
+            self.study.stop()
         if code == PRUNED_EXIT and record.get("state") == "pruned":
             print(f"trial {trial.number}: pruned after epoch {record.get('epoch')}", flush=True)
             raise optuna.TrialPruned(record.get("message", "pruned"))
@@ -176,19 +189,23 @@ class Worker:
         raise TrialFailed(error)
 
     def _run(self, command: list[str]) -> int:
-        """Run the trial's process to its end. Ctrl-C and SIGTERM reach it too (it stops cleanly
-        and records it); this worker waits for it, then stops."""
+        """Run the trial's process to its end. Ctrl-C and SIGTERM are passed on to it (it stops
+        cleanly and records it); this worker waits for it, then stops."""
 
         def note(signum, frame):
+            # Passed on once: the trial stops after its batch and records it (a second Ctrl-C
+            # would stop it at once, without its last.ckpt).
+            if not self.interrupted and proc.poll() is None:
+                proc.send_signal(signum)
             self.interrupted = True
-            if signum == signal.SIGTERM and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
 
-        env = None
+        env = {**os.environ, STORAGE_ENV: self.storage_url}
         if self.followers is not None:
-            env = self.followers.trial_env()
-            self.followers.send({"argv": command, "env": env})
-        proc = subprocess.Popen(command, env=None if env is None else {**os.environ, **env})
+            extra = self.followers.trial_env()
+            self.followers.send({"argv": command, "env": {**extra, STORAGE_ENV: self.storage_url}})
+            env.update(extra)
+        # Its own session: a Ctrl-C at the terminal reaches this worker only, which passes it on.
+        proc = subprocess.Popen(command, env=env, start_new_session=True)
         previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return proc.wait()
@@ -208,12 +225,26 @@ def _read(path: Path) -> dict[str, Any]:
         return {}
 
 
+def worker_seed() -> int:
+    """What this worker adds to the sampler's seed: its process id, so that workers started
+    together do not draw the same values (a study is reproducible only with one worker)."""
+    return os.getpid()
+
+
+def without_paths(fit_args: list[str]) -> list[str]:
+    """``fit_args`` without where this machine keeps the data: workers on other machines give
+    other paths for the same study."""
+    from cifar_lightning.cli import without_flag
+
+    return without_flag(without_flag(fit_args, "--data-dir"), "--data.data_dir")
+
+
 def open_study(spec: SweepSpec, name: str, storage: optuna.storages.BaseStorage, fit_args: list[str]) -> optuna.Study:
     """Create the study, or load it when it exists; a study made with other settings is refused."""
-    study = optuna.create_study(study_name=name, storage=storage, sampler=spec.make_sampler(),
+    study = optuna.create_study(study_name=name, storage=storage, sampler=spec.make_sampler(worker_seed()),
                                 pruner=spec.make_pruner(), direction=spec.direction, load_if_exists=True)  # fmt: skip
     settings = {"sweep_file": spec.path.name, "metric": spec.metric,
-                "space": {k: repr(v) for k, v in spec.space.items()}, "fit_args": fit_args,
+                "space": {k: repr(v) for k, v in spec.space.items()}, "fit_args": without_paths(fit_args),
                 "recipe": spec.recipe.name if spec.recipe else None}  # fmt: skip
     stored = study.user_attrs.get("settings")
     if stored is None:
@@ -272,6 +303,7 @@ def _run_study(args: argparse.Namespace, extra: list[str], followers: Followers 
     preflight(spec, fit_args)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial's end is printed below, in one line
     study = open_study(spec, name, make_storage(storage_url, args.heartbeat), fit_args)
+    study.set_user_attr("n_trials", max(spec.n_trials, 1))
     worker = Worker(spec, study, storage_url, out, fit_args, followers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -280,14 +312,16 @@ def _run_study(args: argparse.Namespace, extra: list[str], followers: Followers 
     if worker.remaining() > 0:
         try:
             study.optimize(worker.objective, timeout=args.timeout, catch=(TrialFailed,),
-                           callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=COUNTED)])  # fmt: skip
+                           callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=COUNTED),
+                                      stop_when_failing])  # fmt: skip
         except KeyboardInterrupt:
             stopped = "interrupted: the running trial is marked failed; run the same command to continue the study"
     summary = write_results(study, spec, out, storage_url)
     if stopped:
         print(stopped, file=sys.stderr)
         raise SystemExit(130)
-    if not args.no_test and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    busy = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+    if not args.no_test and not busy and worker.remaining() <= 0:
         summary = test_best(study, out) or summary
     return summary
 

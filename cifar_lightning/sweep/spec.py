@@ -67,9 +67,11 @@ class SweepSpec:
     n_trials: int
     fit_args: list[str] = field(default_factory=list)
 
-    def make_sampler(self) -> optuna.samplers.BaseSampler:
-        """The sampler the file names, with its arguments."""
+    def make_sampler(self, offset: int = 0) -> optuna.samplers.BaseSampler:
+        """The sampler the file names, with its arguments, its seed moved by ``offset``."""
         args = {k: v for k, v in self.sampler.items() if k != "type"}
+        if args.get("seed") is not None:
+            args["seed"] = (args["seed"] + offset) % 2**32
         return SAMPLERS[self.sampler["type"]](**args)
 
     def make_pruner(self) -> optuna.pruners.BasePruner:

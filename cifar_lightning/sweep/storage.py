@@ -9,6 +9,10 @@ import optuna
 
 from cifar_lightning.errors import UserError
 
+#: The variable a trial's process reads its study's storage URL from (never its command line,
+#: which every user of the machine can read, password included).
+STORAGE_ENV = "CIFAR_SWEEP_STORAGE"
+
 
 def make_storage(url: str, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
     """The study's storage: an SQLAlchemy URL (``sqlite:///``, ``postgresql://``) with a heartbeat,
@@ -17,7 +21,10 @@ def make_storage(url: str, heartbeat: int | None = None) -> optuna.storages.Base
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        try:
+            return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        except OSError as err:
+            raise UserError(f"cannot open the study's journal file {url[len('journal:'):]}: {err}") from None
     if url.startswith(("postgresql://", "postgres://")):
         # SQLAlchemy's default PostgreSQL driver differs between its releases; the lock has psycopg 3.
         url = "postgresql+psycopg://" + url.split("://", 1)[1]

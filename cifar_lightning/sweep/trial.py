@@ -28,7 +28,7 @@ import optuna
 from optuna_integration import PyTorchLightningPruningCallback
 
 from cifar_lightning.sweep.spec import PRUNED_EXIT, build_pruner
-from cifar_lightning.sweep.storage import make_storage
+from cifar_lightning.sweep.storage import STORAGE_ENV, make_storage
 
 
 def _rank() -> int:
@@ -107,14 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(description="one trial of a sweep (started by scripts/sweep.py)")
-    p.add_argument("--storage", required=True)
     p.add_argument("--study", required=True)
     p.add_argument("--trial-id", type=int, required=True)
     p.add_argument("--monitor", required=True)
     p.add_argument("--pruner", type=json.loads, required=True, help="the sweep file's pruner entry, as JSON")
     p.add_argument("--record", type=Path, required=True)
     a = p.parse_args(argv[:split])
-    raise SystemExit(run_trial(a.storage, a.study, a.trial_id, a.monitor, a.pruner, a.record, argv[split + 1:]))
+    raise SystemExit(run_trial(os.environ[STORAGE_ENV], a.study, a.trial_id, a.monitor, a.pruner, a.record, argv[split + 1:]))
 
 
 if __name__ == "__main__":
