@@ -379,7 +379,11 @@ def test_every_sweep_is_valid_in_both_sizes(sweep, quick, tiny_folder):
 
     spec = load_sweep(sweep, quick=quick)
     assert spec.recipe is not None and spec.recipe.is_file() and spec.n_trials >= 8
-    assert spec.pruner["type"] != "none"  # every shipped sweep prunes
+    # Every shipped sweep prunes, within the epochs its trials have.
+    given = [b for a, b in zip(spec.fit_args, spec.fit_args[1:]) if a == "--epochs"]
+    epochs = int(given[-1]) if given else yaml.safe_load(spec.recipe.read_text())["trainer"]["max_epochs"]
+    assert spec.pruner["type"] != "none"
+    assert spec.pruner.get("n_warmup_steps", 0) < epochs - 1 and spec.pruner.get("min_resource", 1) < epochs
     preflight(spec, [*spec.fit_args, "--data-dir", str(tiny_folder), "--val-size", "6"])
 
 

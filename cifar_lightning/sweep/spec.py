@@ -13,7 +13,7 @@ A sweep file is YAML::
       data.augment: {type: categorical, choices: [standard, trivialaugment]}
     sampler: {type: tpe, seed: 0}     # tpe or random, with their Optuna arguments
     pruner: {type: median, n_warmup_steps: 2}   # median, successive_halving, hyperband or none
-    quick: {n_trials: 8, fit_args: [...]}       # --quick: a size that finishes on a CPU
+    quick: {n_trials: 8, fit_args: [...], pruner: {...}}   # --quick: a size that finishes on a CPU
 
 ``load_sweep`` reads and checks it: an unknown key, a wrong type or an empty range gets one
 ``UserError`` naming the key, before any trial runs (the space's values are then also checked
@@ -46,7 +46,7 @@ DIRECTIONS = ("maximize", "minimize")
 #: The exit code of a trial's process when the study's pruner stopped it.
 PRUNED_EXIT = 3
 TOP_KEYS = {"recipe", "metric", "direction", "n_trials", "fit_args", "space", "sampler", "pruner", "quick"}
-QUICK_KEYS = {"n_trials", "fit_args"}
+QUICK_KEYS = {"n_trials", "fit_args", "pruner"}
 PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
               "categorical": {"type", "choices"}}  # fmt: skip
 #: The CLI's sections a parameter may belong to.
@@ -206,7 +206,8 @@ def load_sweep(path: str | Path, quick: bool = False) -> SweepSpec:
         path=path, recipe=recipe_path, metric=metric, direction=direction,
         space={key: _distribution(path, key, entry) for key, entry in space.items()},
         sampler=_named(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe"),
-        pruner=_named(path, "pruner", raw.get("pruner"), PRUNERS, "median"),
+        pruner=_named(path, "pruner", quick_section.get("pruner", raw.get("pruner")) if quick else raw.get("pruner"),
+                      PRUNERS, "median"),
         n_trials=n_trials, fit_args=fit_args,
     )  # fmt: skip
 
