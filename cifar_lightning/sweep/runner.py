@@ -159,7 +159,8 @@ class Worker:
             "--output-dir", str(self.out / "trials"), "--name", name,
             f"--checkpoint.monitor={self.spec.metric}", f"--checkpoint.mode={mode}",
         ]  # fmt: skip
-        if "wandb" in self.fit_args and "--group" not in self.fit_args:
+        wandb = any(a == "wandb" or a.endswith("=wandb") for a in self.fit_args)
+        if wandb and not any(a.split("=")[0] == "--group" for a in self.fit_args):
             fit_argv += ["--group", self.study.study_name]  # W&B: the trials grouped by study
         command = [sys.executable, "-m", "cifar_lightning.sweep.trial",  # the storage URL: in STORAGE_ENV
                    "--study", self.study.study_name, "--trial-id", str(trial._trial_id),
