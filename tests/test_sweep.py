@@ -421,3 +421,17 @@ def test_a_torchrun_launch_trains_each_trial_on_every_rank(tmp_path):
     done = trials(out, "lr")
     assert [t.state.name for t in done] == ["COMPLETE", "PRUNED"]  # one study, each trial once, on both ranks
     assert list(done[1].intermediate_values) == [0]
+
+
+def test_trials_logged_to_wandb_are_grouped_by_study(tmp_path, monkeypatch):
+    from wandb_records import read_records, wait_until_complete
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    data, out = write_image_folder(tmp_path / "data"), tmp_path / "out"
+    path = write_sweep(tmp_path / "lr.yaml", n_trials=1, fit_args=[*FIT, "--epochs", "1"],
+                       space={"model.lr": {"type": "categorical", "choices": [GOOD]}})  # fmt: skip
+    sweep_main([str(path), "--data-dir", str(data), "--output-dir", str(out), "--no-test", "--", "--logger=wandb"])
+    (run_file,) = (out / "lr" / "trials").rglob("offline-run-*/run-*.wandb")
+    wait_until_complete(run_file)
+    runs = [r.run for r in read_records(run_file) if r.WhichOneof("record_type") == "run"]
+    assert runs and runs[0].run_group == "lr"
