@@ -211,13 +211,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--overhead-batch-size", type=int, help="default 32 on a CPU, 1024 on a GPU")
     p.add_argument("--timed-steps", type=int, help="steps timed per overhead fit (default 250)")
     p.add_argument("--repeats", type=int, help="fits per overhead variant (default 4)")
+    p.add_argument("--tricks-rounds", type=int, help="rounds of the tricks section, each fit's fastest kept (default 3)")
+    p.add_argument("--tricks-steps", type=int, help="timed steps of each tricks fit (default 20)")
     p.add_argument("fit_overrides", nargs="*", help="extra CLI arguments for the time_to_accuracy runs, after --")
     a = p.parse_args(argv)
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
     if a.sections == "all":
         sections = list(SECTIONS)
     kw: dict[str, Any] = dict(accelerator=a.accelerator, seeds=a.seeds)
-    for name in ("runners", "overhead_arch", "overhead_batch_size", "timed_steps", "repeats"):
+    for name in ("runners", "overhead_arch", "overhead_batch_size", "timed_steps", "repeats", "tricks_rounds",
+                 "tricks_steps"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
     with tempfile.TemporaryDirectory() as tmp:
