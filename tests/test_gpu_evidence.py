@@ -73,7 +73,8 @@ def test_quick_runs_every_section_end_to_end(tmp_path):
     assert {"resnet34_tutorial", "mynet_tutorial", "resnet20_paper"} <= set(recipes)
     assert all(0 <= r["test_acc"] <= 1 for r in recipes.values())
     ablation = load(out, "ablation")["results"]
-    assert ablation["baseline"] == "standard" and set(ablation["runs"]) == set(gpu_ablation.VARIANTS)
+    assert ablation["baseline"] == "standard" and set(ablation["runs"]) == set(gpu_ablation.QUICK_VARIANTS)
+    assert set(gpu_ablation.QUICK_VARIANTS) <= set(gpu_ablation.VARIANTS)
     assert all(len(runs) == 1 and 0 <= runs[0]["tta_acc"] <= 1 for runs in ablation["runs"].values())
     assert ablation["summary"]["sam"]["time_ratio_to_baseline"] > 0
     summary = json.loads((out / "summary.json").read_text())
