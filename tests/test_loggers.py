@@ -128,7 +128,7 @@ def test_logger_list_through_the_cli_config(tiny_folder, tmp_path):
 
 
 def test_sweep_files_map_onto_valid_fit_arguments(tiny_folder):
-    sweeps = sorted((REPO / "configs" / "sweeps" / "wandb").glob("*.yaml"))  # W&B's (Optuna's: test_sweep.py)
+    sweeps = sorted((REPO / "configs" / "wandb_sweeps").glob("*.yaml"))  # W&B's (Optuna's: test_sweep.py)
     assert sweeps
     for path in sweeps:
         sweep = yaml.safe_load(path.read_text())
