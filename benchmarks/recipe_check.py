@@ -97,10 +97,13 @@ SMOKE: dict[str, SmokeSpec] = {
     "fastnet_muon": SmokeSpec(6, max_loss=2.15, min_acc=0.20),
     "resnet18": SmokeSpec(40, max_loss=2.27, min_acc=0.13),
     "resnet18_cutout": SmokeSpec(40, max_loss=2.25, min_acc=0.14),
-    # Trained on mixed targets, its loss stays higher than on clean ones.
-    "preact_resnet18_mixup": SmokeSpec(40, max_loss=2.28, min_acc=0.13),
-    # Label smoothing 0.1 lifts its loss; two passes a step make it slow on a CPU.
-    "wrn16_8_sam": SmokeSpec(16, max_loss=2.29, min_acc=0.15),
+    # Trained on mixed targets, its loss stays near ln(10) for longer than a smoke run (2.23 over
+    # the last 10 of 40 steps), too close for a ceiling that says more than chance; the data run
+    # shows mixup trains and stays finite, one fixed batch (unmixed) shows the rest.
+    "preact_resnet18_mixup": SmokeSpec(40, kind="overfit", batch_steps=30, batch_images=32),
+    # Label smoothing 0.1 and SAM's two passes: 16 steps took 17 minutes on one core and ended at
+    # 2.27, near ln(10); a short data run shows it stays finite and falls, one batch the rest.
+    "wrn16_8_sam": SmokeSpec(8, kind="overfit", batch_steps=30, batch_images=16),
     # WRN-28-10 (5.2 GMAC an image) under AutoAugment and Cutout: its loss first rises at SGD 0.1
     # (still above its start after 8 steps), below it after 16 of the recipe's own schedule; too
     # few for its validation to leave chance, so 16 images fit in one batch show the rest.
