@@ -342,12 +342,32 @@ def failures(result: SmokeResult, spec: SmokeSpec) -> list[str]:
     return out
 
 
+def recipe_dataset(recipe: str | Path) -> str | None:
+    """The dataset a recipe names (``data.dataset``), None when it takes what the data holds."""
+    import yaml
+
+    return (yaml.safe_load(Path(recipe).read_text()).get("data") or {}).get("dataset")
+
+
+def other_dataset(recipe: str | Path, data_dir: str | Path) -> str | None:
+    """Why ``recipe`` cannot run on ``data_dir``: it names another dataset than the data holds; else None."""
+    from cifar_lightning.data.sources import resolve_source
+
+    wanted, held = recipe_dataset(recipe), resolve_source(data_dir, download=False).dataset
+    return None if wanted in (None, held) else f"a {wanted} recipe, and {data_dir} holds {held}"
+
+
 def run_all(
     names: list[str], configs: Path, data_dir: str, root_dir: Path, steps: int | None = None
 ) -> list[tuple[SmokeResult, SmokeSpec | None]]:
-    """Smoke runs of ``names`` with ``SMOKE``'s steps (or ``steps``), each printed as it finishes."""
+    """Smoke runs of ``names`` with ``SMOKE``'s steps (or ``steps``), each printed as it finishes;
+    a recipe for another dataset than ``data_dir`` holds is skipped, with a line that says so."""
     results = []
     for name in names:
+        skip = other_dataset(configs / f"{name}.yaml", data_dir)
+        if skip:
+            print(f"{name}: skipped: {skip}", flush=True)
+            continue
         spec = SMOKE.get(name)
         n = steps or (spec.steps if spec else 50)
         result = check_recipe(configs / f"{name}.yaml", data_dir, spec if spec and not steps else n, root_dir / name)

@@ -120,6 +120,18 @@ def stored_data_dir(ckpt: dict[str, Any], path: str | os.PathLike) -> str | None
     return None
 
 
+def stored_dataset(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Data-module arguments that read the data as the checkpoint's run read it: ``dataset``
+    (``cifar10``, ``cifar100``, ``folder``) and ``image_size`` where recorded (older checkpoints
+    recorded neither: the data module's defaults)."""
+    stored = ckpt.get("datamodule_hyper_parameters") or {}
+    out: dict[str, Any] = {"dataset": str(stored["dataset"])} if stored.get("dataset") else {}
+    size = stored.get("image_size") or (ckpt.get("hyper_parameters") or {}).get("image_size")
+    if size:
+        out["image_size"] = int(size)
+    return out
+
+
 def check_compatible(
     module: ClassifierModule,
     *,

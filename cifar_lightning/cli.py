@@ -204,6 +204,9 @@ class CifarCLI(LightningCLI):
             ("data.class_names", "model.class_names"),
             ("data.norm_mean", "model.norm_mean"),
             ("data.norm_std", "model.norm_std"),
+            ("data.superclass_names", "model.superclass_names"),
+            ("data.superclasses", "model.superclasses"),
+            ("data.image_size", "model.image_size"),
         ):
             parser.link_arguments(source, target, apply_on="instantiate")
 

@@ -10,6 +10,10 @@ the logits of each image and its mirror, ``flip_translate`` adds shifted views).
 both the plain and the TTA numbers are reported; the confusion matrix, mistakes and plots stay
 those of the plain predictions. A checkpoint trained with ``tta`` set is tested by
 ``trainer.test`` with it, so ``scripts/evaluate.py`` reports that mode unless told otherwise.
+
+Beyond 10 classes the report adds the top-5 accuracy, and for a checkpoint whose classes are
+grouped (``superclasses`` in its hyperparameters, as CIFAR-100's 20) the superclass accuracy:
+the same figures, from the same torchmetrics objects, as the module logs in ``trainer.test``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from cifar_lightning import plots
 from cifar_lightning.errors import UserError, exit_on_user_error, positive
 from cifar_lightning.inference import predict_logits, resolve_device
 from cifar_lightning.module import TTA_MODES, ClassifierModule
-from cifar_lightning.report import build_report, print_report, write_report
+from cifar_lightning.report import MANY_CLASSES, build_report, print_report, write_report
+
+#: Top-5 accuracy is reported beyond this many classes, as the module logs it.
+TOP5_ABOVE = 10
 
 # ---------------------------------------------------------------------------------------------
 # Predictions and metrics
@@ -53,6 +60,8 @@ class Evaluation:
     tta_logits: torch.Tensor | None  # (N, C)
     label_smoothing: float  # of the loss, as trainer.test computes it
     seconds: float
+    superclasses: list[int] | None = None  # the group of each class, in label order
+    superclass_names: list[str] | None = None
 
     @property
     def probs(self) -> torch.Tensor:
@@ -79,7 +88,13 @@ class Evaluation:
             "macro_recall": float(MulticlassRecall(c, average="macro")(preds, y)),
             "per_class": per_class,
             "confusion_matrix": confusion.tolist(),
+            **self._grouped_accuracy(self.logits),
         }
+        if self.superclasses is not None:
+            groups = torch.as_tensor(self.superclasses)
+            per_group = MulticlassAccuracy(len(self.superclass_names), average=None)(groups[preds], groups[y])
+            out["superclass_names"] = list(self.superclass_names)
+            out["per_superclass_acc"] = dict(zip(self.superclass_names, per_group.tolist()))
         if self.tta_logits is not None:
             tta_preds = self.tta_logits.argmax(dim=1)
             acc = float(MulticlassAccuracy(c, average="micro")(tta_preds, y))
@@ -90,7 +105,20 @@ class Evaluation:
                 "gain": acc - out["test_acc"],
                 "test_loss": self._loss(self.tta_logits),
                 "per_class_acc": dict(zip(self.class_names, tta_per_class)),
+                **self._grouped_accuracy(self.tta_logits),
             }
+        return out
+
+    def _grouped_accuracy(self, logits: torch.Tensor) -> dict[str, float]:
+        """Top-5 accuracy beyond 10 classes, and the superclass accuracy of grouped classes: a
+        prediction counts when its class is in the true class's group."""
+        out, y = {}, self.labels
+        if self.num_classes > TOP5_ABOVE:
+            out["test_acc_top5"] = float(MulticlassAccuracy(self.num_classes, top_k=5, average="micro")(logits, y))
+        if self.superclasses is not None:
+            groups = torch.as_tensor(self.superclasses)
+            accuracy = MulticlassAccuracy(len(self.superclass_names), average="micro")
+            out["test_acc_superclass"] = float(accuracy(groups[logits.argmax(dim=1)], groups[y]))
         return out
 
     def _loss(self, logits: torch.Tensor) -> float:
@@ -115,11 +143,13 @@ class Evaluation:
         ]
 
     def report(
-        self, *, arch: str, checkpoint: str | None, k_mistakes: int = 16, k_pairs: int = 10, **extra: Any
+        self, *, arch: str, checkpoint: str | None, k_mistakes: int = 16, k_pairs: int | None = None, **extra: Any
     ) -> dict[str, Any]:
-        """The report (``report.build_report``): metrics, confusion, most-confused pairs, confident
-        mistakes, then ``extra``."""
+        """The report (``report.build_report``): metrics, confusion, most-confused pairs (``k_pairs``,
+        default 10, or 20 beyond ``MANY_CLASSES`` classes), confident mistakes, then ``extra``."""
         metrics = self.metrics()
+        if k_pairs is None:
+            k_pairs = 10 if self.num_classes <= MANY_CLASSES else 20
         return build_report(
             arch=arch,
             class_names=self.class_names,
@@ -164,6 +194,7 @@ def evaluate(
     tta_logits = None if tta == "none" else predict_logits(
         module, images, batch_size=batch_size, device=device, tta=tta
     )
+    superclasses = module.hparams.get("superclasses")
     return Evaluation(
         class_names=list(class_names or module.class_names),
         images=images,
@@ -173,6 +204,8 @@ def evaluate(
         tta_logits=tta_logits,
         label_smoothing=float(module.hparams.get("label_smoothing", 0.0)),
         seconds=time.perf_counter() - start,
+        superclasses=None if superclasses is None else list(superclasses),
+        superclass_names=None if superclasses is None else list(module.hparams["superclass_names"]),
     )
 
 
@@ -211,12 +244,15 @@ def confused_pairs(
 
 
 def write_evaluation_plots(evaluation: Evaluation, report: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
-    """Write confusion_matrix.png, per_class_accuracy.png, predictions_grid.png and mistakes.png."""
+    """Write confusion_matrix.png, confused_pairs.png, per_class_accuracy.png, predictions_grid.png
+    and mistakes.png."""
     out_dir = Path(out_dir)
     names = evaluation.class_names
     tta = report.get("tta") or {}
     figures = {
-        "confusion_matrix": plots.confusion_matrix_figure(report["confusion_matrix"], names),
+        "confusion_matrix": plots.confusion_matrix_figure(report["confusion_matrix"], names,
+                                                          groups=evaluation.superclasses),  # fmt: skip
+        "confused_pairs": plots.confused_pairs_figure(report["confused_pairs"]),
         "per_class_accuracy": plots.per_class_accuracy_figure(
             {n: m["accuracy"] for n, m in report["per_class"].items()},
             overall=report["test_acc"],
@@ -291,6 +327,7 @@ DEFAULT_CORRUPTION_IMAGES = 1000
 
 def _validation_arrays(ckpt: dict[str, Any], data_dir: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The validation split the checkpoint was selected on (its data module's val_size and split_seed)."""
+    from cifar_lightning.checkpoint import stored_dataset
     from cifar_lightning.data import CIFAR10DataModule
 
     stored = ckpt.get("datamodule_hyper_parameters") or {}
@@ -301,7 +338,7 @@ def _validation_arrays(ckpt: dict[str, Any], data_dir: str, batch_size: int) -> 
             "--val-size 0 (no validation images). Use a checkpoint trained with held-out validation images."
         )
     dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0, batch_size=batch_size,
-                           val_size=val_size, split_seed=split_seed)  # fmt: skip
+                           val_size=val_size, split_seed=split_seed, **stored_dataset(ckpt))  # fmt: skip
     return dm.split_arrays("val")
 
 
@@ -318,7 +355,9 @@ def fair_subset(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndar
 @exit_on_user_error
 def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     """``scripts/evaluate.py``: evaluate, write report.json and the plots, print the table."""
-    from cifar_lightning.checkpoint import build_classifier, check_compatible, read_checkpoint, stored_data_dir
+    from cifar_lightning.checkpoint import (
+        build_classifier, check_compatible, read_checkpoint, stored_data_dir, stored_dataset,
+    )  # fmt: skip
     from cifar_lightning.data import CIFAR10DataModule
 
     args = evaluate_parser().parse_args(argv)
@@ -326,7 +365,8 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     ckpt = read_checkpoint(args.checkpoint)
     module = build_classifier(ckpt, args.checkpoint)
     data_dir = args.data_dir or stored_data_dir(ckpt, args.checkpoint) or "data"
-    dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0, batch_size=args.batch_size)
+    dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0, batch_size=args.batch_size,
+                           **stored_dataset(ckpt))  # fmt: skip
     check_compatible(module, class_names=dm.class_names, checkpoint=args.checkpoint, against=f"the data in {data_dir}")
     images, labels = dm.split_arrays("test")
     tta = args.tta or module.hparams.get("tta", "none")

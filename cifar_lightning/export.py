@@ -1,6 +1,7 @@
 """Export a checkpoint to ONNX or TorchScript, with the normalisation inside the graph, and verify it.
 
-The exported model takes what a consumer has: raw RGB in [0, 1], shape (B, 3, 32, 32), any batch
+The exported model takes what a consumer has: raw RGB in [0, 1], shape (B, 3, S, S) (S: the training
+image size, 32 for CIFAR), any batch
 size; it returns logits (B, C). The class names, architecture and normalisation travel with the
 file (ONNX ``metadata_props``, a ``metadata.json`` extra file for TorchScript).
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cifar_lightning.constants import IMAGE_SIZE
 from cifar_lightning.data.transforms import normalize
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.inference import images_to_tensor
@@ -55,13 +57,29 @@ class RawImageClassifier(nn.Module):
         return self.net(normalize(image, self.mean, self.std))
 
 
+def input_size(module: ClassifierModule) -> int:
+    """The side of the images ``module`` was trained on (32 for checkpoints that predate the setting)."""
+    return int(module.hparams.get("image_size", IMAGE_SIZE))
+
+
 def export_metadata(module: ClassifierModule) -> dict[str, str]:
-    """What a consumer needs besides the graph, as strings (ONNX metadata values are strings)."""
+    """What a consumer needs besides the graph, as strings (ONNX metadata values are strings); the
+    superclasses too when the classes are grouped (the group index of each class, in label order)."""
     hp = module.hparams
+    size = input_size(module)
+    groups = {}
+    if hp.get("superclasses") is not None:
+        groups = {
+            "superclass_names": json.dumps(list(hp.superclass_names), ensure_ascii=False),
+            "superclasses": json.dumps(list(hp.superclasses)),
+        }
     return {
         "arch": hp.arch,
+        "num_classes": str(len(module.class_names)),
         "class_names": json.dumps(list(module.class_names), ensure_ascii=False),
-        "input": "RGB in [0, 1], shape (B, 3, 32, 32), float32; normalisation is inside the model",
+        **groups,
+        "input": f"RGB in [0, 1], shape (B, 3, {size}, {size}), float32; normalisation is inside the model",
+        "image_size": str(size),
         "norm_mean": json.dumps(list(hp.norm_mean)),
         "norm_std": json.dumps(list(hp.norm_std)),
         "output": "logits (B, num_classes); softmax gives probabilities",
@@ -75,7 +93,7 @@ def export_onnx(module: ClassifierModule, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = RawImageClassifier(module).eval()
-    example = torch.rand(2, 3, 32, 32)
+    example = torch.rand(2, 3, input_size(module), input_size(module))
     # The exporter narrates its steps on stdout; a script's output should be its own result.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,7 +122,7 @@ def export_torchscript(module: ClassifierModule, path: str | Path) -> Path:
     with warnings.catch_warnings():
         # torch.jit is deprecated upstream, but it is still the format libtorch (C++) loads.
         warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=Warning)
-        traced = torch.jit.trace(wrapper, torch.rand(2, 3, 32, 32))
+        traced = torch.jit.trace(wrapper, torch.rand(2, 3, input_size(module), input_size(module)))
         torch.jit.save(traced, str(path), _extra_files={"metadata.json": json.dumps(export_metadata(module))})
     return path
 
@@ -140,14 +158,21 @@ RUNNERS = {"onnx": onnx_runner, "torchscript": torchscript_runner}
 EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript}
 
 
-def verification_images(data_dir: str | None, n: int = VERIFY_IMAGES, seed: int = 0) -> tuple[np.ndarray, str]:
-    """(float32 images (n, 3, 32, 32) in [0, 1], where they came from): test images, else noise."""
+def verification_images(
+    data_dir: str | None, n: int = VERIFY_IMAGES, seed: int = 0, dataset: dict[str, str] | None = None
+) -> tuple[np.ndarray, str]:
+    """(float32 images (n, 3, S, S) in [0, 1], where they came from): test images, else noise (S:
+    ``dataset``'s ``image_size``, else 32).
+
+    ``dataset``: the checkpoint's ``checkpoint.stored_dataset``, so the data is read as it was in training.
+    """
     if data_dir is None:
         rng = np.random.default_rng(seed)
-        return rng.random((n, 3, 32, 32), dtype=np.float32), f"{n} random images (no --data-dir given)"
+        size = (dataset or {}).get("image_size", IMAGE_SIZE)
+        return rng.random((n, 3, size, size), dtype=np.float32), f"{n} random images (no --data-dir given)"
     from cifar_lightning.data import CIFAR10DataModule
 
-    dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0)
+    dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0, **(dataset or {}))
     test_images, _ = dm.split_arrays("test")
     idx = np.sort(np.random.default_rng(seed).permutation(len(test_images))[:n])
     images = test_images[idx]  # (n, 32, 32, 3) uint8
@@ -212,13 +237,14 @@ def export_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def export_main(argv: list[str] | None = None) -> int:
     """``scripts/export.py``: export, verify, print the result; returns the exit code (0 or 1)."""
-    from cifar_lightning.checkpoint import load_classifier
+    from cifar_lightning.checkpoint import build_classifier, read_checkpoint, stored_dataset
 
     args = export_parser().parse_args(argv)
     if args.atol < 0 or args.rtol < 0:
         raise UserError(f"--atol and --rtol must be 0 or more, got {args.atol} and {args.rtol}.")
-    module = load_classifier(args.checkpoint)
-    images, source = verification_images(args.data_dir)
+    ckpt = read_checkpoint(args.checkpoint)
+    module = build_classifier(ckpt, args.checkpoint)
+    images, source = verification_images(args.data_dir, dataset=stored_dataset(ckpt))
     path = Path(args.output) if args.output else default_export_path(args.checkpoint, args.format)
     start = time.perf_counter()
     EXPORTERS[args.format](module, path)

@@ -44,6 +44,8 @@ FIT_ALIASES: dict[str, tuple[str, ...]] = {
     "--mixup": ("--data.mixup",),
     "--cutmix": ("--data.cutmix",),
     "--data-dir": ("--data.data_dir",),
+    "--dataset": ("--data.dataset",),
+    "--image-size": ("--data.image_size",),
     "--val-size": ("--data.val_size",),
     "--num-workers": ("--data.num_workers",),
     "--devices": ("--trainer.devices",),
@@ -263,6 +265,8 @@ def _fit_test_report(argv: list[str] | None, test: bool, callbacks: Sequence[Cal
         test_acc=metrics["test/acc"],
         test_loss=metrics["test/loss"],
         per_class_acc={n: metrics[f"test/acc/{n}"] for n in names if f"test/acc/{n}" in metrics},
+        # Logged where they apply: top-5 beyond 10 classes, superclass accuracy for grouped classes.
+        **{f"test_{k}": metrics[f"test/{k}"] for k in ("acc_top5", "acc_superclass") if f"test/{k}" in metrics},
         test_images=len(datamodule.test_set),
         checkpoint=tested or None,
         last_checkpoint=last,

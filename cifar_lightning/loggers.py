@@ -195,8 +195,10 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
 
 
 def evaluation_numbers(report: dict[str, Any]) -> dict[str, float]:
-    """The scalars of an evaluation report worth a dashboard: accuracy, calibration, robustness."""
+    """The scalars of an evaluation report worth a dashboard: accuracy (top-5 and superclass
+    accuracy where the report has them), calibration, robustness."""
     numbers = {"eval/test_acc": report["test_acc"], "eval/test_loss": report["test_loss"]}
+    numbers.update({f"eval/{k}": report[k] for k in ("test_acc_top5", "test_acc_superclass") if k in report})
     if "calibration" in report:
         cal = report["calibration"]
         numbers["eval/temperature"] = cal["temperature"]

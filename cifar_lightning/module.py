@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifar_lightning.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from cifar_lightning.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
 from cifar_lightning.data.transforms import normalize
 from cifar_lightning.errors import UserError
 from cifar_lightning.models import create_model, model_info
@@ -24,6 +24,25 @@ from cifar_lightning.optim import (
 TTAMode = Literal["none", "flip", "flip_translate"]
 TTA_MODES = ("none", "flip", "flip_translate")
 STAGES = ("train", "val", "test")
+
+
+def _check_input_size(network: torch.nn.Module, arch: str, size: int) -> None:
+    """``UserError`` unless ``network`` maps a (1, 3, size, size) batch to one row of logits."""
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            out = network(torch.zeros(1, 3, size, size))
+        if out.ndim != 2 or out.shape[0] != 1:
+            raise RuntimeError(f"it returned shape {tuple(out.shape)}")
+    except (RuntimeError, ValueError, AssertionError) as err:
+        reason = str(err).splitlines()[0][:200]
+        raise UserError(
+            f"{arch} cannot take {size}x{size} images ({reason}). Pick a network that pools globally (resnet18, "
+            "resnet20, preact_resnet18, wrn16_8, densenet121, mobilenetv2, fastnet, ...) or keep --image-size 32."
+        ) from None
+    finally:
+        network.train(was_training)
 
 
 class ClassifierModule(pl.LightningModule):
@@ -39,6 +58,12 @@ class ClassifierModule(pl.LightningModule):
         num_classes: number of output classes (linked from the data).
         class_names: one name per class, in label order (linked from the data).
         norm_mean, norm_std: input normalisation the network expects (linked from the data).
+        superclass_names, superclasses: the groups of classes (CIFAR-100's 20 superclasses) and the
+            group of each class, in label order (linked from the data; None without groups).
+            Validation and test then also log ``acc_superclass``: a prediction counts when it
+            falls in the true class's group.
+        image_size: side in pixels of the input images (linked from the data; CIFAR's 32). A
+            network that cannot take it (a fixed-size head) is refused here, with the reason.
         optimizer: ``sgd`` (with ``momentum`` and ``nesterov``), ``adam``, ``adamw``, ``sam`` or ``muon``
             (conv filters by Muon at ``muon_lr`` and ``muon_momentum``, everything else by SGD
             with ``lr``, ``momentum``, ``nesterov`` and ``weight_decay``; see ``optim.MuonSGD``).
@@ -57,7 +82,8 @@ class ClassifierModule(pl.LightningModule):
         initial_lr_factor: ``multistep`` factor before the first milestone (a constant warm-up,
             as ResNet-110's 0.01 start in He et al. 2016).
         pct_start: ``onecycle`` share of steps spent warming up.
-        warmup_epochs: linear warm-up before ``cosine`` or ``linear`` (may be fractional).
+        warmup_epochs: linear warm-up before ``cosine``, ``linear`` or ``multistep`` (may be fractional;
+            ``multistep`` then counts its milestones in steps).
         min_lr: floor of ``cosine``, ``linear`` and ``plateau``.
         plateau_monitor, plateau_factor, plateau_patience: ReduceLROnPlateau settings.
         label_smoothing: cross-entropy label smoothing.
@@ -75,6 +101,9 @@ class ClassifierModule(pl.LightningModule):
         class_names: list[str] | None = None,
         norm_mean: tuple[float, float, float] = CIFAR10_MEAN,
         norm_std: tuple[float, float, float] = CIFAR10_STD,
+        superclass_names: list[str] | None = None,
+        superclasses: list[int] | None = None,
+        image_size: int = IMAGE_SIZE,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.1,
         momentum: float = 0.9,
@@ -123,6 +152,15 @@ class ClassifierModule(pl.LightningModule):
             class_names = list(CIFAR10_CLASSES) if num_classes == 10 else [str(i) for i in range(num_classes)]
         if len(class_names) != num_classes:
             raise UserError(f"{len(class_names)} class names given for num_classes={num_classes}.")
+        if (superclasses is None) != (superclass_names is None):
+            raise UserError("superclasses and superclass_names go together: give both or neither.")
+        if superclasses is not None and (
+            len(superclasses) != num_classes or not all(0 <= g < len(superclass_names) for g in superclasses)
+        ):
+            raise UserError(
+                f"superclasses must give each of the {num_classes} classes a group index below "
+                f"{len(superclass_names)}, got {len(superclasses)} entries."
+            )
         if tta not in TTA_MODES:
             raise UserError(f"unknown tta {tta!r}. Valid names: {', '.join(TTA_MODES)}")
         if scheduler == "multistep" and not milestones:
@@ -132,12 +170,14 @@ class ClassifierModule(pl.LightningModule):
         #: Images evaluated in the latest validation and test epoch, over all ranks ("val", "test").
         self.images_seen: dict[str, int] = {}
         self.model = create_model(arch, num_classes=num_classes, **(arch_kwargs or {}))
+        if image_size != IMAGE_SIZE:
+            _check_input_size(self.model, arch, image_size)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Lets the model summary show shapes and TensorBoard draw the graph (log_graph=True). Not
         # for a compiled network: the summary's batch of 1, in eval mode, would compile a graph
         # of its own before training starts.
-        self.example_input_array = None if compile else torch.zeros(1, 3, 32, 32)
+        self.example_input_array = None if compile else torch.zeros(1, 3, image_size, image_size)
         # Kept out of the module tree so the state dict has one copy of the weights, not two.
         # Static shapes: the training batch runs the kernels compiled for its size (what the GPU
         # command times); a smaller last batch gets its own graph, once, instead of turning every
@@ -162,6 +202,19 @@ class ClassifierModule(pl.LightningModule):
         self._sam: SAM | None = None
         self.class_acc_metrics = torch.nn.ModuleDict(
             {f"{s}_": MulticlassAccuracy(num_classes, average=None, validate_args=False) for s in ("val", "test")}
+        )
+        # Top-5 is the second figure every CIFAR-100 table quotes; with 10 classes or fewer it says little.
+        self.top5_metrics = torch.nn.ModuleDict(
+            {f"{s}_": MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False) for s in ("val", "test")}
+            if num_classes > 10 else {}
+        )  # fmt: skip
+        self.super_acc_metrics = torch.nn.ModuleDict(
+            {f"{s}_": MulticlassAccuracy(len(superclass_names), average="micro", validate_args=False) for s in ("val", "test")}
+            if superclasses is not None else {}
+        )  # fmt: skip
+        # Not in the state dict: the hyperparameters hold it, and old checkpoints lack the key.
+        self.register_buffer(
+            "_group_of", torch.tensor(superclasses if superclasses is not None else [], dtype=torch.long), persistent=False
         )
 
     # -- forward ----------------------------------------------------------------------------------
@@ -227,12 +280,20 @@ class ClassifierModule(pl.LightningModule):
         self.acc_metrics[key].update(preds, y)
         if key in self.class_acc_metrics:
             self.class_acc_metrics[key].update(preds, y)
+        if key in self.top5_metrics:
+            self.top5_metrics[key].update(logits.detach(), y)
+        if key in self.super_acc_metrics:
+            self.super_acc_metrics[key].update(self._group_of[preds], self._group_of[y])
         if stage not in self._logged_stages:
             # Lightning keeps a reference to a logged metric object and computes it at the epoch's
             # end, so one call per epoch logs all of its batches. A call per step costs Python time
             # that shows on a short step (the overhead section of benchmarks/cpu.json).
             self.log(f"{stage}/loss", self.loss_metrics[key], on_step=False, on_epoch=True, prog_bar=stage == "train")
             self.log(f"{stage}/acc", self.acc_metrics[key], on_step=False, on_epoch=True, prog_bar=True)
+            if key in self.top5_metrics:
+                self.log(f"{stage}/acc_top5", self.top5_metrics[key], on_step=False, on_epoch=True)
+            if key in self.super_acc_metrics:
+                self.log(f"{stage}/acc_superclass", self.super_acc_metrics[key], on_step=False, on_epoch=True)
             self._logged_stages.add(stage)
         return {"loss": loss, "logits": logits.detach(), "targets": y}
 
@@ -337,6 +398,7 @@ class ClassifierModule(pl.LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        self._adopt_data_normalisation(getattr(self.trainer, "datamodule", None))
         # Networks with data-dependent initialisation (fastnet's whitening layer) get it here, from
         # the same deterministic images on every rank; the network ignores repeated calls.
         if not callable(getattr(self.model, "init_from_data", None)) or bool(getattr(self.model, "whiten_initialized", False)):
@@ -352,6 +414,21 @@ class ClassifierModule(pl.LightningModule):
                 "training images (N, 3, 32, 32)."
             )
         self.init_network_from(dm)
+
+    def _adopt_data_normalisation(self, dm: Any) -> None:
+        """A model built by hand beside a data module keeps its defaults (CIFAR-10's statistics),
+        while the data module normalises with its dataset's (an image folder's own): the model
+        takes the data's, so that its checkpoint, evaluate and predict normalise as training did."""
+        if dm is None or not hasattr(dm, "norm_mean"):
+            return
+        data = (tuple(dm.norm_mean), tuple(dm.norm_std))
+        if data != (tuple(self.hparams.norm_mean), tuple(self.hparams.norm_std)):
+            rank_zero_info(
+                f"the model was built with norm_mean={tuple(self.hparams.norm_mean)}, norm_std={tuple(self.hparams.norm_std)}, "
+                f"but the data module normalises with {data[0]}, {data[1]}: the model takes the data's, and its checkpoint "
+                "records them. Pass norm_mean=dm.norm_mean, norm_std=dm.norm_std to say so yourself."
+            )
+            self.hparams.norm_mean, self.hparams.norm_std = data
 
     def init_network_from(self, datamodule: Any) -> None:
         """Data-dependent initialisation (fastnet's whitening layer) from 5,000 of the data module's

@@ -227,6 +227,19 @@ class PiecewiseConstant:
         return factor
 
 
+class WarmupPiecewise(PiecewiseConstant):
+    """``PiecewiseConstant`` over steps after a linear warm-up over the first ``warmup`` steps
+    (weiaicunzai/pytorch-cifar100's one warm-up epoch before its step decay)."""
+
+    def __init__(self, milestones: Sequence[int], factors: Sequence[float], initial: float, warmup: int) -> None:
+        super().__init__(milestones, factors, initial)
+        self.warmup = warmup
+
+    def __call__(self, step: int) -> float:
+        ramp = (step + 1) / self.warmup if step < self.warmup else 1.0
+        return ramp * super().__call__(step)
+
+
 class Resizable:
     """A per-step schedule whose rest can be fitted into another number of steps.
 
@@ -349,6 +362,14 @@ def build_optimizer(model: torch.nn.Module, hp: Mapping[str, Any]) -> torch.opti
     raise UserError(f"unknown optimizer {name!r}. Valid names: {', '.join(OPTIMIZERS)}")
 
 
+def _steps_per_epoch(trainer: Any) -> float:
+    """Optimizer steps in one epoch: the loader's real batches, else the run's steps over its epochs."""
+    batches = trainer.num_training_batches
+    if isinstance(batches, int) and batches > 0:
+        return math.ceil(batches / trainer.accumulate_grad_batches)
+    return int(trainer.estimated_stepping_batches) / max(1, trainer.max_epochs or 1)
+
+
 def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: Any) -> Any:
     """What ``configure_optimizers`` returns for ``opt`` and the schedule ``hp["scheduler"]`` names.
 
@@ -370,9 +391,16 @@ def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: 
         gammas = gamma if isinstance(gamma, (list, tuple)) else [gamma ** (i + 1) for i in range(len(milestones))]
         if len(gammas) != len(milestones):
             raise UserError(f"gamma has {len(gammas)} factors for {len(milestones)} milestones.")
-        rule = PiecewiseConstant(milestones, gammas, hp["initial_lr_factor"])
+        unit = hp["milestone_unit"]
+        if hp["warmup_epochs"] > 0:  # a per-step warm-up: the milestones are counted in steps too
+            per_epoch = _steps_per_epoch(trainer)
+            steps = milestones if unit == "step" else [round(m * per_epoch) for m in milestones]
+            rule = WarmupPiecewise(steps, gammas, hp["initial_lr_factor"], max(1, round(hp["warmup_epochs"] * per_epoch)))
+            unit = "step"
+        else:
+            rule = PiecewiseConstant(milestones, gammas, hp["initial_lr_factor"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, rule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": hp["milestone_unit"]}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": unit}}
     total = int(trainer.estimated_stepping_batches)
     if name == "onecycle":
         pct_start = hp["pct_start"]
@@ -391,12 +419,7 @@ def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: 
             base_momentum=base, max_momentum=peak,
         )  # fmt: skip
     elif name in ("cosine", "linear"):
-        batches = trainer.num_training_batches
-        if isinstance(batches, int) and batches > 0:
-            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-        else:
-            steps_per_epoch = total / max(1, trainer.max_epochs or 1)
-        warmup = int(round(hp["warmup_epochs"] * steps_per_epoch))
+        warmup = int(round(hp["warmup_epochs"] * _steps_per_epoch(trainer)))
         shape = WarmupLinear if name == "linear" else WarmupCosine
         sched = torch.optim.lr_scheduler.LambdaLR(opt, shape(warmup, total, hp["min_lr"] / hp["lr"]))
     else:

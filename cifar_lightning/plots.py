@@ -1,5 +1,10 @@
-"""Figures: confusion matrix, per-class accuracy, prediction grids, mistakes, reliability diagrams,
-corruption heat maps and training history.
+"""Figures: confusion matrix, most-confused pairs, per-class accuracy, prediction grids, mistakes,
+reliability diagrams, corruption heat maps and training history.
+
+Beyond ``report.MANY_CLASSES`` classes (CIFAR-100, a large image folder) the per-class figures
+take a compact form that stays readable and of bounded size: the confusion matrix sorted, without
+numbers in its cells and with as many tick labels as fit; per-class accuracy as the worst and best
+classes only. Up to that many, they are drawn as they always were.
 
 Every function returns a matplotlib ``Figure`` drawn on an Agg canvas, without pyplot: no global
 figure state, no GUI backend, safe in threads and callbacks, and a notebook still displays the
@@ -20,12 +25,15 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from cifar_lightning.errors import UserError, exit_on_user_error
+from cifar_lightning.report import MANY_CLASSES
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"  # green and red that stay distinct on white and in print
 GRID_SIZE = 64  # images in predictions_grid.png: an 8 x 8 grid
+MAX_INCHES = 18.0  # the side of a confusion matrix of many classes: 1,800 px at 100 dpi
+BARS_AT_EACH_END = 10  # classes at each end (best, worst) of per_class_accuracy.png beyond MANY_CLASSES
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -51,24 +59,77 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def confusion_matrix_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Figure:
-    """Counts in each cell, coloured by the share of the true class (row), so rare classes show too."""
+def confusion_matrix_figure(
+    confusion: Sequence[Sequence[int]], class_names: Sequence[str], *, groups: Sequence[int] | None = None
+) -> Figure:
+    """Counts in each cell, coloured by the share of the true class (row), so rare classes show too.
+
+    Beyond ``MANY_CLASSES`` classes the cells carry no numbers, and rows and columns are sorted:
+    by superclass when ``groups`` gives each class's group (lines between the groups, so a model
+    that confuses classes within a group shows blocks on the diagonal), else by accuracy, best
+    first. Tick labels are thinned to what the figure's fixed size can show.
+    """
     m = np.asarray(confusion, dtype=np.int64)  # (C, C): rows true, columns predicted
+    names, c = list(class_names), len(class_names)
+    title, boundaries = "Confusion matrix", np.array([])
+    if c > MANY_CLASSES:
+        accuracy = np.diag(m) / np.maximum(m.sum(axis=1), 1)
+        if groups is not None:
+            order = np.lexsort((-accuracy, np.asarray(groups)))  # by group, best class first within it
+            boundaries = np.flatnonzero(np.diff(np.asarray(groups)[order])) + 0.5
+            title += ", classes grouped by superclass"
+        else:
+            order = np.argsort(-accuracy, kind="stable")  # best first, label order among ties
+            title += ", classes sorted by accuracy (best first)"
+        m, names = m[np.ix_(order, order)], [names[i] for i in order]
     share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    c = len(class_names)
-    size = max(5.0, 0.6 * c + 2)
+    size = min(max(5.0, 0.6 * c + 2), MAX_INCHES)
     fig = new_figure(size + 1, size)
     ax = fig.add_subplot()
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, label="share of the true class", shrink=0.8)
-    ax.set(xticks=range(c), yticks=range(c), xlabel="predicted", ylabel="true", title="Confusion matrix")
-    ax.set_xticklabels(class_names, rotation=45, ha="right")
-    ax.set_yticklabels(class_names)
-    if c <= 20:  # beyond that the numbers would not be readable
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    if c <= MANY_CLASSES:
+        ax.set(xticks=range(c), yticks=range(c))
+        ax.set_xticklabels(names, rotation=45, ha="right")
+        ax.set_yticklabels(names)
         for i in range(c):
             for j in range(c):
                 ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+        return fig
+    # The axes get about 70% of the side; a label needs some 5 pt of it to stay legible.
+    row_pt = 0.7 * size * 72 / c
+    step = max(1, math.ceil(5 / row_pt))
+    ticks = list(range(0, c, step))
+    font = min(8.0, max(5.0, 0.9 * row_pt * step))
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=font)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=font)
+    for b in boundaries:
+        ax.axhline(b, color="#888888", linewidth=0.5)
+        ax.axvline(b, color="#888888", linewidth=0.5)
+    return fig
+
+
+def confused_pairs_figure(pairs: Sequence[Mapping[str, Any]]) -> Figure:
+    """The most-confused pairs (``evaluation.confused_pairs``) as bars, most frequent on top:
+    what a confusion matrix of many classes no longer shows in numbers."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure(7, max(2.5, 0.3 * len(pairs) + 1.2))
+    ax = fig.add_subplot()
+    if not pairs:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no mistakes: every image is right", ha="center", va="center")
+        return fig
+    labels = [f"{p['true']} -> {p['predicted']}" for p in pairs]
+    bars = ax.barh(np.arange(len(pairs)), [p["count"] for p in pairs], color=WRONG, height=0.7)
+    ax.bar_label(bars, padding=2, fontsize=8)
+    ax.set_yticks(np.arange(len(pairs)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.margins(x=0.1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts of images
+    ax.set(xlabel="images", title=f"The {len(pairs)} most confused pairs (true -> predicted)")
     return fig
 
 
@@ -79,11 +140,26 @@ def per_class_accuracy_figure(
     tta: Mapping[str, float] | None = None,
     tta_label: str = "TTA",
 ) -> Figure:
-    """Horizontal bars of accuracy per class, the overall accuracy as a line, TTA bars beside them."""
-    names = list(accuracy)
-    y = np.arange(len(names))
-    fig = new_figure(7, max(3.0, 0.45 * len(names) + 1.5))
+    """Horizontal bars of accuracy per class, the overall accuracy as a line, TTA bars beside them.
+
+    Beyond ``MANY_CLASSES`` classes: the ``BARS_AT_EACH_END`` best and worst classes, sorted best
+    first, with a gap where the others would be.
+    """
+    names, title, left_out = list(accuracy), "Accuracy per class", 0
+    if len(names) > MANY_CLASSES:
+        k = BARS_AT_EACH_END
+        ranked = sorted(names, key=lambda n: (-accuracy[n], n))  # the name breaks ties
+        left_out = len(names) - 2 * k
+        title += f": the {k} best and {k} worst of {len(names)} classes"
+        names = ranked[:k] + ranked[-k:]
+    y = np.arange(len(names), dtype=float)  # one row per bar, top down
+    if left_out:
+        y[BARS_AT_EACH_END:] += 1  # an empty row between the best and the worst
+    fig = new_figure(7, max(3.0, 0.45 * (len(names) + bool(left_out)) + 1.5))
     ax = fig.add_subplot()
+    if left_out:
+        ax.text(1, BARS_AT_EACH_END, f"... {left_out} classes between", ha="left", va="center", fontsize=8,
+                color="#555555")  # fmt: skip
     height = 0.4 if tta else 0.7
     bars = ax.barh(y, [100 * accuracy[n] for n in names], height=height, color="#4c72b0", label="plain")
     ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
@@ -94,7 +170,7 @@ def per_class_accuracy_figure(
         ax.axvline(100 * overall, color="black", linestyle="--", linewidth=1, label=f"overall {100 * overall:.1f}%")
     ax.set_yticks(y + (height / 2 if tta else 0), names)
     ax.invert_yaxis()
-    ax.set(xlim=(0, 108), xlabel="accuracy (%)", title="Accuracy per class")
+    ax.set(xlim=(0, 108), xlabel="accuracy (%)", title=title)
     ax.legend(loc="lower right", fontsize=8)
     return fig
 

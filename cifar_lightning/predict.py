@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cifar_lightning.constants import IMAGE_SUFFIXES
+from cifar_lightning.constants import IMAGE_SIZE, IMAGE_SUFFIXES
 from cifar_lightning.data.sources import NotAnImage, UnreadableImage, decode_image
 from cifar_lightning.errors import UserError, exit_on_user_error, positive
 from cifar_lightning.inference import predict_logits, resolve_device
@@ -147,11 +147,13 @@ def fetch_url(url: str, limits: Limits = Limits()) -> tuple[bytes, str]:
         raise InputError(f"the download failed ({type(err).__name__}: {err})") from None
 
 
-def decode_input(data: bytes, limits: Limits = Limits(), content_type: str | None = None) -> np.ndarray:
-    """Encoded image bytes to a (32, 32, 3) uint8 array with the data module's decoder, else
+def decode_input(
+    data: bytes, limits: Limits = Limits(), content_type: str | None = None, size: int = IMAGE_SIZE
+) -> np.ndarray:
+    """Encoded image bytes to a (size, size, 3) uint8 array with the data module's decoder, else
     ``InputError`` with the reason (naming what a server sent when it was not an image)."""
     try:
-        return decode_image(data, max_pixels=limits.max_pixels)
+        return decode_image(data, max_pixels=limits.max_pixels, size=size)
     except NotAnImage:
         served = f" (the server sent {content_type})" if content_type and not content_type.startswith("image/") else ""
         raise InputError(f"not an image{served}") from None
@@ -159,22 +161,22 @@ def decode_input(data: bytes, limits: Limits = Limits(), content_type: str | Non
         raise InputError(str(err)) from None
 
 
-def load_input(item: str, limits: Limits = Limits()) -> np.ndarray:
-    """A file path or http(s) URL as a (32, 32, 3) uint8 array, else ``InputError``."""
+def load_input(item: str, limits: Limits = Limits(), size: int = IMAGE_SIZE) -> np.ndarray:
+    """A file path or http(s) URL as a (size, size, 3) uint8 array, else ``InputError``."""
     if is_url(item):
         data, ctype = fetch_url(item, limits)
-        return decode_input(data, limits, ctype)
+        return decode_input(data, limits, ctype, size)
     path = Path(item).expanduser()
     try:
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise InputError(f"the file has {size:,} bytes, over the limit of {limits.max_bytes:,}")
+        nbytes = path.stat().st_size
+        if nbytes > limits.max_bytes:
+            raise InputError(f"the file has {nbytes:,} bytes, over the limit of {limits.max_bytes:,}")
         data = path.read_bytes()
     except FileNotFoundError:
         raise InputError("no such file") from None
     except OSError as err:
         raise InputError(f"cannot read it ({err.strerror or err})") from None
-    return decode_input(data, limits)
+    return decode_input(data, limits, size=size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,26 +215,27 @@ def predict_inputs(
     while decoding). A failed input is yielded with its ``error`` and no prediction.
     """
     entries = expand_inputs(items)
+    size = int(module.hparams.get("image_size", IMAGE_SIZE))  # read as the model was trained
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(entries), batch_size):
             chunk = entries[start : start + batch_size]
             todo = [p for p in chunk if p.error is None]
             loaded = []
-            for pred, result in zip(todo, pool.map(lambda p: _try_load(p.input, limits), todo)):
+            for pred, result in zip(todo, pool.map(lambda p: _try_load(p.input, limits, size), todo)):
                 if isinstance(result, InputError):
                     pred.error = str(result)
                 else:
                     loaded.append((pred, result))
             if loaded:
-                images = np.stack([image for _, image in loaded])  # (B, 32, 32, 3)
+                images = np.stack([image for _, image in loaded])  # (B, S, S, 3)
                 for (pred, _), top in zip(loaded, top_k(module, images, k, temperature, batch_size=batch_size, device=device)):
                     pred.top = top
             yield from chunk
 
 
-def _try_load(item: str, limits: Limits) -> np.ndarray | InputError:
+def _try_load(item: str, limits: Limits, size: int = IMAGE_SIZE) -> np.ndarray | InputError:
     try:
-        return load_input(item, limits)
+        return load_input(item, limits, size)
     except InputError as err:
         return err
 
@@ -273,7 +276,10 @@ def predict_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", help="a .ckpt file written by scripts/fit.py")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder, glob pattern or URL")
-    parser.add_argument("--top-k", type=positive(int), default=3, help="classes per input (default: 3)")
+    parser.add_argument(
+        "--top-k", type=positive(int), default=3,
+        help="classes per input (default: 3); more than the checkpoint has lists all of them",
+    )  # fmt: skip
     parser.add_argument("--format", choices=FORMATS, help="default: from --output's suffix (.csv, .json), else table")
     parser.add_argument("--output", help="write the predictions to this file instead of the terminal")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -314,7 +320,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     module = load_classifier(args.checkpoint)
     limits = Limits(args.timeout, args.max_bytes, args.max_pixels)
-    k = min(args.top_k, module.hparams.num_classes)
+    k = min(args.top_k, module.hparams.num_classes)  # --top-k 5 of a 3-class model: all 3, as top_k does
     temperature = calibrated_temperature(args.checkpoint, args.calibrated) if args.calibrated else 1.0
     predictions = []
     run = predict_inputs(module, args.inputs, k=k, batch_size=args.batch_size, device=device, limits=limits,

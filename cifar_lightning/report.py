@@ -4,7 +4,13 @@
 their report here, so the same numbers have the same keys everywhere:
 
 - ``arch``, ``checkpoint``, ``class_names``;
-- ``test_acc``, ``test_loss``, ``per_class_acc`` (class name -> accuracy), ``test_images``.
+- ``test_acc``, ``test_loss``, ``per_class_acc`` (class name -> accuracy), ``test_images``;
+- where they apply: ``test_acc_top5`` (more than 10 classes) and ``test_acc_superclass`` (a
+  checkpoint whose classes are grouped, as CIFAR-100's 20 superclasses: a prediction counts when
+  it falls in the true class's group).
+
+The JSON keeps every class; the printed table lists them all up to ``MANY_CLASSES`` classes, and
+beyond that the ``SHOWN_AT_EACH_END`` worst and best.
 
 Each adds its own keys beside them: fit.py its timings and image counts, evaluate.py precision,
 recall, the confusion matrix, TTA, calibration and corruption results.
@@ -18,6 +24,12 @@ from typing import Any, Mapping, Sequence
 
 from rich.console import Console
 from rich.table import Table
+
+#: Beyond this many classes the table prints the worst and best classes only, and the figures
+#: switch to their compact forms (``plots``): 100 rows or a 100 x 100 grid of numbers read as noise.
+MANY_CLASSES = 20
+#: Classes printed at each end (worst, best) of the table beyond ``MANY_CLASSES``.
+SHOWN_AT_EACH_END = 5
 
 
 def build_report(
@@ -61,6 +73,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
+def table_classes(per_class_acc: Mapping[str, float]) -> list[str | None]:
+    """The classes the printed table lists, in its order: all of them in label order, or, beyond
+    ``MANY_CLASSES``, the ``SHOWN_AT_EACH_END`` worst then the best by accuracy, lowest first,
+    with None standing for the classes between."""
+    names = list(per_class_acc)
+    if len(names) <= MANY_CLASSES:
+        return names
+    ranked = sorted(names, key=lambda n: (per_class_acc[n], n))  # the name breaks ties, so runs agree
+    k = SHOWN_AT_EACH_END
+    return [*ranked[:k], None, *ranked[-k:]]
+
+
 def print_report(report: Mapping[str, Any], console: Console | None = None) -> None:
     """Per-class table (accuracy; precision, recall and images when measured; TTA accuracy when
     asked for), then the notes that go with it: loss, subsets, confusions, checkpoint, times."""
@@ -73,8 +97,20 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
     columns = ["class", "accuracy"] + (["precision", "recall", "images"] if detail else []) + (["TTA accuracy"] if tta else [])
     for name in columns:
         table.add_column(name, justify="left" if name == "class" else "right")
-    for name, acc in report["per_class_acc"].items():
-        row = [name, _pct(acc)]
+    per_class = report["per_class_acc"]
+    shown = table_classes(per_class)
+    if None in shown:
+        console.print(
+            f"the {SHOWN_AT_EACH_END} worst and {SHOWN_AT_EACH_END} best of {len(per_class)} classes by accuracy "
+            "(the JSON report has every class)",
+            soft_wrap=True,
+        )
+    for name in shown:
+        if name is None:
+            between = len(per_class) - len(shown) + 1
+            table.add_row(f"[dim]... {between} classes between[/dim]", *[""] * (len(columns) - 1))
+            continue
+        row = [name, _pct(per_class[name])]
         if detail:
             d = detail[name]
             row += [_pct(d["precision"]), _pct(d["recall"]), str(d["support"])]
@@ -88,6 +124,8 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
     # soft_wrap: a long line (a path) stays whole in a log file, where rich would break it at 80 columns.
     gain = f"; TTA ({tta['mode']}) changes accuracy by {100 * tta['gain']:+.2f} points" if tta else ""
     console.print(f"test loss {report['test_loss']:.4f}{gain}", soft_wrap=True)
+    if "test_acc_top5" in report or "test_acc_superclass" in report:
+        console.print(_more_accuracies(report), soft_wrap=True)
     for stage, name in (("test", "test"), ("val", "validation (last epoch)")):
         seen, total = report.get(f"{stage}_images_seen"), report.get(f"{stage}_images")
         if seen is not None and total and seen < total:
@@ -118,3 +156,17 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
         console.print(f"time: fit {report['fit_seconds']:.1f} s, test {report['test_seconds']:.1f} s")
     elif "seconds" in report:
         console.print(f"time: {report['seconds']:.1f} s")
+
+
+def _more_accuracies(report: Mapping[str, Any]) -> str:
+    """The top-5 and superclass accuracy line, with TTA's beside them and the worst superclass."""
+    tta = report.get("tta") or {}
+    parts = []
+    for key, name in (("test_acc_top5", "top-5 accuracy"), ("test_acc_superclass", "superclass accuracy")):
+        if key in report:
+            parts.append(f"{name} {_pct(report[key])}" + (f" (TTA {_pct(tta[key])})" if key in tta else ""))
+    groups = report.get("per_superclass_acc") or {}
+    if groups:
+        worst = min(groups, key=lambda g: (groups[g], g))
+        parts.append(f"{len(groups)} superclasses, worst {worst} {_pct(groups[worst])}")
+    return "; ".join(parts)

@@ -66,7 +66,12 @@ def test_normalization_and_eval_transform(tiny_folder):
     x, _ = dm.test_set[0]
     first = dm.test_set.indices[0]  # the loaders' first image (evaluation_order), not the first file
     raw = torch.from_numpy(dm.test_set.images[first]).permute(2, 0, 1).float() / 255
-    expected = (raw - torch.tensor(CIFAR10_MEAN).view(3, 1, 1)) / torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    # A folder of its own classes is normalised with its own training images' statistics.
+    train = load_image_folder_split(dm.source.root, "train", dm.source.class_names)[0] / 255.0
+    assert dm.dataset_name == "folder"
+    np.testing.assert_allclose(dm.norm_mean, train.mean(axis=(0, 1, 2)), atol=6e-5)
+    np.testing.assert_allclose(dm.norm_std, train.std(axis=(0, 1, 2)), atol=6e-5)
+    expected = (raw - torch.tensor(dm.norm_mean).view(3, 1, 1)) / torch.tensor(dm.norm_std).view(3, 1, 1)
     torch.testing.assert_close(x, expected)
     plain = make_dm(tiny_folder, normalize=False)
     plain.setup("test")

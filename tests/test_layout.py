@@ -33,7 +33,7 @@ DATA = Path(__file__).parent / "data"
 
 def test_building_the_data_module_downloads_nothing(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(datamodule, "download_cifar10", lambda root: calls.append(root))
+    monkeypatch.setattr(datamodule, "download_dataset", lambda source: calls.append(source.root))
     dm = CIFAR10DataModule(data_dir=str(tmp_path / "empty"), download=True)
     assert calls == [] and dm.source.needs_download and dm.class_names == list(CIFAR10_CLASSES)
 
@@ -52,13 +52,13 @@ RUNNER = textwrap.dedent(
 
     data, out = Path(sys.argv[1]), Path(sys.argv[2])
 
-    def fake_download(root):
+    def fake_download(source):
         # Every call is counted: a download by each process would leave two lines.
         with open(out / "downloads.txt", "a") as f:
             f.write(f"{os.getpid()}\\n")
-        write_image_folder(Path(root), classes=CIFAR10_CLASSES, n_train=4, n_test=2)
+        write_image_folder(Path(source.root), classes=CIFAR10_CLASSES, n_train=4, n_test=2)
 
-    datamodule.download_cifar10 = fake_download
+    datamodule.download_dataset = fake_download
     dm = CIFAR10DataModule(data_dir=str(data), download=True, val_size=4, batch_size=4, num_workers=0)
     model = ClassifierModule(arch="simple_cnn", lr=0.01)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, limit_val_batches=0,

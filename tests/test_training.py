@@ -145,6 +145,27 @@ def test_schedule_spans_max_steps_and_warmup_counts_real_epochs(tiny_folder, tmp
     assert trainer.global_step == 9
 
 
+def test_multistep_with_a_warmup_epoch_ramps_then_steps_by_epochs():
+    """weiaicunzai's CIFAR-100 schedule: 1 linear warm-up epoch, then lr x 0.2 at epochs 60/120/160."""
+    from types import SimpleNamespace
+
+    from cifar_lightning.optim import WarmupPiecewise, build_scheduler
+
+    module = ClassifierModule(arch="lenet5", scheduler="multistep", milestones=[2, 4], gamma=0.2, warmup_epochs=1, lr=0.1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    trainer = SimpleNamespace(num_training_batches=10, accumulate_grad_batches=1)
+    config = build_scheduler(opt, module.hparams, trainer)["lr_scheduler"]
+    assert config["interval"] == "step" and isinstance(config["scheduler"].lr_lambdas[0], WarmupPiecewise)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        config["scheduler"].step()
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # 10 steps of ramp
+    assert lrs[10:20] == pytest.approx([0.1] * 10)
+    assert lrs[20] == pytest.approx(0.02) and lrs[39] == pytest.approx(0.02) and lrs[40] == pytest.approx(0.004)
+
+
 @pytest.mark.parametrize("steps", range(1, 10))
 def test_onecycle_runs_however_short_the_run(steps):
     from types import SimpleNamespace

@@ -18,6 +18,12 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from cifar_lightning.data.transforms import denormalize
 from cifar_lightning.loggers import WandbLogger
+from cifar_lightning.report import MANY_CLASSES
+
+#: Most-confused pairs sent beyond ``MANY_CLASSES`` classes.
+CONFUSED_PAIRS = 20
+#: Hyperparameters left out of TensorBoard's HPARAMS view: one entry per class, no value to compare runs by.
+PER_CLASS_HPARAMS = ("class_names", "superclass_names", "superclasses")
 
 
 class WatchModel(Callback):
@@ -54,6 +60,12 @@ class TestResultsLogger(Callback):
     grid and a confusion-matrix figure, and the hyperparameters with the final test metrics (its
     HPARAMS view). The confusion matrix counts every test image of every rank; the sample of
     predictions comes from rank 0's share of the test set.
+
+    Beyond ``MANY_CLASSES`` classes both also get the most-confused pairs (a table on W&B, a
+    figure on TensorBoard), since the matrix is too large to read counts from, and the HPARAMS
+    view keeps the overall metrics only. W&B draws its interactive matrix from a table of one row
+    per cell, which it cuts at ``wandb.Table.MAX_ROWS`` (10,000: 100 classes); beyond that the
+    matrix goes as a figure.
 
     Args:
         num_samples: test predictions to keep for the table and the grid.
@@ -98,24 +110,35 @@ class TestResultsLogger(Callback):
         samples = {k: torch.cat([s[k] for s in self._samples]) for k in self._samples[0]} if self._samples else None
         names = list(pl_module.class_names)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        groups = pl_module.hparams.get("superclasses")
         for logger in trainer.loggers:
             if isinstance(logger, _LightningWandbLogger):
-                _to_wandb(logger, confusion, samples, names)
+                _to_wandb(logger, confusion, samples, names, groups)
             elif isinstance(logger, _LightningTensorBoardLogger):
                 _to_tensorboard(logger, confusion, samples, names, pl_module, metrics, trainer.global_step)
 
 
-def _to_wandb(logger, confusion: torch.Tensor, samples, names: list[str]) -> None:
+def _to_wandb(logger, confusion: torch.Tensor, samples, names: list[str], groups=None) -> None:
     import wandb
 
-    # Rebuild label vectors from the counts: wandb's confusion-matrix plot takes labels, not a matrix.
-    idx = torch.arange(confusion.numel())
-    counts = confusion.flatten()
-    pairs = torch.repeat_interleave(idx, counts)
-    y_true, y_pred = (pairs // len(names)).tolist(), (pairs % len(names)).tolist()
-    logs: dict[str, Any] = {
-        "test/confusion_matrix": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=names)
-    }
+    logs: dict[str, Any] = {}
+    if len(names) ** 2 <= wandb.Table.MAX_ROWS:
+        # Rebuild label vectors from the counts: wandb's confusion-matrix plot takes labels, not a matrix.
+        idx = torch.arange(confusion.numel())
+        pairs = torch.repeat_interleave(idx, confusion.flatten())
+        y_true, y_pred = (pairs // len(names)).tolist(), (pairs % len(names)).tolist()
+        logs["test/confusion_matrix"] = wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=names)
+    else:
+        from cifar_lightning.plots import confusion_matrix_figure
+
+        logs["test/confusion_matrix"] = wandb.Image(confusion_matrix_figure(confusion.numpy(), names, groups=groups))
+    if len(names) > MANY_CLASSES:
+        from cifar_lightning.evaluation import confused_pairs
+
+        top = confused_pairs(confusion, names, k=CONFUSED_PAIRS)
+        logs["test/confused_pairs"] = wandb.Table(
+            columns=["true", "predicted", "count"], data=[[p["true"], p["predicted"], p["count"]] for p in top]
+        )
     if samples is not None:
         k = samples["top_i"].shape[1]
         columns = ["image", "truth", "prediction", "correct"]
@@ -135,7 +158,16 @@ def _to_tensorboard(logger, confusion, samples, names, pl_module, metrics, step)
     from cifar_lightning.plots import confusion_matrix_figure, predictions_grid_figure
 
     writer = logger.experiment
-    writer.add_figure("test/confusion_matrix", confusion_matrix_figure(confusion.numpy(), names), global_step=step)
+    groups = pl_module.hparams.get("superclasses")
+    writer.add_figure(
+        "test/confusion_matrix", confusion_matrix_figure(confusion.numpy(), names, groups=groups), global_step=step
+    )
+    if len(names) > MANY_CLASSES:
+        from cifar_lightning.evaluation import confused_pairs
+        from cifar_lightning.plots import confused_pairs_figure
+
+        fig = confused_pairs_figure(confused_pairs(confusion, names, k=CONFUSED_PAIRS))
+        writer.add_figure("test/confused_pairs", fig, global_step=step)
     if samples is not None:
         fig = predictions_grid_figure(
             samples["images"].permute(0, 2, 3, 1).numpy(),  # (N, H, W, 3) uint8
@@ -145,7 +177,9 @@ def _to_tensorboard(logger, confusion, samples, names, pl_module, metrics, step)
         )
         writer.add_figure("test/predictions", fig, global_step=step)
     # The HPARAMS view pairs each run's hyperparameters with its final metrics.
-    params = {k: v for k, v in pl_module.hparams.items() if k != "class_names"}
+    params = {k: v for k, v in pl_module.hparams.items() if k not in PER_CLASS_HPARAMS}
+    if len(names) > MANY_CLASSES:  # a column per class would bury the ones that compare runs
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("test/acc/")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logger.log_hyperparams(params, metrics={f"hp/{k}": v for k, v in metrics.items()})

@@ -29,8 +29,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
-from cifar_lightning.data.sources import DataSource, download_cifar10, load_split, resolve_source
+from cifar_lightning.constants import IMAGE_SIZE
+from cifar_lightning.data import datasets
+from cifar_lightning.data.datasets import DatasetName
+from cifar_lightning.data.sources import DataSource, download_dataset, image_folder_stats, load_split, resolve_source
 from cifar_lightning.data.tensor_loader import FlipMode, TensorLoader
 from cifar_lightning.data.transforms import AugmentPreset, batch_mixing, build_transform, to_input
 from cifar_lightning.errors import UserError
@@ -100,12 +102,18 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 class CIFAR10DataModule(pl.LightningDataModule):
-    """CIFAR-10 (or any image-folder dataset of 32x32 images) for Lightning.
+    """CIFAR-10, CIFAR-100 or your own image folder, for Lightning.
 
     Args:
-        data_dir: a folder in torchvision's CIFAR-10 format, an image-folder tree
+        data_dir: a folder in torchvision's CIFAR-10 or CIFAR-100 format, an image-folder tree
             (``train/<class>/*``, ``test/<class>/*``) or an archive of one.
-        download: download CIFAR-10 with torchvision when ``data_dir`` holds no data (in
+        dataset: ``cifar10``, ``cifar100`` or ``folder`` (any image-folder tree; images of other
+            sizes are resized as prediction resizes them). It sets the torchvision class to
+            download and read, the class names, the normalisation and CIFAR-100's superclasses;
+            an image folder must then hold exactly that dataset's class folders. None (the
+            default) takes what ``data_dir`` holds (``sources.resolve_source``), CIFAR-10 when
+            it holds nothing.
+        download: download the dataset with torchvision when ``data_dir`` holds no data (in
             ``prepare_data``, once per node; building the module downloads nothing).
         cache_dir: where archives are extracted and decoded arrays cached when the data folder is
             read-only (default ``$CIFAR_LIGHTNING_CACHE`` or ``~/.cache/cifar_lightning``).
@@ -122,7 +130,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
             ``trivialaugment`` (see ``policies.py``).
         randaugment_n, randaugment_m: RandAugment's operations per image and magnitude level (0-30).
         normalize: subtract ``mean`` and divide by ``std``; off gives plain [0, 1] tensors.
-        mean, std: per-channel normalisation constants (default: CIFAR-10 training set).
+        mean, std: per-channel normalisation constants. Default: the dataset's (CIFAR-10's and
+            CIFAR-100's published training-set figures; for ``folder``, computed from its
+            ``train/`` images on first use and cached with the decoded arrays).
         num_workers, pin_memory, persistent_workers: DataLoader settings (``torchvision`` loader).
         loader: ``tensor`` (default: whole batches augmented as tensors on the training device;
             batches are finished inside the loader, so ``num_workers`` and ``pin_memory`` do not
@@ -135,11 +145,16 @@ class CIFAR10DataModule(pl.LightningDataModule):
             see ``transforms.batch_mixing``). The targets become probabilities; validation and
             test batches are never mixed.
         mixup_prob: with both, the probability that a batch gets MixUp rather than CutMix.
+        image_size: side in pixels the images are read at (default CIFAR's 32): files of any
+            size are resized to it as prediction resizes them, CIFAR's arrays likewise. It flows
+            into the checkpoint, so prediction and export use it too. The network must take it
+            (``ClassifierModule`` checks); crops pad by the preset's pixels at any size.
     """
 
     def __init__(
         self,
         data_dir: str = "data",
+        dataset: DatasetName | None = None,
         download: bool = True,
         cache_dir: str | None = None,
         val_size: int | float = 0.1,
@@ -147,8 +162,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         batch_size: int = 128,
         augment: AugmentPreset = "standard",
         normalize: bool = True,
-        mean: tuple[float, float, float] = CIFAR10_MEAN,
-        std: tuple[float, float, float] = CIFAR10_STD,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
         num_workers: int = 2,
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -161,6 +176,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         mixup_prob: float = 0.5,
+        image_size: int = IMAGE_SIZE,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -168,9 +184,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
         check_val_size(val_size)
         if num_workers < 0:
             raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
-        if any(s <= 0 for s in std):
+        datasets.check_dataset_name(dataset)
+        if not 8 <= image_size <= 1024:
+            raise UserError(f"image_size must be between 8 and 1024 pixels, got {image_size}. CIFAR's own is 32.")
+        if (mean is None) != (std is None):
+            raise UserError("give --data.mean and --data.std together, or neither (the dataset's own).")
+        if std is not None and any(s <= 0 for s in std):
             raise UserError(f"std must be positive in every channel, got {tuple(std)}.")
-        build_transform(augment, mean, std)  # validates the preset name now, not mid-fit
+        build_transform(augment, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # validates the preset name now, not mid-fit
         if loader not in ("torchvision", "tensor"):
             raise UserError(f"unknown loader {loader!r}. Valid names: torchvision, tensor")
         if flip_mode not in ("random", "alternating"):
@@ -190,7 +211,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         # Finds the data (extracting an archive once) but downloads nothing: that is prepare_data's
         # job, run once per node. Missing data without download fails here, at once.
-        self.source: DataSource = resolve_source(data_dir, download, cache_dir)
+        self.source: DataSource = resolve_source(data_dir, download, cache_dir, dataset)
+        self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -227,38 +249,74 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return len(self.source.class_names)
 
     @property
+    def image_size(self) -> int:
+        """Side in pixels of the images the network sees (linked into the model)."""
+        return self.hparams.image_size
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset read: ``cifar10``, ``cifar100`` or ``folder`` (given, or found in ``data_dir``)."""
+        return self.source.dataset
+
+    @property
+    def superclass_names(self) -> list[str] | None:
+        """CIFAR-100's 20 superclasses; None for a dataset without them."""
+        table = datasets.superclass_table(self.source.dataset, self.source.class_names)
+        return table[0] if table else None
+
+    @property
+    def superclasses(self) -> list[int] | None:
+        """The superclass of each class, in label order; None for a dataset without them."""
+        table = datasets.superclass_table(self.source.dataset, self.source.class_names)
+        return table[1] if table else None
+
+    def channel_stats(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(mean, std) the images are normalised with: given, the dataset's, or an image folder's own."""
+        if self._stats is None:
+            hp = self.hparams
+            if hp.mean is not None:
+                self._stats = tuple(hp.mean), tuple(hp.std)
+            elif self.source.dataset in datasets.KNOWN:
+                known = datasets.KNOWN[self.source.dataset]
+                self._stats = known.mean, known.std
+            else:  # decodes the training split once (it is cached for setup)
+                self._stats = image_folder_stats(self.source.root, self.source.class_names, hp.cache_dir, hp.image_size)
+        return self._stats
+
+    @property
     def norm_mean(self) -> tuple[float, float, float]:
-        return tuple(self.hparams.mean) if self.hparams.normalize else (0.0, 0.0, 0.0)
+        return tuple(self.channel_stats()[0]) if self.hparams.normalize else (0.0, 0.0, 0.0)
 
     @property
     def norm_std(self) -> tuple[float, float, float]:
-        return tuple(self.hparams.std) if self.hparams.normalize else (1.0, 1.0, 1.0)
+        return tuple(self.channel_stats()[1]) if self.hparams.normalize else (1.0, 1.0, 1.0)
 
     def prepare_data(self) -> None:
-        """Download CIFAR-10 when asked and absent, and decode image folders into their cache.
+        """Download the dataset when asked and absent, and decode image folders into their cache.
 
         Lightning runs it on one process per node while the others wait, so a download or a
         decode happens once and the other ranks read the result in ``setup``.
         """
         self._find_downloaded()
         if self.source.needs_download:
-            download_cifar10(self.source.root)
+            download_dataset(self.source)
             self._find_downloaded()
         if self.source.kind == "folder":
             for split in ("train", "test"):
-                load_split(self.source, split, self.hparams.cache_dir)
+                load_split(self.source, split, self.hparams.cache_dir, self.hparams.image_size)
 
     def _find_downloaded(self) -> None:
         if self.source.needs_download:
-            self.source = resolve_source(self.hparams.data_dir, True, self.hparams.cache_dir)
+            self.source = resolve_source(self.hparams.data_dir, True, self.hparams.cache_dir, self.hparams.dataset)
 
     def setup(self, stage: str | None = None) -> None:
         self._find_downloaded()  # another process of this node may have downloaded it
         if self.source.needs_download:  # used without a Trainer, which would have called prepare_data
             self.prepare_data()
-        eval_tf = build_transform("none", self.norm_mean, self.norm_std)
+        eval_tf = build_transform("none", self.norm_mean, self.norm_std, size=self.hparams.image_size)
         if stage in (None, "fit", "validate") and self.train_set is None:
-            images, labels = load_split(self.source, "train", self.hparams.cache_dir)
+            images, labels = load_split(self.source, "train", self.hparams.cache_dir, self.hparams.image_size)
+            self._check_superclasses("train", labels)
             n_val = val_count(self.hparams.val_size, len(images))
             if n_val >= len(images):
                 raise UserError(
@@ -269,14 +327,27 @@ class CIFAR10DataModule(pl.LightningDataModule):
             train_idx, val_idx = split_indices(len(images), n_val, self.hparams.split_seed)
             hp = self.hparams
             train_tf = build_transform(hp.augment, self.norm_mean, self.norm_std, hp.cutout, hp.random_erasing,
-                                       hp.randaugment_n, hp.randaugment_m)  # fmt: skip
+                                       hp.randaugment_n, hp.randaugment_m, hp.image_size)  # fmt: skip
             self.train_set = ArrayDataset(images, labels, train_idx, train_tf)
             self.val_set = ArrayDataset(images, labels, evaluation_order(val_idx), eval_tf) if len(val_idx) else None
         if stage in (None, "test", "predict") and self.test_set is None:
-            images, labels = load_split(self.source, "test", self.hparams.cache_dir)
+            images, labels = load_split(self.source, "test", self.hparams.cache_dir, self.hparams.image_size)
+            self._check_superclasses("test", labels)
             self.test_set = ArrayDataset(images, labels, evaluation_order(np.arange(len(images))), eval_tf)
             # trainer.predict returns its outputs in file order, so they line up with the files.
             self.predict_set = ArrayDataset(images, labels, None, eval_tf)
+
+    def _check_superclasses(self, split: str, labels: np.ndarray) -> None:
+        """CIFAR-100's files carry each image's superclass (``coarse_labels``): they must agree with
+        the table the model is given (``constants.CIFAR100_SUPERCLASSES``)."""
+        if self.source.kind != "torchvision" or self.source.dataset != "cifar100":
+            return
+        names, coarse = datasets.read_coarse_labels(self.source.root, split)
+        if names != self.superclass_names or not np.array_equal(np.asarray(self.superclasses)[labels], coarse):
+            raise UserError(
+                f"the coarse labels of {self.source.root}/cifar-100-python/{split} do not match CIFAR-100's "
+                "superclass table: the files are not CIFAR-100's. Download them again (--download)."
+            )
 
     def split_arrays(self, split: Literal["val", "test"]) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 images (N, 32, 32, 3), int64 labels (N,)) of the validation or test split, in file

@@ -2,20 +2,22 @@
 
 Sources, chosen by what ``data_dir`` holds:
 
-1. torchvision's CIFAR-10 format (``cifar-10-batches-py/``), downloaded by ``download_cifar10``
-   when asked (the data module calls it from ``prepare_data``: once per node, never from a
-   constructor);
+1. torchvision's CIFAR-10 or CIFAR-100 format (``cifar-10-batches-py/``, ``cifar-100-python/``;
+   ``datasets.py``), downloaded by ``download_dataset`` when asked (the data module calls it from
+   ``prepare_data``: once per node, never from a constructor);
 2. an image-folder tree ``train/<class>/*`` and ``test/<class>/*`` (png/jpg/...);
 3. an archive of such a tree (``archives.py``), extracted once into a cache.
 
-Every source ends up as one uint8 array per split, shape (N, 32, 32, 3). Image folders are decoded
-once, by threads, and cached as ``.npz`` keyed by every file's name, size and modification time.
+Every source ends up as one uint8 array per split, shape (N, S, S, 3), S = 32 unless the data module
+is given another ``image_size``. Image folders are decoded once, by threads, and cached as ``.npz``
+keyed by every file's name, size and modification time, and by S.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -27,11 +29,11 @@ from typing import Literal
 
 import numpy as np
 
-from cifar_lightning.constants import ARCHIVE_SUFFIXES, CIFAR10_CLASSES, IMAGE_SIZE, IMAGE_SUFFIXES
+from cifar_lightning.constants import ARCHIVE_SUFFIXES, IMAGE_SIZE, IMAGE_SUFFIXES
+from cifar_lightning.data import datasets
 from cifar_lightning.data.archives import default_cache_dir, extract_archive_cached, is_archive
 from cifar_lightning.errors import UserError
 
-_TORCHVISION_FOLDER = "cifar-10-batches-py"
 #: Part of the decoded cache's key: a change to the decoder makes older caches invisible.
 #: 2: EXIF orientation applied (as prediction always did).
 _CACHE_VERSION = 2
@@ -49,13 +51,14 @@ class NotAnImage(UnreadableImage):
     """Bytes that no image format recognises."""
 
 
-def decode_image(source: bytes | str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
-    """An image file (path or bytes) as (32, 32, 3) uint8 RGB; ``UnreadableImage`` with the reason.
+def decode_image(source: bytes | str | os.PathLike, max_pixels: int | None = None, size: int = IMAGE_SIZE) -> np.ndarray:
+    """An image file (path or bytes) as (size, size, 3) uint8 RGB; ``UnreadableImage`` with the reason.
 
     The one decoder of the project: image folders for training and evaluation, and prediction,
     all go through it. The EXIF orientation is applied (phone photos store their rotation there),
-    other modes (grey, palette, RGBA) are converted to RGB, and other sizes are resized to 32x32
-    bilinearly. ``max_pixels`` refuses larger images from their header, before decoding.
+    other modes (grey, palette, RGBA) are converted to RGB, and other sizes are resized to
+    ``size`` x ``size`` bilinearly (``resize``). ``max_pixels`` refuses larger images from their
+    header, before decoding.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -64,10 +67,7 @@ def decode_image(source: bytes | str | os.PathLike, max_pixels: int | None = Non
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise UnreadableImage(f"the image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-            return np.array(img, dtype=np.uint8)
+            return resize(ImageOps.exif_transpose(img).convert("RGB"), size)
     except Image.DecompressionBombError as err:
         raise UnreadableImage(f"the image is too large to decode safely ({err})") from None
     except UnidentifiedImageError:
@@ -76,9 +76,28 @@ def decode_image(source: bytes | str | os.PathLike, max_pixels: int | None = Non
         raise UnreadableImage(f"truncated or corrupt image ({err})") from None
 
 
-def _decode_or_none(path: Path) -> np.ndarray | None:
+def resize(img, size: int) -> np.ndarray:
+    """An RGB PIL image (or a uint8 HWC array) as a (size, size, 3) uint8 array: PIL's bilinear
+    resize, the decoder's, so arrays and files of one size end up alike."""
+    from PIL import Image
+
+    img = Image.fromarray(img) if isinstance(img, np.ndarray) else img
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(img, dtype=np.uint8)
+
+
+def resize_all(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images (N, H, W, 3) as (N, size, size, 3), each by ``resize``; the array itself when
+    it already has that size."""
+    if images.shape[1:3] == (size, size):
+        return images
+    return np.stack([resize(img, size) for img in images])
+
+
+def _decode_or_none(path: Path, size: int = IMAGE_SIZE) -> np.ndarray | None:
     try:
-        return decode_image(path)
+        return decode_image(path, size=size)
     except UnreadableImage:
         return None
 
@@ -131,8 +150,10 @@ def folder_class_names(root: Path) -> tuple[str, ...]:
     return tuple(names["train"])
 
 
-def decode_image_folder(split_dir: Path, class_names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode every image under ``split_dir/<class>/`` into (N, 32, 32, 3) uint8 and int64 labels.
+def decode_image_folder(
+    split_dir: Path, class_names: tuple[str, ...], size: int = IMAGE_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image under ``split_dir/<class>/`` into (N, size, size, 3) uint8 and int64 labels.
 
     A file that cannot be decoded is skipped with a warning that names it, and the count is
     summarised.
@@ -144,7 +165,7 @@ def decode_image_folder(split_dir: Path, class_names: tuple[str, ...]) -> tuple[
         labels += [label] * len(paths)
     # PIL releases the GIL while decoding, so threads use every core without copying arrays.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = list(pool.map(_decode_or_none, files, chunksize=256))
+        decoded = list(pool.map(_decode_or_none, files, [size] * len(files), chunksize=256))
     bad = [str(f) for f, img in zip(files, decoded) if img is None]
     for path in bad[:10]:
         warnings.warn(f"skipping {path}: not a readable image", stacklevel=2)
@@ -157,8 +178,10 @@ def decode_image_folder(split_dir: Path, class_names: tuple[str, ...]) -> tuple[
     return images, np.asarray([labels[i] for i in keep], dtype=np.int64)
 
 
-def _folder_signature(split_dir: Path, class_names: tuple[str, ...]) -> str:
-    h = hashlib.sha1(f"v{_CACHE_VERSION}|{','.join(class_names)}".encode())
+def _folder_signature(split_dir: Path, class_names: tuple[str, ...], size: int = IMAGE_SIZE) -> str:
+    # The size is in the key only when it is not CIFAR's 32, so the caches made before it still count.
+    sized = "" if size == IMAGE_SIZE else f"|{size}px"
+    h = hashlib.sha1(f"v{_CACHE_VERSION}|{','.join(class_names)}{sized}".encode())
     for name in class_names:
         for p in list_images(split_dir / name):
             st = p.stat()
@@ -175,7 +198,8 @@ def decoded_cache_dir(split_root: Path, cache_dir: str | os.PathLike | None) -> 
 
 
 def load_image_folder_split(
-    split_root: Path, split: str, class_names: tuple[str, ...], cache_dir: str | os.PathLike | None = None
+    split_root: Path, split: str, class_names: tuple[str, ...], cache_dir: str | os.PathLike | None = None,
+    size: int = IMAGE_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decoded arrays of one split, from the cache when it matches the files, else decoded and cached.
 
@@ -184,7 +208,7 @@ def load_image_folder_split(
     """
     split_dir = split_root / split
     folder = decoded_cache_dir(split_root, cache_dir)
-    sig = _folder_signature(split_dir, class_names)
+    sig = _folder_signature(split_dir, class_names, size)
     path = folder / f"{split}-{sig}.npz"
     if path.is_file():
         try:
@@ -192,19 +216,52 @@ def load_image_folder_split(
                 return z["images"], z["labels"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # unreadable cache: decode again below
-    images, labels = decode_image_folder(split_dir, class_names)
+    images, labels = decode_image_folder(split_dir, class_names, size)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(f"{split}-*.npz"):
+        for stale in folder.glob(f"{split}-*"):
             stale.unlink(missing_ok=True)
         # Written under a temporary name and renamed, so a reader never sees half a file.
         fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, images=images, labels=labels)
         os.replace(tmp, path)
+        _write_stats(path, images)
     except OSError as err:
         warnings.warn(f"could not cache decoded images in {folder}: {err}", stacklevel=2)
     return images, labels
+
+
+def _write_stats(npz: Path, images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = datasets.channel_stats(images)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=npz.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"mean": mean, "std": std, "images": len(images)}, f)
+    os.replace(tmp, npz.with_suffix(".stats.json"))
+    return mean, std
+
+
+def image_folder_stats(
+    split_root: Path, class_names: tuple[str, ...], cache_dir: str | os.PathLike | None = None, size: int = IMAGE_SIZE
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel mean and std of an image folder's whole ``train/`` split (``datasets.channel_stats``).
+
+    Computed on first use, when the split is decoded, and cached beside its decoded arrays under
+    the same signature, so a change to the images recomputes them. The validation slice is part
+    of that split: the figures describe the training files, as CIFAR's own constants do.
+    """
+    sig = _folder_signature(split_root / "train", class_names, size)
+    npz = decoded_cache_dir(split_root, cache_dir) / f"train-{sig}.npz"
+    try:
+        saved = json.loads(npz.with_suffix(".stats.json").read_text())
+        return tuple(saved["mean"]), tuple(saved["std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not computed yet (or a cache from before the statistics were kept)
+    images, _ = load_image_folder_split(split_root, "train", class_names, cache_dir, size)
+    try:
+        return _write_stats(npz, images)
+    except OSError:  # a read-only cache: computed on every use
+        return datasets.channel_stats(images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,29 +273,51 @@ def load_image_folder_split(
 class DataSource:
     """Where the images come from once ``data_dir`` has been resolved.
 
-    ``needs_download``: a torchvision source that is not on disk yet (``download_cifar10`` fetches it).
+    ``dataset``: which named dataset it is (``datasets.DATASETS``). ``needs_download``: a
+    torchvision source that is not on disk yet (``download_dataset`` fetches it).
     """
 
     kind: Literal["torchvision", "folder"]
     root: Path
     class_names: tuple[str, ...]
     needs_download: bool = False
+    dataset: str = "cifar10"
 
 
-def _missing_data_message(data_dir: Path, reason: str) -> str:
+def _missing_data_message(data_dir: Path, reason: str, dataset: str = "cifar10") -> str:
+    if dataset == "folder":
+        return (
+            f"no image folder at {data_dir} ({reason}). --dataset folder reads your own images: pass --data-dir "
+            "with train/<class>/* and test/<class>/* folders, or an archive of them (.tar.gz/.zip)."
+        )
+    title = datasets.KNOWN[dataset].title
     return (
-        f"no CIFAR-10 data at {data_dir} ({reason}). Either pass --data-dir with an image folder "
+        f"no {title} data at {data_dir} ({reason}). Either pass --data-dir with an image folder "
         "(train/<class>/*, test/<class>/*) or an archive of one (.tar.gz/.zip), or let torchvision "
-        f"download it into {data_dir} with --download on a machine with network access."
+        f"download {title} into {data_dir} with --download on a machine with network access."
     )
 
 
-def resolve_source(data_dir: str | os.PathLike, download: bool, cache_dir: str | os.PathLike | None = None) -> DataSource:
+def _folder_source(root: Path, dataset: str | None) -> DataSource:
+    names = folder_class_names(root)
+    if dataset is None:
+        dataset = datasets.detect_dataset(names)
+    datasets.check_folder_classes(dataset, names, root)
+    return DataSource("folder", root, names, dataset=dataset)
+
+
+def resolve_source(
+    data_dir: str | os.PathLike, download: bool, cache_dir: str | os.PathLike | None = None, dataset: str | None = None
+) -> DataSource:
     """Work out which kind of source ``data_dir`` is (extracting an archive once); downloads nothing.
 
-    Missing data is a ``UserError`` at once when ``download`` is off; with it on, the source is
-    marked ``needs_download`` and ``download_cifar10`` fetches it later.
+    ``dataset`` (``datasets.DATASETS``) says what the data must be; None takes what it is: a
+    torchvision folder's dataset, an image folder with CIFAR-10's or CIFAR-100's exact class
+    names as that dataset, any other image folder as ``folder``, and nothing as CIFAR-10 to
+    download. Missing data is a ``UserError`` at once when ``download`` is off; with it on, the
+    source is marked ``needs_download`` and ``download_dataset`` fetches it later.
     """
+    datasets.check_dataset_name(dataset)
     path = Path(data_dir).expanduser()
     if path.is_file():
         if not is_archive(path):
@@ -253,39 +332,42 @@ def resolve_source(data_dir: str | os.PathLike, download: bool, cache_dir: str |
                 f"the archive {data_dir} does not hold train/ and test/ folders at its top level "
                 "(or inside one top-level folder). Expected train/<class>/* and test/<class>/*."
             )
-        return DataSource("folder", root, folder_class_names(root))
+        return _folder_source(root, dataset)
     if path.is_dir():
-        if (path / _TORCHVISION_FOLDER).is_dir():
-            return DataSource("torchvision", path, CIFAR10_CLASSES)
+        found = datasets.torchvision_dataset_in(path)
+        wanted = dataset or "cifar10"
+        if found is not None and dataset in (None, found):
+            return DataSource("torchvision", path, datasets.KNOWN[found].classes, dataset=found)
         root = _find_split_root(path)
         if root is not None:
-            return DataSource("folder", root, folder_class_names(root))
+            return _folder_source(root, dataset)
+        if found is not None and wanted != "folder" and not download:
+            raise UserError(
+                f"{path} holds {datasets.KNOWN[found].title} ({datasets.KNOWN[found].torchvision_folder}/), not "
+                f"{datasets.KNOWN[wanted].title}. Pass --dataset {found}, or --download to fetch {datasets.KNOWN[wanted].title} beside it."
+            )
+    wanted = dataset or "cifar10"
     if path.exists() and not path.is_dir():
-        raise UserError(_missing_data_message(path, "it is not a folder or an archive"))
-    if not download:
+        raise UserError(_missing_data_message(path, "it is not a folder or an archive", wanted))
+    if not download or wanted == "folder":
         reason = "the folder does not exist" if not path.exists() else (
-            "it holds neither cifar-10-batches-py/ nor train/ and test/ folders"
-        )
-        raise UserError(_missing_data_message(path, reason) + " Download is off.")
-    return DataSource("torchvision", path, CIFAR10_CLASSES, needs_download=True)
+            "it holds no train/ and test/ folders" if wanted == "folder" else
+            f"it holds neither {datasets.KNOWN[wanted].torchvision_folder}/ nor train/ and test/ folders"
+        )  # fmt: skip
+        raise UserError(_missing_data_message(path, reason, wanted) + ("" if wanted == "folder" else " Download is off."))
+    return DataSource("torchvision", path, datasets.KNOWN[wanted].classes, needs_download=True, dataset=wanted)
 
 
-def download_cifar10(root: str | os.PathLike) -> None:
-    """Download CIFAR-10 into ``root`` with torchvision (both splits); ``UserError`` when it fails."""
-    from torchvision.datasets import CIFAR10
-
-    try:
-        CIFAR10(str(root), train=True, download=True)
-        CIFAR10(str(root), train=False, download=True)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError
-        raise UserError(_missing_data_message(Path(root), f"the download failed: {err}")) from None
+def download_dataset(source: DataSource) -> None:
+    """Download ``source``'s dataset into its root with torchvision (both splits); ``UserError`` when it fails."""
+    datasets.download(source.dataset, source.root, lambda root, why: _missing_data_message(root, why, source.dataset))
 
 
-def load_split(source: DataSource, split: Literal["train", "test"], cache_dir=None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 32, 32, 3), labels int64 (N,)) for one split of a resolved source."""
+def load_split(
+    source: DataSource, split: Literal["train", "test"], cache_dir=None, size: int = IMAGE_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, size, size, 3), labels int64 (N,)) for one split of a resolved source."""
     if source.kind == "torchvision":
-        from torchvision.datasets import CIFAR10
-
-        ds = CIFAR10(str(source.root), train=split == "train", download=False)
-        return np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
-    return load_image_folder_split(source.root, split, source.class_names, cache_dir)
+        images, labels = datasets.read_torchvision(source.dataset, source.root, split)
+        return resize_all(images, size), labels
+    return load_image_folder_split(source.root, split, source.class_names, cache_dir, size)

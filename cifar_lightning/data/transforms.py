@@ -104,8 +104,9 @@ def build_transform(
     random_erasing: float = 0.0,
     randaugment_n: int = 2,
     randaugment_m: int = 9,
+    size: int = IMAGE_SIZE,
 ) -> Callable:
-    """torchvision transform from a uint8 HWC array to a normalised float (3, 32, 32) tensor.
+    """torchvision transform from a uint8 HWC array (size x size) to a normalised float (3, size, size) tensor.
 
     ``standard`` is the usual CIFAR augmentation: a random 32x32 crop of the image zero-padded by
     4 pixels on each side, then a horizontal flip with probability 0.5. ``translate`` crops from a
@@ -125,7 +126,7 @@ def build_transform(
     if augment in POLICIES:
         ops.append(policy_transform(augment, randaugment_n, randaugment_m))
     if pad:
-        ops.append(v2.RandomCrop(IMAGE_SIZE, padding=pad, padding_mode=pad_mode))
+        ops.append(v2.RandomCrop(size, padding=pad, padding_mode=pad_mode))
     if flip:
         ops.append(v2.RandomHorizontalFlip())
     ops.append(ToInput(mean, std))
