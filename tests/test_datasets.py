@@ -303,3 +303,16 @@ def test_a_run_at_another_image_size_is_evaluated_predicted_and_exported_at_it(t
     rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
     (expected,) = top_k(model, decode_image(first, size=40)[None], k=1)
     assert rows[0]["class_1"] == expected[0][0]
+
+
+@pytest.mark.data
+def test_the_real_copy_as_a_folder_gets_its_own_statistics(real_cifar10):
+    """The JPEG copy read as ``folder``: its statistics computed from its 50,000 training images are
+    the figures ``constants.py`` quotes for it, beside CIFAR-10's own that ``cifar10`` uses."""
+    from cifar_lightning.constants import CIFAR10_STD
+
+    as_cifar10 = CIFAR10DataModule(data_dir=str(real_cifar10), download=False)
+    assert as_cifar10.dataset_name == "cifar10" and (as_cifar10.norm_mean, as_cifar10.norm_std) == (CIFAR10_MEAN, CIFAR10_STD)
+    as_folder = CIFAR10DataModule(data_dir=str(real_cifar10), dataset="folder", download=False)
+    assert as_folder.class_names == as_cifar10.class_names
+    assert as_folder.norm_mean == (0.4913, 0.4821, 0.4465) and as_folder.norm_std == (0.2452, 0.2428, 0.2606)
