@@ -350,11 +350,12 @@ def recipe_dataset(recipe: str | Path) -> str | None:
 
 
 def other_dataset(recipe: str | Path, data_dir: str | Path) -> str | None:
-    """Why ``recipe`` cannot run on ``data_dir``: it names another dataset than the data holds; else None."""
+    """Why ``recipe`` cannot run on ``data_dir``: it is for another dataset than the data holds (a
+    recipe that names none is a CIFAR-10 one: its reference and thresholds are); else None."""
     from cifar_lightning.data.sources import resolve_source
 
-    wanted, held = recipe_dataset(recipe), resolve_source(data_dir, download=False).dataset
-    return None if wanted in (None, held) else f"a {wanted} recipe, and {data_dir} holds {held}"
+    wanted, held = recipe_dataset(recipe) or "cifar10", resolve_source(data_dir, download=False).dataset
+    return None if wanted == held else f"a {wanted} recipe, and {data_dir} holds {held}"
 
 
 def run_all(

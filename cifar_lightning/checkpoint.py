@@ -23,6 +23,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from cifar_lightning.constants import IMAGE_SIZE
 from cifar_lightning.errors import UserError
 from cifar_lightning.module import ClassifierModule
 
@@ -353,17 +354,26 @@ def run_location(checkpoint: str | os.PathLike, stored_dir: str | None = None) -
 
 
 #: Hyperparameters that must agree between a checkpoint and the model it is resumed into.
-RESUME_KEYS = ("arch", "arch_kwargs", "num_classes", "class_names")
+RESUME_KEYS = ("arch", "arch_kwargs", "num_classes", "class_names", "norm_mean", "norm_std", "image_size")
+
+#: What a checkpoint made before a key existed stands for (its runs all had these values).
+_RESUME_DEFAULTS = {"image_size": IMAGE_SIZE}
 
 
 def check_resumable(stored: dict[str, Any], path: str | os.PathLike, hparams: dict[str, Any]) -> None:
-    """``UserError`` when a checkpoint's hyperparameters (``stored``) build another network than ``hparams``."""
+    """``UserError`` when a checkpoint's hyperparameters (``stored``) build another network than
+    ``hparams``, or feed it other inputs (normalisation, image size: an image folder's statistics
+    are its own since they are computed, where older runs used CIFAR-10's)."""
     for key in RESUME_KEYS:
-        a, b = stored.get(key), hparams.get(key)
+        a, b = stored.get(key, _RESUME_DEFAULTS.get(key)), hparams.get(key, _RESUME_DEFAULTS.get(key))
         if key == "class_names":
             a, b = list(a or []), list(b or [])
+        elif key in ("norm_mean", "norm_std"):
+            a, b = (tuple(round(float(v), 6) for v in x) if x is not None else None for x in (a, b))
         if (a or None) != (b or None):
             raise UserError(
                 f"cannot resume from {path}: the checkpoint has {key}={a!r}, but this run builds "
-                f"{key}={b!r}. Resume with the same --arch and data, or start a new run without --resume."
+                f"{key}={b!r}. Resume with the same --arch and data"
+                + (f" (--data.{'mean' if key == 'norm_mean' else 'std'} {list(a)} gives the checkpoint's)" if key in ("norm_mean", "norm_std") and a else "")
+                + ", or start a new run without --resume."
             )

@@ -39,6 +39,7 @@ FIT_ALIASES: dict[str, tuple[str, ...]] = {
     "--augment": ("--data.augment",),
     "--randaugment-n": ("--data.randaugment_n",),
     "--randaugment-m": ("--data.randaugment_m",),
+    "--rotate": ("--data.rotate",),
     "--cutout": ("--data.cutout",),
     "--random-erasing": ("--data.random_erasing",),
     "--mixup": ("--data.mixup",),

@@ -416,19 +416,37 @@ class ClassifierModule(pl.LightningModule):
         self.init_network_from(dm)
 
     def _adopt_data_normalisation(self, dm: Any) -> None:
-        """A model built by hand beside a data module keeps its defaults (CIFAR-10's statistics),
-        while the data module normalises with its dataset's (an image folder's own): the model
-        takes the data's, so that its checkpoint, evaluate and predict normalise as training did."""
+        """A model built by hand beside a data module keeps its defaults (CIFAR-10's statistics and
+        names, 32 px) where the CLI would have linked the data's: the model takes the data's
+        normalisation, image size and class names, so that its checkpoint, evaluate
+        and predict read images as training did. Another class count is an error (the network's
+        head is built for its own)."""
         if dm is None or not hasattr(dm, "norm_mean"):
             return
-        data = (tuple(dm.norm_mean), tuple(dm.norm_std))
-        if data != (tuple(self.hparams.norm_mean), tuple(self.hparams.norm_std)):
-            rank_zero_info(
-                f"the model was built with norm_mean={tuple(self.hparams.norm_mean)}, norm_std={tuple(self.hparams.norm_std)}, "
-                f"but the data module normalises with {data[0]}, {data[1]}: the model takes the data's, and its checkpoint "
-                "records them. Pass norm_mean=dm.norm_mean, norm_std=dm.norm_std to say so yourself."
+        hp, changed = self.hparams, []
+        if getattr(dm, "num_classes", hp.num_classes) != hp.num_classes:
+            raise UserError(
+                f"the model was built for {hp.num_classes} classes, but the data has {dm.num_classes}: build it with "
+                "num_classes=dm.num_classes, class_names=dm.class_names (the CLI links them itself)."
             )
-            self.hparams.norm_mean, self.hparams.norm_std = data
+        data = {
+            "norm_mean": tuple(dm.norm_mean), "norm_std": tuple(dm.norm_std),
+            "image_size": getattr(dm, "image_size", hp.get("image_size", IMAGE_SIZE)),
+            "class_names": list(getattr(dm, "class_names", self.class_names)),
+        }  # fmt: skip
+        for key, value in data.items():
+            ours = hp.get(key, IMAGE_SIZE if key == "image_size" else None)
+            if (list(ours) if isinstance(ours, (list, tuple)) else ours) != (list(value) if isinstance(value, (list, tuple)) else value):
+                changed.append(key)
+                if key == "image_size":
+                    _check_input_size(self.model, hp.arch, value)
+                hp[key] = value
+        self.class_names = list(hp.get("class_names") or self.class_names)
+        if changed:
+            rank_zero_info(
+                f"the model takes the data module's {', '.join(changed)} (built without them); its checkpoint records "
+                "them. Build it with the data module's values to say so yourself."
+            )
 
     def init_network_from(self, datamodule: Any) -> None:
         """Data-dependent initialisation (fastnet's whitening layer) from 5,000 of the data module's

@@ -227,19 +227,6 @@ class PiecewiseConstant:
         return factor
 
 
-class WarmupPiecewise(PiecewiseConstant):
-    """``PiecewiseConstant`` over steps after a linear warm-up over the first ``warmup`` steps
-    (weiaicunzai/pytorch-cifar100's one warm-up epoch before its step decay)."""
-
-    def __init__(self, milestones: Sequence[int], factors: Sequence[float], initial: float, warmup: int) -> None:
-        super().__init__(milestones, factors, initial)
-        self.warmup = warmup
-
-    def __call__(self, step: int) -> float:
-        ramp = (step + 1) / self.warmup if step < self.warmup else 1.0
-        return ramp * super().__call__(step)
-
-
 class Resizable:
     """A per-step schedule whose rest can be fitted into another number of steps.
 
@@ -288,6 +275,22 @@ class WarmupCosine(Resizable):
     def decay(progress: float) -> float:
         """Share of the way from ``floor`` to the peak left at ``progress`` (0 -> 1) after warm-up."""
         return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class WarmupPiecewise(Resizable, PiecewiseConstant):
+    """``PiecewiseConstant`` over steps after a linear warm-up over the first ``warmup`` steps
+    (weiaicunzai/pytorch-cifar100's one warm-up epoch before its step decay), sized for a run of
+    ``total`` steps: a resumed run with another number of steps per epoch keeps its milestones at
+    the same share of the run (``Resizable``), as an epoch-counted schedule would."""
+
+    def __init__(self, milestones: Sequence[int], factors: Sequence[float], initial: float, warmup: int, total: int) -> None:
+        PiecewiseConstant.__init__(self, milestones, factors, initial)
+        self.warmup, self.total = warmup, max(total, 1)
+
+    def __call__(self, step: int) -> float:
+        step = self.position(step)
+        ramp = (step + 1) / self.warmup if step < self.warmup else 1.0
+        return ramp * PiecewiseConstant.__call__(self, step)
 
 
 class WarmupLinear(WarmupCosine):
@@ -364,10 +367,11 @@ def build_optimizer(model: torch.nn.Module, hp: Mapping[str, Any]) -> torch.opti
 
 def _steps_per_epoch(trainer: Any) -> float:
     """Optimizer steps in one epoch: the loader's real batches, else the run's steps over its epochs."""
+    total = int(trainer.estimated_stepping_batches)  # sets up the training loader: its length is known after
     batches = trainer.num_training_batches
     if isinstance(batches, int) and batches > 0:
         return math.ceil(batches / trainer.accumulate_grad_batches)
-    return int(trainer.estimated_stepping_batches) / max(1, trainer.max_epochs or 1)
+    return total / max(1, trainer.max_epochs or 1)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: Any) -> Any:
@@ -395,7 +399,8 @@ def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: 
         if hp["warmup_epochs"] > 0:  # a per-step warm-up: the milestones are counted in steps too
             per_epoch = _steps_per_epoch(trainer)
             steps = milestones if unit == "step" else [round(m * per_epoch) for m in milestones]
-            rule = WarmupPiecewise(steps, gammas, hp["initial_lr_factor"], max(1, round(hp["warmup_epochs"] * per_epoch)))
+            warmup = max(1, round(hp["warmup_epochs"] * per_epoch))
+            rule = WarmupPiecewise(steps, gammas, hp["initial_lr_factor"], warmup, int(trainer.estimated_stepping_batches))
             unit = "step"
         else:
             rule = PiecewiseConstant(milestones, gammas, hp["initial_lr_factor"])

@@ -483,3 +483,41 @@ def test_the_erasing_distribution_test_sees_a_wrong_scale():
     batch = (torch.full((n, 3, 32, 32), 200 / 255) - MEAN) / STD
     b = _erased_shapes(random_erasing_(batch, 0.5, torch.Generator().manual_seed(1), scale=(0.02, 0.4)))
     assert _ks_statistic(a.prod(1), b.prod(1)) > 1.95 * math.sqrt(2 / n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotation: the same distribution on both loaders
+# ---------------------------------------------------------------------------------------------
+
+
+def _black_corners(batch: torch.Tensor) -> np.ndarray:
+    """Pixels a rotation turned black in each normalised white image (white is about +2, black -2)."""
+    return (batch < 0).all(dim=1).sum(dim=(1, 2)).numpy()
+
+
+def _rotated_by_tensor_loader(n: int, rotate: float) -> torch.Tensor:
+    white = torch.full((n, 32, 32, 3), 255, dtype=torch.uint8)
+    loader = TensorLoader(white, torch.zeros(n, dtype=torch.long), torch.arange(n), n, train=True, augment="none",
+                          rotate=rotate, seed=1)  # fmt: skip
+    (x, _), = list(loader)
+    return x
+
+
+def test_both_loaders_rotate_from_the_same_distribution():
+    """The black corners' area grows with |angle|: its distribution over 2,000 white images is the
+    same for torchvision's RandomRotation(15) one image at a time and the tensor loader's batch."""
+    n = 2000
+    image = np.full((32, 32, 3), 255, dtype=np.uint8)
+    torch.manual_seed(0)
+    per_image = build_transform("none", CIFAR10_MEAN, CIFAR10_STD, rotate=15)
+    a = _black_corners(torch.stack([per_image(image) for _ in range(n)]))
+    b = _black_corners(_rotated_by_tensor_loader(n, 15))
+    critical = 1.95 * math.sqrt(2 / n)  # two-sample KS at the 0.1% level
+    assert _ks_statistic(a, b) < critical
+    # Most images lose corners (nearest pixels keep all of them below about 2°), none beyond 15°'s.
+    assert (b > 0).mean() > 0.8 and b.max() <= a.max() + 8
+    # The same test sees a wider angle (25°), and no rotation leaves no corner black.
+    assert _ks_statistic(a, _black_corners(_rotated_by_tensor_loader(n, 25))) > critical
+    assert _black_corners(_rotated_by_tensor_loader(64, 0)).max() == 0
+    with pytest.raises(UserError, match="rotate is a largest angle in degrees"):
+        CIFAR10DataModule(data_dir="unused", download=True, rotate=-1)

@@ -18,7 +18,6 @@ from cifar_lightning.data import archives, sources
 from cifar_lightning.data import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
-    CIFAR10_STD,
     CIFAR10DataModule,
     load_image_folder_split,
     safe_extract,

@@ -150,10 +150,11 @@ def test_folder_statistics_are_computed_once_and_cached_with_the_arrays(tiny_fol
     mean, std = first.norm_mean, first.norm_std
     assert mean != CIFAR10_MEAN and len(list((tiny_folder / ".cifar_lightning_cache").glob("train-*.stats.json"))) == 1
 
-    def no_decoding(*a, **k):
-        raise AssertionError("decoded again")
+    def not_again(*a, **k):
+        raise AssertionError("decoded or computed again")
 
-    monkeypatch.setattr(sources, "decode_image_folder", no_decoding)
+    monkeypatch.setattr(sources, "decode_image_folder", not_again)
+    monkeypatch.setattr(datasets, "channel_stats", not_again)  # read from the .stats.json
     again = CIFAR10DataModule(data_dir=str(tiny_folder), download=False)
     assert (again.norm_mean, again.norm_std) == (mean, std)
     # Given constants win over the computed ones.
@@ -194,7 +195,8 @@ def _downstream(ckpt: Path, data: Path, out: Path, classes: list[str], image: Pa
     assert report["class_names"] == classes
     assert predict_main([str(ckpt), str(image), "--top-k", "3", "--output", str(out / "pred.csv")]) == 0
     rows = list(csv.DictReader(open(out / "pred.csv")))
-    assert len(rows) == 1 and all(row[k] in classes for row in rows for k in row if k.startswith("class"))
+    ranked = [k for k in rows[0] if k.startswith("class_")]
+    assert len(rows) == 1 and ranked == ["class_1", "class_2", "class_3"] and {rows[0][k] for k in ranked} <= set(classes)
     assert export_main([str(ckpt), "--format", "onnx", "--output", str(out / "m.onnx"), "--data-dir", str(data)]) == 0
     import onnx
 
@@ -301,8 +303,10 @@ def test_a_run_at_another_image_size_is_evaluated_predicted_and_exported_at_it(t
 
     model = load_classifier(ckpt)
     rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
-    (expected,) = top_k(model, decode_image(first, size=40)[None], k=1)
-    assert rows[0]["class_1"] == expected[0][0]
+    (at_40,) = top_k(model, decode_image(first, size=40)[None], k=1)
+    (at_32,) = top_k(model, decode_image(first, size=32)[None], k=1)
+    assert (rows[0]["class_1"], float(rows[0]["probability_1"])) == (at_40[0][0], pytest.approx(at_40[0][1], abs=2e-6))
+    assert abs(at_40[0][1] - at_32[0][1]) > 1e-4  # so the check above tells the two sizes apart
 
 
 @pytest.mark.data
@@ -316,3 +320,56 @@ def test_the_real_copy_as_a_folder_gets_its_own_statistics(real_cifar10):
     as_folder = CIFAR10DataModule(data_dir=str(real_cifar10), dataset="folder", download=False)
     assert as_folder.class_names == as_cifar10.class_names
     assert as_folder.norm_mean == (0.4913, 0.4821, 0.4465) and as_folder.norm_std == (0.2452, 0.2428, 0.2606)
+
+
+def test_a_model_built_by_hand_takes_the_data_modules_description(tmp_path):
+    """Without the CLI's links, a plain Trainer.fit still records in the checkpoint how the data was
+    read: the folder's own statistics, its image size and its class names."""
+    import lightning.pytorch as pl
+
+    from cifar_lightning import ClassifierModule
+
+    data = write_mixed_folder(tmp_path / "mixed", n_train=4, n_test=2)
+    dm = CIFAR10DataModule(data_dir=str(data), download=False, image_size=40, val_size=3, batch_size=4, num_workers=0)
+    model = ClassifierModule(arch="resnet20", num_classes=3)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "hand.ckpt")
+    saved = load_classifier(tmp_path / "hand.ckpt").hparams
+    assert tuple(saved.norm_mean) == dm.norm_mean != CIFAR10_MEAN and tuple(saved.norm_std) == dm.norm_std
+    assert saved.image_size == 40 and list(saved.class_names) == ["apples", "grey_things", "icons"]
+    with pytest.raises(UserError, match="built for 10 classes, but the data has 3"):
+        pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   default_root_dir=tmp_path).fit(ClassifierModule(arch="resnet20"), datamodule=dm)  # fmt: skip
+
+
+def test_a_folder_with_both_torchvision_datasets_needs_a_name(cifar100_files, monkeypatch):
+    from test_data import _write_torchvision_format
+    from torchvision.datasets import CIFAR10
+
+    _write_torchvision_format(cifar100_files)  # torchvision's usual data/ holds both
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
+    with pytest.raises(UserError, match="holds both cifar-10-batches-py and cifar-100-python: say which to read "
+                                        "with --dataset cifar10 or --dataset cifar100"):  # fmt: skip
+        CIFAR10DataModule(data_dir=str(cifar100_files), download=False)
+    for name, classes in (("cifar10", 10), ("cifar100", 100)):
+        dm = CIFAR10DataModule(data_dir=str(cifar100_files), dataset=name, download=True, num_workers=0)
+        assert (dm.dataset_name, dm.num_classes, dm.source.needs_download) == (name, classes, False)
+
+
+def test_caches_of_two_image_sizes_live_side_by_side_and_follow_the_files(tmp_path):
+    data = write_mixed_folder(tmp_path / "mixed", n_train=3, n_test=1)
+    small = CIFAR10DataModule(data_dir=str(data), download=False)
+    big = CIFAR10DataModule(data_dir=str(data), download=False, image_size=40)
+    stats_32, stats_40 = (small.norm_mean, small.norm_std), (big.norm_mean, big.norm_std)
+    cache = data / ".cifar_lightning_cache"
+    names = sorted(p.name for p in cache.glob("train-*"))
+    assert len(names) == 4 and sum("-40px-" in n for n in names) == 2  # arrays and statistics of each size
+    # A changed image makes both the arrays and the statistics of that size be computed again.
+    img = data / "train" / "apples" / "000.jpg"
+    Image.new("RGB", (64, 48), (255, 255, 255)).save(img)
+    again = CIFAR10DataModule(data_dir=str(data), download=False)
+    assert (again.norm_mean, again.norm_std) != stats_32
+    assert sorted(p.name for p in cache.glob("train-40px-*")) == [n for n in names if "-40px-" in n]
+    assert CIFAR10DataModule(data_dir=str(data), download=False, image_size=40).norm_mean != stats_40[0]

@@ -216,6 +216,25 @@ def test_resume_into_another_architecture_is_refused(trained_run, tmp_path, caps
     )
 
 
+def test_resume_of_a_run_normalised_otherwise_is_refused(trained_run, tmp_path, capsys):
+    """A run made before image folders got their own statistics normalised with CIFAR-10's: resumed
+    now, it would train on other inputs without a word. It is refused, naming the way to resume."""
+    from cifar_lightning.constants import CIFAR10_MEAN
+
+    data, ckpt = trained_run
+    old = torch.load(ckpt, weights_only=False, map_location="cpu")
+    old["hyper_parameters"]["norm_mean"] = CIFAR10_MEAN
+    old["hyper_parameters"].pop("image_size", None)  # older checkpoints lack it: 32 is what they ran at
+    older = tmp_path / "older.ckpt"
+    torch.save(old, older)
+    with pytest.raises(SystemExit) as exc:
+        fit_main(fit_args(data, tmp_path, "--resume", str(older)))
+    assert exc.value.code == 2
+    message = user_error(capsys)
+    assert f"cannot resume from {older}: the checkpoint has norm_mean=(0.4914, 0.4822, 0.4465)" in message
+    assert "--data.mean [0.4914, 0.4822, 0.4465] gives the checkpoint's" in message
+
+
 def _stop_with(sig: int, args: list[str], written: Callable[[], bool], stderr_path: Path) -> int:
     """Start scripts/fit.py, send ``sig`` as soon as ``written()`` says so; the exit code.
     Standard output and error both go to ``stderr_path``."""

@@ -145,25 +145,33 @@ def test_schedule_spans_max_steps_and_warmup_counts_real_epochs(tiny_folder, tmp
     assert trainer.global_step == 9
 
 
-def test_multistep_with_a_warmup_epoch_ramps_then_steps_by_epochs():
-    """weiaicunzai's CIFAR-100 schedule: 1 linear warm-up epoch, then lr x 0.2 at epochs 60/120/160."""
-    from types import SimpleNamespace
+def test_multistep_with_a_warmup_epoch_ramps_then_steps_by_epochs(tiny_folder, tmp_path):
+    """weiaicunzai's CIFAR-100 schedule (1 linear warm-up epoch, then lr x 0.2 at epochs), through a
+    real Trainer whose max_steps cuts the run short: the epochs are the loader's real ones."""
+    from cifar_lightning.optim import WarmupPiecewise
 
-    from cifar_lightning.optim import WarmupPiecewise, build_scheduler
-
-    module = ClassifierModule(arch="lenet5", scheduler="multistep", milestones=[2, 4], gamma=0.2, warmup_epochs=1, lr=0.1)
-    opt = torch.optim.SGD(module.parameters(), lr=0.1)
-    trainer = SimpleNamespace(num_training_batches=10, accumulate_grad_batches=1)
-    config = build_scheduler(opt, module.hparams, trainer)["lr_scheduler"]
-    assert config["interval"] == "step" and isinstance(config["scheduler"].lr_lambdas[0], WarmupPiecewise)
+    dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, batch_size=5, num_workers=0)
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, scheduler="multistep", milestones=[2, 4], gamma=0.2,
+                             warmup_epochs=1, lr=0.1)  # fmt: skip
     lrs = []
-    for _ in range(50):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        config["scheduler"].step()
-    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)  # 10 steps of ramp
-    assert lrs[10:20] == pytest.approx([0.1] * 10)
-    assert lrs[20] == pytest.approx(0.02) and lrs[39] == pytest.approx(0.02) and lrs[40] == pytest.approx(0.004)
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = pl.Trainer(
+        max_epochs=10, max_steps=27, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, callbacks=[Record()],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    config = trainer.lr_scheduler_configs[0]
+    shape = config.scheduler.lr_lambdas[0]
+    # 30 training images in batches of 5: 6 steps an epoch, whatever max_steps says
+    assert config.interval == "step" and isinstance(shape, WarmupPiecewise)
+    assert shape.warmup == 6 and shape.milestones == [12, 24] and shape.total == 27
+    assert lrs[0] == pytest.approx(0.1 / 6) and lrs[5] == pytest.approx(0.1)  # 6 steps of ramp
+    assert lrs[6:12] == pytest.approx([0.1] * 6)
+    assert lrs[12] == pytest.approx(0.02) and lrs[23] == pytest.approx(0.02) and lrs[24] == pytest.approx(0.004)
 
 
 @pytest.mark.parametrize("steps", range(1, 10))

@@ -138,6 +138,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
             batches are finished inside the loader, so ``num_workers`` and ``pin_memory`` do not
             apply) or ``torchvision`` (a DataLoader with per-image transforms in workers).
         flip_mode: ``random`` or ``alternating`` (``tensor`` loader only; see ``TensorLoader``).
+        rotate: rotation of each training image by an angle drawn uniformly from [-rotate, rotate]
+            degrees, after the crop and flip, nearest pixel, black corners (torchvision's
+            ``RandomRotation``, as weiaicunzai/pytorch-cifar100 trains CIFAR-100), 0 = off.
         cutout: side in pixels of a square zeroed in each training image, 0 = off (DeVries &
             Taylor 2017). random_erasing: probability of random erasing of each training image
             (Zhong et al. 2020), 0 = off. Both after normalisation, on either loader, with zeros.
@@ -171,6 +174,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         flip_mode: FlipMode = "random",
         randaugment_n: int = 2,
         randaugment_m: int = 9,
+        rotate: float = 0.0,
         cutout: int = 0,
         random_erasing: float = 0.0,
         mixup: float = 0.0,
@@ -196,6 +200,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
             raise UserError(f"unknown loader {loader!r}. Valid names: torchvision, tensor")
         if flip_mode not in ("random", "alternating"):
             raise UserError(f"unknown flip_mode {flip_mode!r}. Valid names: random, alternating")
+        if not 0.0 <= rotate <= 180.0:
+            raise UserError(f"rotate is a largest angle in degrees, from 0 (off) to 180, got {rotate}. Try 15.")
         if cutout < 0:
             raise UserError(f"cutout must be 0 (off) or a size in pixels, got {cutout}.")
         if randaugment_n < 1 or not 0 <= randaugment_m <= 30:
@@ -327,7 +333,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             train_idx, val_idx = split_indices(len(images), n_val, self.hparams.split_seed)
             hp = self.hparams
             train_tf = build_transform(hp.augment, self.norm_mean, self.norm_std, hp.cutout, hp.random_erasing,
-                                       hp.randaugment_n, hp.randaugment_m, hp.image_size)  # fmt: skip
+                                       hp.randaugment_n, hp.randaugment_m, hp.image_size, hp.rotate)  # fmt: skip
             self.train_set = ArrayDataset(images, labels, train_idx, train_tf)
             self.val_set = ArrayDataset(images, labels, evaluation_order(val_idx), eval_tf) if len(val_idx) else None
         if stage in (None, "test", "predict") and self.test_set is None:
@@ -432,6 +438,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             flip_mode=self.hparams.flip_mode,
             randaugment_n=self.hparams.randaugment_n,
             randaugment_m=self.hparams.randaugment_m,
+            rotate=self.hparams.rotate if train else 0.0,
             cutout=self.hparams.cutout if train else 0,
             random_erasing=self.hparams.random_erasing if train else 0.0,
             mean=self.norm_mean,

@@ -60,12 +60,10 @@ def check_dataset_name(name: str | None) -> None:
         raise UserError(f"unknown dataset {name!r}. Valid names: {', '.join(DATASETS)} (or leave it out to detect it).")
 
 
-def torchvision_dataset_in(path: Path) -> str | None:
-    """The name of the torchvision dataset whose folder ``path`` holds, if any."""
-    for ds in KNOWN.values():
-        if (path / ds.torchvision_folder).is_dir():
-            return ds.name
-    return None
+def torchvision_datasets_in(path: Path) -> list[str]:
+    """The names of the torchvision datasets whose folders ``path`` holds (torchvision's usual
+    ``data/`` can hold both)."""
+    return [ds.name for ds in KNOWN.values() if (path / ds.torchvision_folder).is_dir()]
 
 
 def detect_dataset(class_names: tuple[str, ...]) -> str:

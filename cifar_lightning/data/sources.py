@@ -179,8 +179,7 @@ def decode_image_folder(
 
 
 def _folder_signature(split_dir: Path, class_names: tuple[str, ...], size: int = IMAGE_SIZE) -> str:
-    # The size is in the key only when it is not CIFAR's 32, so the caches made before it still count.
-    sized = "" if size == IMAGE_SIZE else f"|{size}px"
+    sized = "" if size == IMAGE_SIZE else f"|{size}px"  # as _cache_name: 32 keeps the older key
     h = hashlib.sha1(f"v{_CACHE_VERSION}|{','.join(class_names)}{sized}".encode())
     for name in class_names:
         for p in list_images(split_dir / name):
@@ -208,8 +207,7 @@ def load_image_folder_split(
     """
     split_dir = split_root / split
     folder = decoded_cache_dir(split_root, cache_dir)
-    sig = _folder_signature(split_dir, class_names, size)
-    path = folder / f"{split}-{sig}.npz"
+    path = folder / _cache_name(split, _folder_signature(split_dir, class_names, size), size)
     if path.is_file():
         try:
             with np.load(path) as z:
@@ -219,8 +217,11 @@ def load_image_folder_split(
     images, labels = decode_image_folder(split_dir, class_names, size)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        # Older caches of this split at this size go; never this name, which another process
+        # reading the same folder may just have written, nor other sizes' caches.
         for stale in folder.glob(f"{split}-*"):
-            stale.unlink(missing_ok=True)
+            if stale.name.split(".")[0] != path.stem and _cache_size(split, stale.name) == size:
+                stale.unlink(missing_ok=True)
         # Written under a temporary name and renamed, so a reader never sees half a file.
         fd, tmp = tempfile.mkstemp(suffix=".npz", dir=folder)
         with os.fdopen(fd, "wb") as f:
@@ -230,6 +231,17 @@ def load_image_folder_split(
     except OSError as err:
         warnings.warn(f"could not cache decoded images in {folder}: {err}", stacklevel=2)
     return images, labels
+
+
+def _cache_name(split: str, signature: str, size: int) -> str:
+    # The size is in the name only when it is not CIFAR's 32, so caches made before it still count.
+    return f"{split}-{signature}.npz" if size == IMAGE_SIZE else f"{split}-{size}px-{signature}.npz"
+
+
+def _cache_size(split: str, name: str) -> int:
+    """The image size of a cache file named by ``_cache_name``."""
+    middle = name[len(split) + 1 :].split("-")[0]
+    return int(middle[:-2]) if middle.endswith("px") and middle[:-2].isdigit() else IMAGE_SIZE
 
 
 def _write_stats(npz: Path, images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -251,13 +263,20 @@ def image_folder_stats(
     of that split: the figures describe the training files, as CIFAR's own constants do.
     """
     sig = _folder_signature(split_root / "train", class_names, size)
-    npz = decoded_cache_dir(split_root, cache_dir) / f"train-{sig}.npz"
-    try:
-        saved = json.loads(npz.with_suffix(".stats.json").read_text())
-        return tuple(saved["mean"]), tuple(saved["std"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # not computed yet (or a cache from before the statistics were kept)
+    npz = decoded_cache_dir(split_root, cache_dir) / _cache_name("train", sig, size)
+
+    def saved() -> tuple | None:
+        try:
+            stats = json.loads(npz.with_suffix(".stats.json").read_text())
+            return tuple(stats["mean"]), tuple(stats["std"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # not computed yet (or a cache from before the statistics were kept)
+
+    if (found := saved()) is not None:
+        return found
     images, _ = load_image_folder_split(split_root, "train", class_names, cache_dir, size)
+    if (found := saved()) is not None:  # decoded just now, and computed with the arrays
+        return found
     try:
         return _write_stats(npz, images)
     except OSError:  # a read-only cache: computed on every use
@@ -334,10 +353,17 @@ def resolve_source(
             )
         return _folder_source(root, dataset)
     if path.is_dir():
-        found = datasets.torchvision_dataset_in(path)
-        wanted = dataset or "cifar10"
-        if found is not None and dataset in (None, found):
+        present = datasets.torchvision_datasets_in(path)
+        if dataset is None and len(present) > 1:
+            raise UserError(
+                f"{path} holds both {' and '.join(datasets.KNOWN[n].torchvision_folder for n in present)}: "
+                f"say which to read with --dataset {' or --dataset '.join(present)}."
+            )
+        found = dataset if dataset in present else (present[0] if present and dataset is None else None)
+        if found is not None:
             return DataSource("torchvision", path, datasets.KNOWN[found].classes, dataset=found)
+        found = present[0] if present else None
+        wanted = dataset or "cifar10"
         root = _find_split_root(path)
         if root is not None:
             return _folder_source(root, dataset)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
-from cifar_lightning.data.policies import BatchPolicy
+from cifar_lightning.data.policies import OPERATIONS, BatchPolicy
 from cifar_lightning.data.transforms import (
     AUGMENT_PRESETS, POLICIES, AugmentPreset, cutout_, on_device, random_crop_flip, random_erasing_, to_input,
 )  # fmt: skip
@@ -129,6 +129,7 @@ class TensorLoader:
         flip_mode: FlipMode = "random",
         randaugment_n: int = 2,
         randaugment_m: int = 9,
+        rotate: float = 0.0,
         cutout: int = 0,
         random_erasing: float = 0.0,
         mean: tuple[float, float, float] = CIFAR10_MEAN,
@@ -145,6 +146,7 @@ class TensorLoader:
         self.batch_size = batch_size
         self.train = train
         self.augment, self.flip_mode, self.cutout, self.random_erasing = augment, flip_mode, cutout, random_erasing
+        self.rotate = rotate
         h, w = images.shape[1:3]
         self.policy = BatchPolicy(augment, randaugment_n, randaugment_m, h, w) if train and augment in POLICIES else None
         self.device = torch.device(device)
@@ -201,6 +203,9 @@ class TensorLoader:
             elif flip:
                 flips = on_device(torch.rand(len(images), generator=generator) < 0.5, self.device)
             images = random_crop_flip(images, pad, pad_mode, flips, generator)
+            if self.rotate > 0:  # each image its own angle, as torchvision's RandomRotation draws it
+                angles = (torch.rand(len(images), generator=generator, dtype=torch.float64) * 2 - 1) * self.rotate
+                images = OPERATIONS["Rotate"](images, on_device(angles, self.device))
         x = to_input(images, self.mean, self.std, self.memory_format)
         if self.train and self.cutout > 0:
             cutout_(x, self.cutout, generator)

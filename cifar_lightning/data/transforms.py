@@ -105,6 +105,7 @@ def build_transform(
     randaugment_n: int = 2,
     randaugment_m: int = 9,
     size: int = IMAGE_SIZE,
+    rotate: float = 0.0,
 ) -> Callable:
     """torchvision transform from a uint8 HWC array (size x size) to a normalised float (3, size, size) tensor.
 
@@ -113,7 +114,8 @@ def build_transform(
     2-pixel reflect padding instead, ``flip`` only flips (see ``AUGMENT_PRESETS``).
     ``autoaugment``, ``randaugment`` (``randaugment_n`` operations at level ``randaugment_m``) and
     ``trivialaugment`` run torchvision's policy on the image, then the standard crop and flip. After the
-    normalisation, ``cutout`` zeroes a square of that side (``Cutout``), and ``random_erasing``
+    normalisation, ``rotate`` turns each image by up to that many degrees either way (after the
+    crop and flip), ``cutout`` zeroes a square of that side (``Cutout``), and ``random_erasing``
     is the probability of torchvision's ``RandomErasing`` with zeros (the mean colour), as the
     tensor loader does them per batch (``cutout_``, ``random_erasing_``).
     """
@@ -129,6 +131,8 @@ def build_transform(
         ops.append(v2.RandomCrop(size, padding=pad, padding_mode=pad_mode))
     if flip:
         ops.append(v2.RandomHorizontalFlip())
+    if rotate:
+        ops.append(v2.RandomRotation(rotate))  # nearest pixel, black corners: the tensor loader's
     ops.append(ToInput(mean, std))
     if cutout:
         ops.append(Cutout(cutout))
