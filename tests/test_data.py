@@ -301,3 +301,34 @@ def test_translate_and_flip_presets_in_the_pil_path(tiny_folder):
     outs = [flip_only.train_set[0][0] for _ in range(20)]
     assert all(torch.allclose(o, raw) or torch.allclose(o, raw.flip(-1)) for o in outs)
     assert any(torch.allclose(o, raw.flip(-1)) for o in outs) and any(torch.allclose(o, raw) for o in outs)
+
+
+_COUNTED_LOAD = """
+import sys, time
+from pathlib import Path
+from cifar_lightning.data import sources
+decode = sources.decode_image_folder
+def counted(*args, **kwargs):
+    with open(sys.argv[2], "a") as f:
+        f.write("decode\\n")
+    time.sleep(3)  # long enough for the other process to come looking while this one decodes
+    return decode(*args, **kwargs)
+sources.decode_image_folder = counted
+images, _ = sources.load_image_folder_split(Path(sys.argv[1]), "train", ("cat", "dog", "frog"))
+print(len(images))
+"""
+
+
+def test_processes_that_find_no_cache_together_decode_once(tiny_folder, tmp_path):
+    """Every rank of a torchrun job builds its data module at once: one decodes, the others wait
+    on the cache's lock and read what it wrote."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "decodes.txt"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _COUNTED_LOAD, str(tiny_folder), str(log)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert outputs == ["36", "36"] and log.read_text() == "decode\n"

@@ -203,17 +203,49 @@ def load_image_folder_split(
     """Decoded arrays of one split, from the cache when it matches the files, else decoded and cached.
 
     The cache file name carries a signature of every file's path, size and mtime, so a change to
-    the images makes the old cache invisible; it is then replaced.
+    the images makes the old cache invisible; it is then replaced. Processes that find no cache at
+    the same time (every rank of a torchrun job builds its data module) take turns on a file
+    lock: one decodes, the others then read what it wrote.
     """
     split_dir = split_root / split
     folder = decoded_cache_dir(split_root, cache_dir)
     path = folder / _cache_name(split, _folder_signature(split_dir, class_names, size), size)
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                return z["images"], z["labels"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # unreadable cache: decode again below
+    cached = _read_cache(path)
+    if cached is not None:
+        return cached
+    with _decode_lock(folder, split, size):
+        cached = _read_cache(path)  # decoded by another process while this one waited
+        if cached is not None:
+            return cached
+        return _decode_and_cache(split, split_dir, class_names, size, folder, path)
+
+
+def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            return z["images"], z["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # unreadable cache: decoded again
+
+
+def _decode_lock(folder: Path, split: str, size: int):
+    """A lock on decoding one split at one size into ``folder``; none where it cannot be created."""
+    import contextlib
+
+    from filelock import FileLock
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return contextlib.nullcontext()  # no cache either: _decode_and_cache warns
+    return FileLock(str(folder / f".{split}-{size}px.lock"))
+
+
+def _decode_and_cache(
+    split: str, split_dir: Path, class_names: tuple[str, ...], size: int, folder: Path, path: Path
+) -> tuple[np.ndarray, np.ndarray]:
     images, labels = decode_image_folder(split_dir, class_names, size)
     try:
         folder.mkdir(parents=True, exist_ok=True)
