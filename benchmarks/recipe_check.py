@@ -354,8 +354,12 @@ def other_dataset(recipe: str | Path, data_dir: str | Path) -> str | None:
     recipe that names none is a CIFAR-10 one: its reference and thresholds are); else None."""
     from cifar_lightning.data.sources import resolve_source
 
-    wanted, held = recipe_dataset(recipe) or "cifar10", resolve_source(data_dir, download=False).dataset
-    return None if wanted == held else f"a {wanted} recipe, and {data_dir} holds {held}"
+    wanted = recipe_dataset(recipe) or "cifar10"
+    try:  # named, as the run names it: a folder holding both torchvision datasets is read for it
+        resolve_source(data_dir, download=False, dataset=wanted)
+    except UserError as err:
+        return f"a {wanted} recipe, and {data_dir} does not hold {wanted} ({err})"
+    return None
 
 
 def run_all(

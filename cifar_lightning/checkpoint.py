@@ -125,8 +125,13 @@ def stored_dataset(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Data-module arguments that read the data as the checkpoint's run read it: ``dataset``
     (``cifar10``, ``cifar100``, ``folder``) and ``image_size`` where recorded (older checkpoints
     recorded neither: the data module's defaults)."""
+    from cifar_lightning.data.datasets import detect_dataset
+
     stored = ckpt.get("datamodule_hyper_parameters") or {}
-    out: dict[str, Any] = {"dataset": str(stored["dataset"])} if stored.get("dataset") else {}
+    names = (ckpt.get("hyper_parameters") or {}).get("class_names")
+    # A run that let the data say what it was recorded no name: its class names say it.
+    dataset = stored.get("dataset") or (detect_dataset(tuple(names)) if names else None)
+    out: dict[str, Any] = {"dataset": str(dataset)} if dataset else {}
     size = stored.get("image_size") or (ckpt.get("hyper_parameters") or {}).get("image_size")
     if size:
         out["image_size"] = int(size)
@@ -374,6 +379,7 @@ def check_resumable(stored: dict[str, Any], path: str | os.PathLike, hparams: di
             raise UserError(
                 f"cannot resume from {path}: the checkpoint has {key}={a!r}, but this run builds "
                 f"{key}={b!r}. Resume with the same --arch and data"
-                + (f" (--data.{'mean' if key == 'norm_mean' else 'std'} {list(a)} gives the checkpoint's)" if key in ("norm_mean", "norm_std") and a else "")
+                + (f" (--data.mean {list(stored['norm_mean'])} --data.std {list(stored['norm_std'])} give the checkpoint's)"
+                   if key in ("norm_mean", "norm_std") and stored.get("norm_mean") and stored.get("norm_std") else "")
                 + ", or start a new run without --resume."
             )

@@ -30,9 +30,11 @@ def _check_input_size(network: torch.nn.Module, arch: str, size: int) -> None:
     """``UserError`` unless ``network`` maps a (1, 3, size, size) batch to one row of logits."""
     was_training = network.training
     network.eval()
+    weight = next(network.parameters(), None)  # the probe goes where the network is (a GPU at fit start)
+    device, dtype = (weight.device, weight.dtype) if weight is not None else (None, None)
     try:
         with torch.no_grad():
-            out = network(torch.zeros(1, 3, size, size))
+            out = network(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
         if out.ndim != 2 or out.shape[0] != 1:
             raise RuntimeError(f"it returned shape {tuple(out.shape)}")
     except (RuntimeError, ValueError, AssertionError) as err:
@@ -440,6 +442,8 @@ class ClassifierModule(pl.LightningModule):
                 changed.append(key)
                 if key == "image_size":
                     _check_input_size(self.model, hp.arch, value)
+                    if self.example_input_array is not None:
+                        self.example_input_array = torch.zeros(1, 3, value, value)
                 hp[key] = value
         self.class_names = list(hp.get("class_names") or self.class_names)
         if changed:

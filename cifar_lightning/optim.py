@@ -280,8 +280,10 @@ class WarmupCosine(Resizable):
 class WarmupPiecewise(Resizable, PiecewiseConstant):
     """``PiecewiseConstant`` over steps after a linear warm-up over the first ``warmup`` steps
     (weiaicunzai/pytorch-cifar100's one warm-up epoch before its step decay), sized for a run of
-    ``total`` steps: a resumed run with another number of steps per epoch keeps its milestones at
-    the same share of the run (``Resizable``), as an epoch-counted schedule would."""
+    ``total`` steps. It is ``Resizable``: a run resumed with another number of steps per epoch and
+    the same epochs keeps its milestones at their epochs; one resumed with more epochs stretches
+    what is left of the schedule over them, as the per-step schedules do (an epoch-counted
+    multistep without warm-up would keep its milestones' epochs)."""
 
     def __init__(self, milestones: Sequence[int], factors: Sequence[float], initial: float, warmup: int, total: int) -> None:
         PiecewiseConstant.__init__(self, milestones, factors, initial)
@@ -367,7 +369,9 @@ def build_optimizer(model: torch.nn.Module, hp: Mapping[str, Any]) -> torch.opti
 
 def _steps_per_epoch(trainer: Any) -> float:
     """Optimizer steps in one epoch: the loader's real batches, else the run's steps over its epochs."""
-    total = int(trainer.estimated_stepping_batches)  # sets up the training loader: its length is known after
+    total = trainer.estimated_stepping_batches  # sets up the training loader: its length is known after
+    if not math.isfinite(total):
+        raise UserError("a per-step schedule needs a run of known length: set max_epochs or max_steps.")
     batches = trainer.num_training_batches
     if isinstance(batches, int) and batches > 0:
         return math.ceil(batches / trainer.accumulate_grad_batches)

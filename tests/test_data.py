@@ -314,6 +314,10 @@ def counted(*args, **kwargs):
     time.sleep(3)  # long enough for the other process to come looking while this one decodes
     return decode(*args, **kwargs)
 sources.decode_image_folder = counted
+ready = Path(sys.argv[2]).with_name(f"ready-{sys.argv[3]}")
+ready.touch()
+while len(list(ready.parent.glob("ready-*"))) < 2:  # both processes have imported torch: start together
+    time.sleep(0.01)
 images, _ = sources.load_image_folder_split(Path(sys.argv[1]), "train", ("cat", "dog", "frog"))
 print(len(images))
 """
@@ -327,8 +331,8 @@ def test_processes_that_find_no_cache_together_decode_once(tiny_folder, tmp_path
 
     log = tmp_path / "decodes.txt"
     procs = [
-        subprocess.Popen([sys.executable, "-c", _COUNTED_LOAD, str(tiny_folder), str(log)], stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
+        subprocess.Popen([sys.executable, "-c", _COUNTED_LOAD, str(tiny_folder), str(log), str(i)], stdout=subprocess.PIPE, text=True)
+        for i in range(2)
     ]
     outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert outputs == ["36", "36"] and log.read_text() == "decode\n"

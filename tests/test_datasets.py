@@ -371,5 +371,19 @@ def test_caches_of_two_image_sizes_live_side_by_side_and_follow_the_files(tmp_pa
     Image.new("RGB", (64, 48), (255, 255, 255)).save(img)
     again = CIFAR10DataModule(data_dir=str(data), download=False)
     assert (again.norm_mean, again.norm_std) != stats_32
+    now = sorted(p.name for p in cache.glob("train-*"))
+    assert len(now) == 4 and not set(n for n in names if "-40px-" not in n) & set(now)  # the old 32 px files went
     assert sorted(p.name for p in cache.glob("train-40px-*")) == [n for n in names if "-40px-" in n]
     assert CIFAR10DataModule(data_dir=str(data), download=False, image_size=40).norm_mean != stats_40[0]
+
+
+def test_a_checkpoint_that_let_the_data_say_its_dataset_is_read_as_its_class_names_say():
+    from cifar_lightning.checkpoint import stored_dataset
+
+    def ckpt(names, dataset=None, size=None):
+        return {"hyper_parameters": {"class_names": list(names), **({"image_size": size} if size else {})},
+                "datamodule_hyper_parameters": {"dataset": dataset}}  # fmt: skip
+
+    assert stored_dataset(ckpt(CIFAR100_CLASSES)) == {"dataset": "cifar100"}
+    assert stored_dataset(ckpt(["a", "b"], size=40)) == {"dataset": "folder", "image_size": 40}
+    assert stored_dataset(ckpt(CIFAR100_CLASSES, dataset="folder")) == {"dataset": "folder"}  # as it was named

@@ -232,7 +232,18 @@ def test_resume_of_a_run_normalised_otherwise_is_refused(trained_run, tmp_path, 
     assert exc.value.code == 2
     message = user_error(capsys)
     assert f"cannot resume from {older}: the checkpoint has norm_mean=(0.4914, 0.4822, 0.4465)" in message
-    assert "--data.mean [0.4914, 0.4822, 0.4465] gives the checkpoint's" in message
+    assert "--data.mean [0.4914, 0.4822, 0.4465] --data.std" in message and "give the checkpoint's" in message
+
+
+def test_a_checkpoint_from_before_image_size_resumes_as_32_pixels():
+    from cifar_lightning.checkpoint import check_resumable
+    from cifar_lightning.errors import UserError
+
+    stored = {"arch": "simple_cnn", "num_classes": 3, "class_names": ["a", "b", "c"], "norm_mean": [0.5] * 3,
+              "norm_std": [0.25] * 3}  # fmt: skip
+    check_resumable(stored, "old.ckpt", {**stored, "norm_mean": (0.5,) * 3, "norm_std": (0.25,) * 3, "image_size": 32})
+    with pytest.raises(UserError, match="the checkpoint has image_size=32, but this run builds image_size=40"):
+        check_resumable(stored, "old.ckpt", {**stored, "image_size": 40})
 
 
 def _stop_with(sig: int, args: list[str], written: Callable[[], bool], stderr_path: Path) -> int:

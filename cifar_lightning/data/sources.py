@@ -240,6 +240,8 @@ def _decode_lock(folder: Path, split: str, size: int):
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return contextlib.nullcontext()  # no cache either: _decode_and_cache warns
+    if not os.access(folder, os.W_OK):  # a shared, read-only cache: nothing to write, nothing to lock
+        return contextlib.nullcontext()
     return FileLock(str(folder / f".{split}-{size}px.lock"))
 
 

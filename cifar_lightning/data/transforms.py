@@ -113,9 +113,10 @@ def build_transform(
     4 pixels on each side, then a horizontal flip with probability 0.5. ``translate`` crops from a
     2-pixel reflect padding instead, ``flip`` only flips (see ``AUGMENT_PRESETS``).
     ``autoaugment``, ``randaugment`` (``randaugment_n`` operations at level ``randaugment_m``) and
-    ``trivialaugment`` run torchvision's policy on the image, then the standard crop and flip. After the
-    normalisation, ``rotate`` turns each image by up to that many degrees either way (after the
-    crop and flip), ``cutout`` zeroes a square of that side (``Cutout``), and ``random_erasing``
+    ``trivialaugment`` run torchvision's policy on the image, then the standard crop and flip.
+    ``rotate`` then turns each image by up to that many degrees either way (black corners, before
+    the normalisation, as torchvision's ``RandomRotation`` on the image). After the
+    normalisation, ``cutout`` zeroes a square of that side (``Cutout``), and ``random_erasing``
     is the probability of torchvision's ``RandomErasing`` with zeros (the mean colour), as the
     tensor loader does them per batch (``cutout_``, ``random_erasing_``).
     """
