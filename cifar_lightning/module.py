@@ -26,6 +26,10 @@ TTA_MODES = ("none", "flip", "flip_translate")
 STAGES = ("train", "val", "test")
 
 
+def _as_list(value: Any) -> Any:  # tuples and lists compare alike (checkpoints hold lists)
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def _check_input_size(network: torch.nn.Module, arch: str, size: int) -> None:
     """``UserError`` unless ``network`` maps a (1, 3, size, size) batch to one row of logits."""
     was_training = network.training
@@ -438,7 +442,7 @@ class ClassifierModule(pl.LightningModule):
         }  # fmt: skip
         for key, value in data.items():
             ours = hp.get(key, IMAGE_SIZE if key == "image_size" else None)
-            if (list(ours) if isinstance(ours, (list, tuple)) else ours) != (list(value) if isinstance(value, (list, tuple)) else value):
+            if _as_list(ours) != _as_list(value):
                 changed.append(key)
                 if key == "image_size":
                     _check_input_size(self.model, hp.arch, value)

@@ -207,9 +207,19 @@ def load_image_folder_split(
     the same time (every rank of a torchrun job builds its data module) take turns on a file
     lock: one decodes, the others then read what it wrote.
     """
-    split_dir = split_root / split
+    return _load_cached(split_root, split, class_names, _cache_path(split_root, split, class_names, cache_dir, size), size)
+
+
+def _cache_path(split_root: Path, split: str, class_names: tuple[str, ...], cache_dir, size: int) -> Path:
+    """Where one split's decoded arrays are cached: its name carries the files' signature."""
     folder = decoded_cache_dir(split_root, cache_dir)
-    path = folder / _cache_name(split, _folder_signature(split_dir, class_names, size), size)
+    return folder / _cache_name(split, _folder_signature(split_root / split, class_names, size), size)
+
+
+def _load_cached(
+    split_root: Path, split: str, class_names: tuple[str, ...], path: Path, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    split_dir, folder = split_root / split, path.parent
     cached = _read_cache(path)
     if cached is not None:
         return cached
@@ -287,6 +297,16 @@ def _write_stats(npz: Path, images: np.ndarray) -> tuple[tuple[float, ...], tupl
     return mean, std
 
 
+def _read_stats(npz: Path) -> tuple | None:
+    """The statistics saved beside a decoded split; None before they are computed (or for a cache
+    from before they were kept)."""
+    try:
+        stats = json.loads(npz.with_suffix(".stats.json").read_text())
+        return tuple(stats["mean"]), tuple(stats["std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def image_folder_stats(
     split_root: Path, class_names: tuple[str, ...], cache_dir: str | os.PathLike | None = None, size: int = IMAGE_SIZE
 ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -296,20 +316,11 @@ def image_folder_stats(
     the same signature, so a change to the images recomputes them. The validation slice is part
     of that split: the figures describe the training files, as CIFAR's own constants do.
     """
-    sig = _folder_signature(split_root / "train", class_names, size)
-    npz = decoded_cache_dir(split_root, cache_dir) / _cache_name("train", sig, size)
-
-    def saved() -> tuple | None:
-        try:
-            stats = json.loads(npz.with_suffix(".stats.json").read_text())
-            return tuple(stats["mean"]), tuple(stats["std"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # not computed yet (or a cache from before the statistics were kept)
-
-    if (found := saved()) is not None:
+    npz = _cache_path(split_root, "train", class_names, cache_dir, size)  # one walk of the files
+    if (found := _read_stats(npz)) is not None:
         return found
-    images, _ = load_image_folder_split(split_root, "train", class_names, cache_dir, size)
-    if (found := saved()) is not None:  # decoded just now, and computed with the arrays
+    images, _ = _load_cached(split_root, "train", class_names, npz, size)
+    if (found := _read_stats(npz)) is not None:  # decoded just now, and computed with the arrays
         return found
     try:
         return _write_stats(npz, images)
