@@ -98,6 +98,8 @@ OVERHEAD_VARIANTS = {
     "defaults": "the CLI's defaults: progress bar, model summary, LR monitor, checkpointing, CSV logger, metrics",
     "no_progress_bar": "the defaults without progress bar and model summary",
     "bare_trainer": "no logger, no callbacks (the module's own metrics and logging calls stay)",
+    "lightning_floor": "Lightning's own loop: a Trainer with no logger and no callbacks fitting a minimal "
+    "LightningModule (the network, cross-entropy, the same optimizer and schedule; no metrics, no logging)",
 }
 
 
@@ -143,12 +145,52 @@ def _interleaved_fit(
         # The defaults are a user's fit: its checkpoint callbacks too. A bare trainer drops the
         # CLI's own callbacks (LR monitor, ...) as well.
         interleaved = _Interleaved(bare, cfg.warmup_steps, cfg.timed_steps, device, timing)
+        if variant == "lightning_floor":
+            _floor_fit(cfg, arch, bs, steps, Path(out), [*extra_callbacks, interleaved])
+            return _enough(timing, cfg, steps, bs)
         cli = build_fit(overrides=_overhead_args(cfg, arch, bs, steps, Path(out), variant), checkpoints=True,
                         cli_callbacks=variant != "bare_trainer", callbacks=[*extra_callbacks, interleaved])  # fmt: skip
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return _enough(timing, cfg, steps, bs)
+
+
+def _enough(timing: dict[str, list[float]], cfg: BenchConfig, steps: int, bs: int) -> dict[str, list[float]]:
     if len(timing["fit"]) < cfg.timed_steps:
         raise RuntimeError(f"the training set has fewer than {steps} batches of {bs}")
     return timing
+
+
+def _floor_fit(cfg: BenchConfig, arch: str, bs: int, steps: int, out: Path, callbacks: list) -> None:
+    """``steps`` steps of a Trainer with nothing of this package but the network and its optimizer:
+    what Lightning's loop costs by itself, a floor that no change here can go below."""
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+
+    from cifar_lightning.module import ClassifierModule
+    from cifar_lightning.optim import build_optimizer, build_scheduler
+
+    class _Minimal(pl.LightningModule):
+        def __init__(self, dm) -> None:
+            super().__init__()
+            torch.manual_seed(0)  # the bare loop's network, as BareLoop builds it
+            module = ClassifierModule(arch=arch, num_classes=dm.num_classes, class_names=dm.class_names, lr=OVERHEAD_LR)
+            module.init_network_from(dm)
+            self.model, self.settings = module.model, module.hparams
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return build_scheduler(build_optimizer(self.model, self.settings), self.settings, self.trainer)
+
+    dm = _datamodule(cfg, loader="tensor", augment="standard", batch_size=bs)
+    trainer = pl.Trainer(
+        accelerator=cfg.accelerator, devices=1, max_epochs=1, limit_train_batches=steps, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=out, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(_Minimal(dm), datamodule=dm)
 
 
 def _interleaved_null(cfg: BenchConfig, arch: str, bs: int, device: torch.device) -> dict[str, list[float]]:
@@ -255,7 +297,9 @@ def bench_overhead(cfg: BenchConfig) -> dict[str, Any]:
     turn, in reverse order on odd repeats. ``ordered`` says whether fewer callbacks read as no
     more overhead, within two standard errors: if not, the figures are noise. ``null_ms_per_step``
     is the same reading between two identical bare loops (``_interleaved_null``): the method's own
-    error, which should be zero within its standard error. ``profile`` says where the time of a
+    error, which should be zero within its standard error. ``lightning_floor`` fits a minimal
+    LightningModule with nothing of this package but the network (``_floor_fit``): Lightning's own
+    cost, and ``ours_ms_per_step`` what the package adds above it. ``profile`` says where the time of a
     default fit's step goes (``profile_fit``). On steps of 10-50
     ms (a small network and batch on a CPU) a millisecond of framework shows; on steps of
     seconds it cannot (``bare_step_ms`` says which).
@@ -313,6 +357,14 @@ def bench_overhead(cfg: BenchConfig) -> dict[str, Any]:
         "ratio": round(stats["defaults"]["ratio"], 4),
         "ratio_no_progress_bar": round(stats["no_progress_bar"]["ratio"], 4),
         "ratio_bare_trainer": round(stats["bare_trainer"]["ratio"], 4),
+        "ratio_lightning_floor": round(stats["lightning_floor"]["ratio"], 4),
+        # What this package adds to Lightning's own loop: the module's metrics and hooks, the
+        # CLI's callbacks and logger.
+        "ours_ms_per_step": round(ms["defaults"] - ms["lightning_floor"], 3),
+        # A framework-time target under Lightning's own floor cannot be met by this package.
+        "target_below_lightning_floor": bool(
+            target.get("framework_ms") is not None and ms["lightning_floor"] > target["framework_ms"]
+        ),
         "target_ratio": target["ratio"],
         "target_framework_ms": target.get("framework_ms"),
         "target_where": target["where"],

@@ -169,7 +169,7 @@ def bench_time_to_accuracy(cfg: BenchConfig, on_run=None) -> dict[str, Any]:
             "runners": runners,
             "seeds": cfg.seeds,
             "device": str(_device(cfg.accelerator)),
-            "order": "for each seed, the runners one after another, the order above turned by one per seed",
+            "order": "for each seed, the runners one after another, the order above turned by the seed (seed 1: from the second)",
             "runs": runs,
             "summary": compare_to_baseline(runs),
             "skipped": skipped,
@@ -178,9 +178,10 @@ def bench_time_to_accuracy(cfg: BenchConfig, on_run=None) -> dict[str, Any]:
     device = _device(cfg.accelerator)
     with tempfile.TemporaryDirectory() as tmp:
         ab_folder = write_airbench_data(cfg.data_dir, Path(tmp)) if "airbench94" in runners else None
-        for k, seed in enumerate(cfg.seeds):
-            # The order turns by one runner per seed, so no runner always goes first.
-            for runner in runners[k % len(runners) :] + runners[: k % len(runners)]:
+        for seed in cfg.seeds:
+            # The order turns by one runner per seed, so no runner always goes first, also when
+            # seeds run in separate runs and are merged (``bench.py --merge``).
+            for runner in runners[seed % len(runners) :] + runners[: seed % len(runners)]:
                 if runner == "airbench94":
                     runs.append(run_airbench94(ab_folder, seed, quick=cfg.quick, device=device))
                 else:

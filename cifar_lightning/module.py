@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from cifar_lightning.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
 from cifar_lightning.data.transforms import normalize
 from cifar_lightning.errors import UserError
-from cifar_lightning.models import create_model, model_info
+from cifar_lightning.models import check_input_size, create_model, model_info
 from cifar_lightning.optim import (
     OPTIMIZERS, SAM, SAM_BASES, SCHEDULERS, OptimizerName, SamBase, SchedulerName, build_optimizer, build_scheduler,
     fit_schedules,
@@ -28,27 +28,6 @@ STAGES = ("train", "val", "test")
 
 def _as_list(value: Any) -> Any:  # tuples and lists compare alike (checkpoints hold lists)
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _check_input_size(network: torch.nn.Module, arch: str, size: int) -> None:
-    """``UserError`` unless ``network`` maps a (1, 3, size, size) batch to one row of logits."""
-    was_training = network.training
-    network.eval()
-    weight = next(network.parameters(), None)  # the probe goes where the network is (a GPU at fit start)
-    device, dtype = (weight.device, weight.dtype) if weight is not None else (None, None)
-    try:
-        with torch.no_grad():
-            out = network(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
-        if out.ndim != 2 or out.shape[0] != 1:
-            raise RuntimeError(f"it returned shape {tuple(out.shape)}")
-    except (RuntimeError, ValueError, AssertionError) as err:
-        reason = str(err).splitlines()[0][:200]
-        raise UserError(
-            f"{arch} cannot take {size}x{size} images ({reason}). Pick a network that pools globally (resnet18, "
-            "resnet20, preact_resnet18, wrn16_8, densenet121, mobilenetv2, fastnet, ...) or keep --image-size 32."
-        ) from None
-    finally:
-        network.train(was_training)
 
 
 class ClassifierModule(pl.LightningModule):
@@ -177,7 +156,7 @@ class ClassifierModule(pl.LightningModule):
         self.images_seen: dict[str, int] = {}
         self.model = create_model(arch, num_classes=num_classes, **(arch_kwargs or {}))
         if image_size != IMAGE_SIZE:
-            _check_input_size(self.model, arch, image_size)
+            check_input_size(self.model, arch, image_size)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Lets the model summary show shapes and TensorBoard draw the graph (log_graph=True). Not
@@ -222,6 +201,15 @@ class ClassifierModule(pl.LightningModule):
         self.register_buffer(
             "_group_of", torch.tensor(superclasses if superclasses is not None else [], dtype=torch.long), persistent=False
         )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets ``_current_fx_name`` (a string or None) before and after each of the ~20
+        # hooks of a step; nn.Module's __setattr__ looks it up among the parameters, buffers and
+        # submodules each time, about 0.1 ms a step on a CPU (``lightning_floor`` in cpu.json).
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -445,7 +433,7 @@ class ClassifierModule(pl.LightningModule):
             if _as_list(ours) != _as_list(value):
                 changed.append(key)
                 if key == "image_size":
-                    _check_input_size(self.model, hp.arch, value)
+                    check_input_size(self.model, hp.arch, value)
                     if self.example_input_array is not None:
                         self.example_input_array = torch.zeros(1, 3, value, value)
                 hp[key] = value

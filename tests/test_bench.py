@@ -75,7 +75,7 @@ def check_data(data):
 
 
 def check_overhead(overhead):
-    variants = {"defaults", "no_progress_bar", "bare_trainer"}
+    variants = {"defaults", "no_progress_bar", "bare_trainer", "lightning_floor"}
     assert set(overhead["paired_steps_per_s"]) == {"bare_loop"} | variants
     assert overhead["ratio"] > 0 and overhead["target_ratio"] == 0.95
     met = overhead["ratio"] >= 0.95 and overhead["framework_ms_per_step"]["defaults"] <= overhead["target_framework_ms"]
@@ -84,8 +84,11 @@ def check_overhead(overhead):
     assert overhead["pairs"] == overhead["timed_steps"] * overhead["repeats"]
     ms, se = overhead["framework_ms_per_step"], overhead["framework_ms_standard_error"]
     ordered = all(ms[b] <= ms[a] + 2 * (se[a] + se[b]) + 2e-3
-                  for a, b in [("defaults", "no_progress_bar"), ("no_progress_bar", "bare_trainer")])  # fmt: skip
+                  for a, b in [("defaults", "no_progress_bar"), ("no_progress_bar", "bare_trainer"),
+                               ("bare_trainer", "lightning_floor")])  # fmt: skip
     assert overhead["ordered"] is ordered or abs(ms["defaults"] - ms["no_progress_bar"]) < 2e-3
+    assert overhead["ours_ms_per_step"] == pytest.approx(ms["defaults"] - ms["lightning_floor"], abs=2e-3)
+    assert overhead["target_below_lightning_floor"] is (ms["lightning_floor"] > overhead["target_framework_ms"])
     assert "null_ms_per_step" in overhead and overhead["null_ms_standard_error"] >= 0
     groups = overhead["profile"]["groups"]
     assert sum(g["share"] for g in groups.values()) == pytest.approx(1, abs=0.01)
@@ -239,3 +242,33 @@ def check_tricks(section):
     for row in rows.values():
         assert row["images"] == section["timed_steps"] * section["batch_size"] and row["seconds"] > 0
         assert row["over_standard"] == pytest.approx(row["images_per_s"] / rows["standard"]["images_per_s"], rel=0.01)
+
+
+def test_lightning_floor_fits_nothing_of_this_package(tmp_path):
+    # The floor is Lightning's loop alone: a module that is not ours, no logger, and no callback
+    # but those the method passes; the network is the bare loop's, from the same seed.
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from cifar_lightning.data.synthetic import write_image_folder
+    from cifar_lightning.module import ClassifierModule
+    from benchmarks.bench_overhead import _interleaved_fit
+
+    seen = {}
+
+    class Look(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update(module=pl_module, logger=trainer.logger, callbacks=list(trainer.callbacks),
+                        weights=[p.detach().clone() for p in pl_module.parameters()])  # fmt: skip
+
+    data = write_image_folder(tmp_path / "data", n_train=80, n_test=4)
+    cfg = BenchConfig.quick_config(data_dir=str(data), val_size=16, warmup_steps=1, timed_steps=4)
+    look = Look()
+    timing = _interleaved_fit(cfg, "simple_cnn", 8, torch.device("cpu"), "lightning_floor", extra_callbacks=(look,))
+    assert len(timing["fit"]) == 4 and len(timing["bare"]) == 4
+    assert not isinstance(seen["module"], ClassifierModule) and seen["logger"] is None
+    assert seen["callbacks"][0] is look and len(seen["callbacks"]) == 2  # and the interleaved timer
+    torch.manual_seed(0)
+    classes = sorted(d.name for d in (data / "train").iterdir())
+    fresh = ClassifierModule(arch="simple_cnn", num_classes=len(classes), class_names=classes, lr=0.01).model
+    assert all(torch.equal(a, b) for a, b in zip(seen["weights"], fresh.parameters()))

@@ -295,3 +295,32 @@ def test_fastnet_without_its_initialisation_data_is_an_error(tmp_path):
                          enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(model, train_dataloaders=loader)
     assert trainer.global_step == 1
+
+
+def test_hook_names_skip_the_module_attribute_lookup(tiny_folder, tmp_path, monkeypatch):
+    # Lightning names the running hook on the module before and after every hook of a step; those
+    # writes must not go through nn.Module.__setattr__ (its lookups cost ~0.1 ms a step), while
+    # every other attribute still does, and the hook's name still reads back.
+    names, seen = [], []
+    module_setattr = torch.nn.Module.__setattr__
+
+    def counting(self, name, value):
+        names.append(name)
+        module_setattr(self, name, value)
+
+    class Look(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(pl_module._current_fx_name)
+
+    dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, batch_size=5, num_workers=0)
+    model = ClassifierModule(arch="simple_cnn", num_classes=3)
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", counting)
+    trainer = pl.Trainer(
+        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Look()],
+        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 3 and seen == ["on_train_batch_end"] * 3
+    assert "_current_fx_name" not in names
+    model.extra = torch.nn.Linear(1, 1)  # a submodule still registers as one
+    assert "extra" in names and "extra" in model._modules

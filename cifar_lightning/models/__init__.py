@@ -3,6 +3,7 @@
 from cifar_lightning.models.registry import (
     ModelInfo,
     UnknownModelError,
+    check_input_size,
     create_model,
     list_models,
     model_info,

@@ -1,4 +1,5 @@
-"""One registry for every network: ``register_model``, ``create_model``, ``list_models``.
+"""One registry for every network: ``register_model``, ``create_model``, ``list_models``, and
+``check_input_size`` for a built network.
 
 A builder is a function ``builder(*, num_classes: int = 10, **kwargs) -> nn.Module`` registered
 under its own name. Each builder may carry metadata (family, source, paper) that the model card
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from cifar_lightning.errors import UserError
@@ -73,3 +75,24 @@ def model_info(name: str) -> ModelInfo:
 def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     """Build the registered network ``name`` for ``num_classes`` outputs."""
     return model_info(name).builder(num_classes=num_classes, **kwargs)
+
+
+def check_input_size(network: nn.Module, arch: str, size: int) -> None:
+    """``UserError`` unless ``network`` maps a (1, 3, size, size) batch to one row of logits."""
+    was_training = network.training
+    network.eval()
+    weight = next(network.parameters(), None)  # the probe goes where the network is (a GPU at fit start)
+    device, dtype = (weight.device, weight.dtype) if weight is not None else (None, None)
+    try:
+        with torch.no_grad():
+            out = network(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
+        if out.ndim != 2 or out.shape[0] != 1:
+            raise RuntimeError(f"it returned shape {tuple(out.shape)}")
+    except (RuntimeError, ValueError, AssertionError) as err:
+        reason = str(err).splitlines()[0][:200]
+        raise UserError(
+            f"{arch} cannot take {size}x{size} images ({reason}). Pick a network that pools globally (resnet18, "
+            "resnet20, preact_resnet18, wrn16_8, densenet121, mobilenetv2, fastnet, ...) or keep --image-size 32."
+        ) from None
+    finally:
+        network.train(was_training)
