@@ -46,7 +46,7 @@ from benchmarks.bench_memory import bench_memory
 from benchmarks.provenance import finish, provenance
 from benchmarks.bench_overhead import bench_overhead
 from benchmarks.bench_speed import TARGETS, BenchConfig, bench_data
-from benchmarks.bench_time_to_accuracy import bench_time_to_accuracy
+from benchmarks.bench_time_to_accuracy import bench_time_to_accuracy, merge_results as merge_time_to_accuracy
 from benchmarks.bench_tricks import bench_tricks
 
 SECTIONS = ("data", "overhead", "memory", "time_to_accuracy", "tricks")
@@ -181,7 +181,7 @@ def print_results(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     meta, prov = results["meta"], results["provenance"]
-    table = Table(title="cifar_lightning benchmarks" + (" (--quick: tiny synthetic data)" if meta["quick"] else ""))
+    table = Table(title="cifar_lightning benchmarks" + (" (--quick: tiny synthetic data)" if meta.get("quick") else ""))
     for name, justify in (("benchmark", "left"), ("measured", "right"), ("ratio", "right"), ("target", "right")):
         table.add_column(name, justify=justify)
     for row in summary_rows(results):
@@ -196,6 +196,23 @@ def print_results(results: dict[str, Any]) -> None:
         f"(max {prov['load_average_1min_max']}), commit {(prov['commit'] or '?')[:10]}"
         f"{' + uncommitted changes' if prov['uncommitted_changes'] else ''}, {prov['started'][:19]}"
     )
+
+
+def _merge(parser: argparse.ArgumentParser, paths: list[str], output: str | None) -> dict[str, Any]:
+    if not output:
+        parser.error("--merge needs --output, the file to write")
+    missing = [path for path in paths if not Path(path).is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
+    try:
+        results = merge_time_to_accuracy(paths)
+    except (ValueError, KeyError) as err:
+        parser.error(f"cannot merge: {err}")
+    results["targets"] = TARGETS
+    print_results(results)
+    write_report(results, output)
+    print(f"results: {output}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -217,8 +234,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, help="fits per overhead variant (default 4)")
     p.add_argument("--tricks-rounds", type=int, help="rounds of the tricks section, each fit's fastest kept (default 3)")
     p.add_argument("--tricks-steps", type=int, help="timed steps of each tricks fit (default 20)")
+    p.add_argument("--merge", nargs="+", metavar="FILE", help="no run: merge time_to_accuracy results of separate "
+                   "runs (seeds run apart) into --output, the summary recomputed over all their seeds")
     p.add_argument("fit_overrides", nargs="*", help="extra CLI arguments for the time_to_accuracy runs, after --")
     a = p.parse_args(argv)
+    if a.merge:
+        return _merge(p, a.merge, a.output)
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
     if a.sections == "all":
         sections = list(SECTIONS)

@@ -190,3 +190,46 @@ def bench_time_to_accuracy(cfg: BenchConfig, on_run=None) -> dict[str, Any]:
                 if on_run is not None:
                     on_run(results())
     return results()
+
+
+def merge_results(paths: list[str | Path]) -> dict[str, Any]:
+    """One time-to-accuracy result from several runs of the section (seeds run apart, each a file
+    ``bench.py`` wrote): their runs together and the summary recomputed over all seeds, with each
+    source's file, provenance and section settings under ``sources``. The sources must have run the
+    same runners on the same data copy, and no seed twice; a ``ValueError`` says which did not."""
+    from benchmarks.provenance import describe_path, finish, provenance
+
+    sources, runs, seen = [], [], set()
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        # "tta" is the section's name in files written before it was called time_to_accuracy.
+        section = result.get("time_to_accuracy") or result.get("tta")
+        if section is None:
+            raise ValueError(f"{path} holds no time_to_accuracy section: pass files that bench.py wrote with it")
+        for run in section["runs"]:
+            if (run["runner"], run["seed"]) in seen:
+                raise ValueError(f"{path}: {run['runner']} seed {run['seed']} is already in an earlier file")
+            seen.add((run["runner"], run["seed"]))
+        runs += section["runs"]
+        sources.append({"file": describe_path(path), "provenance": result["provenance"],
+                        "complete": result["meta"]["complete"], "runners": section["runners"], "seeds": section["seeds"]})  # fmt: skip
+    for field in ("runners", "data"):
+        values = [sorted(s[field]) if field == "runners" else s["provenance"].get("data") for s in sources]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"the files differ in their {field}: {values}; merge only runs of the same comparison")
+    prov = finish(provenance(None))
+    prov |= {"data": sources[0]["provenance"].get("data"),
+             "machine_busy": any(s["provenance"].get("machine_busy") for s in sources)}  # fmt: skip
+    runs.sort(key=lambda r: r["seed"])  # within a seed the order each file ran them in
+    return {
+        "provenance": prov,
+        "meta": {"merged": True, "sections": ["time_to_accuracy"], "complete": all(s["complete"] for s in sources)},
+        "sources": sources,
+        "time_to_accuracy": {
+            "runners": sources[0]["runners"],
+            "seeds": sorted({r["seed"] for r in runs}),
+            "order": "as each source ran it (see sources)",
+            "runs": runs,
+            "summary": compare_to_baseline(runs),
+        },
+    }

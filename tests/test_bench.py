@@ -163,6 +163,41 @@ def test_compare_to_baseline_pairs_seeds():
     assert out["airbench94"]["n"] == 2 and "against_airbench94" not in out["airbench94"]
 
 
+def test_seeds_run_apart_merge_into_one_comparison(tmp_path, capsys):
+    from benchmarks.provenance import provenance
+
+    def run(runner, seed, acc, secs):
+        return {"runner": runner, "seed": seed, "test_acc": acc, "seconds": secs, "images_seen": 1000}
+
+    def result(name, runs, key="time_to_accuracy", data="copy.tar.gz", busy=False):
+        prov = provenance(None, argv=["scripts/bench.py"]) | {"data": {"name": data}, "machine_busy": busy}
+        section = {"runners": ["airbench94", "a"], "seeds": sorted({r["seed"] for r in runs}), "runs": runs}
+        path = tmp_path / name
+        path.write_text(json.dumps({"provenance": prov, "meta": {"complete": True}, key: section}))
+        return str(path)
+
+    first = result("seed0.json", [run("airbench94", 0, 0.90, 100), run("a", 0, 0.91, 80)], key="tta", busy=True)
+    second = result("seed1.json", [run("a", 1, 0.91, 180), run("airbench94", 1, 0.92, 200)])
+    out = tmp_path / "merged.json"
+    merged = main(["--merge", first, second, "--output", str(out)])
+    assert json.loads(out.read_text())["time_to_accuracy"]["summary"] == merged["time_to_accuracy"]["summary"]
+    section = merged["time_to_accuracy"]
+    assert section["seeds"] == [0, 1] and [r["seed"] for r in section["runs"]] == [0, 0, 1, 1]
+    vs = section["summary"]["a"]["against_airbench94"]  # as if both seeds had run in one file
+    assert vs["seeds"] == [0, 1] and vs["time_ratio"] == pytest.approx(0.85) and vs["time_ratio_std"] > 0
+    assert vs["accuracy_difference_std"] == pytest.approx(2**0.5, abs=1e-3)
+    assert [s["file"] for s in merged["sources"]] == ["<outside>/seed0.json", "<outside>/seed1.json"]
+    assert merged["provenance"]["machine_busy"] is True  # one source ran on a busy machine
+    assert merged["provenance"]["data"] == {"name": "copy.tar.gz"}
+    assert "time to accuracy: a, 2 seed(s)" in capsys.readouterr().out
+    # the same seed twice, or another data copy, is one clear error (argparse's exit code 2)
+    for bad, says in ((first, "already in an earlier file"), (result("other.json", [run("a", 2, 0.9, 1)], data="x"), "differ")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--merge", first, bad, "--output", str(tmp_path / "bad.json")])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_summary_rows_and_configs():
     assert summary_rows({"meta": {}}) == []
     row = {"tensor_loader_images_per_s": 9000.0, "per_image_2_workers_images_per_s": 3000.0,
