@@ -208,16 +208,27 @@ def merge_results(paths: list[str | Path]) -> dict[str, Any]:
             raise ValueError(f"{path} holds no time_to_accuracy section: pass files that bench.py wrote with it")
         for run in section["runs"]:
             if (run["runner"], run["seed"]) in seen:
-                raise ValueError(f"{path}: {run['runner']} seed {run['seed']} is already in an earlier file")
+                raise ValueError(f"{path}: {run['runner']} seed {run['seed']} appears twice in the files given")
             seen.add((run["runner"], run["seed"]))
         runs += section["runs"]
-        sources.append({"file": describe_path(path), "provenance": result["provenance"],
-                        "complete": result["meta"]["complete"], "runners": section["runners"], "seeds": section["seeds"]})  # fmt: skip
-    for field in ("runners", "data"):
-        values = [sorted(s[field]) if field == "runners" else s["provenance"].get("data") for s in sources]
+        config = result.get("config") or {}
+        sources.append({
+            "file": describe_path(path), "provenance": result["provenance"], "complete": result["meta"]["complete"],
+            "runners": section["runners"], "seeds": section["seeds"], "order": section.get("order"),
+            "device": section.get("device"), "quick": result["meta"].get("quick", False),
+            # "tta_overrides": the same list, as files written before the section's rename call it.
+            "fit_overrides": config.get("fit_overrides", config.get("tta_overrides", [])),
+        })  # fmt: skip
+    # One comparison: the same runners, data copy, device, and settings in every file.
+    for field in ("runners", "data", "device", "quick", "fit_overrides"):
+        values = [sorted(s["runners"]) if field == "runners" else s["provenance"].get("data") if field == "data"
+                  else s[field] for s in sources]  # fmt: skip
         if any(v != values[0] for v in values):
             raise ValueError(f"the files differ in their {field}: {values}; merge only runs of the same comparison")
     prov = finish(provenance(None))
+    # The merge's own command and commit; machine and load are each source's (under sources).
+    for key in [k for k in prov if k.startswith("load_average")]:
+        prov[key] = None
     prov |= {"data": sources[0]["provenance"].get("data"),
              "machine_busy": any(s["provenance"].get("machine_busy") for s in sources)}  # fmt: skip
     runs.sort(key=lambda r: r["seed"])  # within a seed the order each file ran them in
@@ -228,6 +239,7 @@ def merge_results(paths: list[str | Path]) -> dict[str, Any]:
         "time_to_accuracy": {
             "runners": sources[0]["runners"],
             "seeds": sorted({r["seed"] for r in runs}),
+            "device": sources[0]["device"],
             "order": "as each source ran it (see sources)",
             "runs": runs,
             "summary": compare_to_baseline(runs),

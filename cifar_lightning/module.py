@@ -203,9 +203,9 @@ class ClassifierModule(pl.LightningModule):
         )
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets ``_current_fx_name`` (a string or None) before and after each of the ~20
-        # hooks of a step; nn.Module's __setattr__ looks it up among the parameters, buffers and
-        # submodules each time, about 0.1 ms a step on a CPU (``lightning_floor`` in cpu.json).
+        # Lightning sets ``_current_fx_name`` (a string or None) before and after each hook of a
+        # step, dozens of times a step; nn.Module's __setattr__ would look it up among the
+        # parameters, buffers and submodules each time: Python work on every short step.
         if name == "_current_fx_name":
             object.__setattr__(self, name, value)
         else:

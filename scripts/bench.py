@@ -4,7 +4,7 @@
 Examples:
     python scripts/bench.py --data-dir ../shared/data/cifar10-jpeg.tar.gz --output benchmarks/cpu.json
     python scripts/bench.py --sections time_to_accuracy --seeds 0 1 --data-dir DATA --output benchmarks/time_to_accuracy_cpu.json
-    python scripts/bench.py --merge seed0.json seed1.json --output benchmarks/time_to_accuracy_cpu.json  # seeds run apart
+    python scripts/bench.py --merge benchmarks/time_to_accuracy_cpu/seed*.json --output benchmarks/time_to_accuracy_cpu.json
     python scripts/bench.py --quick                                      # seconds, tiny synthetic data
 """
 
