@@ -181,7 +181,7 @@ def print_results(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     meta, prov = results["meta"], results["provenance"]
-    table = Table(title="cifar_lightning benchmarks" + (" (--quick: tiny synthetic data)" if meta.get("quick") else ""))
+    table = Table(title="cifar_lightning benchmarks" + (" (--quick: tiny synthetic data)" if meta["quick"] else ""))
     for name, justify in (("benchmark", "left"), ("measured", "right"), ("ratio", "right"), ("target", "right")):
         table.add_column(name, justify=justify)
     for row in summary_rows(results):

@@ -18,6 +18,19 @@ from benchmarks.bench_speed import TARGETS, BenchConfig, _datamodule, _device, _
 from benchmarks.fitting import build_fit
 
 
+def seeded_network(arch: str, dm, device: torch.device | None = None):
+    """The network every overhead side trains, built from seed 0 (initialised from the data where
+    it needs it), and the module defaults' hyperparameters, for the same optimizer and schedule."""
+    from cifar_lightning.module import ClassifierModule
+
+    torch.manual_seed(0)
+    module = ClassifierModule(arch=arch, num_classes=dm.num_classes, class_names=dm.class_names, lr=OVERHEAD_LR)
+    if device is not None:
+        module.to(device)
+    module.init_network_from(dm)
+    return module.model, module.hparams
+
+
 class BareLoop:
     """The same network, data path, loss, optimizer and per-step schedule as a fit, no framework.
 
@@ -28,21 +41,17 @@ class BareLoop:
     def __init__(self, cfg: BenchConfig, arch: str, bs: int, device: torch.device, steps: int) -> None:
         from types import SimpleNamespace
 
-        from cifar_lightning.module import ClassifierModule
         from cifar_lightning.optim import build_optimizer, build_scheduler
 
         dm = _datamodule(cfg, loader="tensor", augment="standard", batch_size=bs)
         self.batches = iter(dm.tensor_loader(dm.train_set, train=True, device=device, seed=1))
-        torch.manual_seed(0)
-        # The module with its defaults, for the same network, optimizer and schedule as the fit's.
-        module = ClassifierModule(arch=arch, num_classes=dm.num_classes, class_names=dm.class_names, lr=OVERHEAD_LR)
-        self.model = module.to(device).model.train()
-        module.init_network_from(dm)
-        self.opt = build_optimizer(self.model, module.hparams)
+        self.model, settings = seeded_network(arch, dm, device)
+        self.model.train()
+        self.opt = build_optimizer(self.model, settings)
         schedule_length = SimpleNamespace(
             estimated_stepping_batches=steps, num_training_batches=steps, accumulate_grad_batches=1, max_epochs=1
         )
-        configured = build_scheduler(self.opt, module.hparams, schedule_length)
+        configured = build_scheduler(self.opt, settings, schedule_length)
         self.sched = configured["lr_scheduler"]["scheduler"] if isinstance(configured, dict) else None
 
     def step(self) -> None:
@@ -168,16 +177,12 @@ def _floor_fit(cfg: BenchConfig, arch: str, bs: int, steps: int, out: Path, call
     import lightning.pytorch as pl
     import torch.nn.functional as F
 
-    from cifar_lightning.module import ClassifierModule
     from cifar_lightning.optim import build_optimizer, build_scheduler
 
     class _Minimal(pl.LightningModule):
         def __init__(self, dm) -> None:
             super().__init__()
-            torch.manual_seed(0)  # the bare loop's network, as BareLoop builds it
-            module = ClassifierModule(arch=arch, num_classes=dm.num_classes, class_names=dm.class_names, lr=OVERHEAD_LR)
-            module.init_network_from(dm)
-            self.model, self.settings = module.model, module.hparams
+            self.model, self.settings = seeded_network(arch, dm)  # the bare loop's network
 
         def training_step(self, batch, batch_idx):
             x, y = batch

@@ -220,9 +220,10 @@ def merge_results(paths: list[str | Path]) -> dict[str, Any]:
             "fit_overrides": config.get("fit_overrides", config.get("tta_overrides", [])),
         })  # fmt: skip
     # One comparison: the same runners, data copy, device, and settings in every file.
-    for field in ("runners", "data", "device", "quick", "fit_overrides"):
-        values = [sorted(s["runners"]) if field == "runners" else s["provenance"].get("data") if field == "data"
-                  else s[field] for s in sources]  # fmt: skip
+    compared = [{"runners": sorted(s["runners"]), "data": s["provenance"].get("data"), "device": s["device"],
+                 "quick": s["quick"], "fit_overrides": s["fit_overrides"]} for s in sources]  # fmt: skip
+    for field in compared[0]:
+        values = [c[field] for c in compared]
         if any(v != values[0] for v in values):
             raise ValueError(f"the files differ in their {field}: {values}; merge only runs of the same comparison")
     prov = finish(provenance(None))
@@ -234,7 +235,8 @@ def merge_results(paths: list[str | Path]) -> dict[str, Any]:
     runs.sort(key=lambda r: r["seed"])  # within a seed the order each file ran them in
     return {
         "provenance": prov,
-        "meta": {"merged": True, "sections": ["time_to_accuracy"], "complete": all(s["complete"] for s in sources)},
+        "meta": {"merged": True, "quick": sources[0]["quick"], "sections": ["time_to_accuracy"],
+                 "complete": all(s["complete"] for s in sources)},  # fmt: skip
         "sources": sources,
         "time_to_accuracy": {
             "runners": sources[0]["runners"],

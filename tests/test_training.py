@@ -299,7 +299,7 @@ def test_fastnet_without_its_initialisation_data_is_an_error(tmp_path):
 
 def test_hook_names_skip_the_module_attribute_lookup(tiny_folder, tmp_path, monkeypatch):
     # Lightning names the running hook on the module before and after every hook of a step; those
-    # writes must not go through nn.Module.__setattr__ (its lookups cost ~0.1 ms a step), while
+    # writes must not go through nn.Module.__setattr__ (Python lookups on every hook), while
     # every other attribute still does, and the hook's name still reads back.
     names, seen = [], []
     module_setattr = torch.nn.Module.__setattr__
