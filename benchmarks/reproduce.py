@@ -11,6 +11,7 @@ Nothing is estimated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -91,8 +92,14 @@ def data_label(data_dir: str) -> str:
     return name
 
 
-def run_recipe(recipe: Path, seed: int, data_dir: str, results: Path, extra: list[str]) -> dict:
-    """Run one recipe with one seed; keep its log and report under ``results``; return the report."""
+def run_recipe(recipe: Path, seed: int, data_dir: str, results: Path, extra: list[str], keep_checkpoint: bool = False) -> dict:
+    """Run one recipe with one seed; keep its log and report under ``results``; return the report.
+
+    The run's folder (``results/runs/<recipe>-seed<seed>``, checkpoints included) is removed at the
+    end, so that several invocations can run side by side; with ``keep_checkpoint`` the tested
+    checkpoint is kept first, as ``results/<recipe>-seed<seed>.ckpt`` (not tracked by git: the
+    weights that are shipped are made from it by ``scripts/publish_weights.py``).
+    """
     from benchmarks.provenance import finish, provenance, scrub, scrub_paths
 
     tag = f"{recipe.stem}-seed{seed}"
@@ -113,6 +120,11 @@ def run_recipe(recipe: Path, seed: int, data_dir: str, results: Path, extra: lis
     report = json.loads(report_path.read_text())
     # The per-epoch curves stay beside the log; the run folder (checkpoints) is dropped later.
     shutil.copyfile(report_path.parent / "metrics.csv", results / f"{tag}-metrics.csv")
+    if keep_checkpoint and report.get("checkpoint"):
+        shutil.copyfile(report["checkpoint"], results / f"{tag}.ckpt")
+    shutil.rmtree(results / "runs" / tag, ignore_errors=True)
+    with contextlib.suppress(OSError):  # left while another invocation's run is in it
+        (results / "runs").rmdir()
     report.update(recipe=recipe.stem, seed=seed, hardware=hardware(), data=data_label(data_dir),
                   date=date.today().isoformat(), extra_args=extra)  # fmt: skip
     report = scrub(report) | {"provenance": finish(prov)}
@@ -254,6 +266,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--restamp", action="store_true",
                    help="name the absolute paths in the kept logs and reports by role (runs made before "
                         "results recorded their provenance), then rebuild the table")  # fmt: skip
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each run's tested checkpoint as <results>/<recipe>-seed<N>.ckpt (git-ignored)")  # fmt: skip
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more fit.py arguments for every run")
     args = p.parse_args(argv)
     if args.restamp:
@@ -262,12 +276,10 @@ def main(argv: list[str] | None = None) -> str:
     args.recipes = [resolve_recipe(r, args.configs) for r in args.recipes]
     for recipe in args.recipes:
         for seed in args.seeds:
-            report = run_recipe(recipe, seed, args.data_dir, args.results, args.extra)
+            report = run_recipe(recipe, seed, args.data_dir, args.results, args.extra, args.keep_checkpoints)
             if args.note:
                 report["note"] = args.note
                 write_report(report, args.results / f"{recipe.stem}-seed{seed}.json")
-    # The run folders hold checkpoints: keep the logs and reports, drop the weights.
-    shutil.rmtree(args.results / "runs", ignore_errors=True)
     recipes = {r.stem: r for r in [*sorted(args.configs.glob("*.yaml")), *args.recipes]}
     text = table(list(recipes.values()), args.results, read_smoke(args.smoke))
     draw_reference_curves(list(recipes.values()), args.results)

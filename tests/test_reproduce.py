@@ -51,3 +51,23 @@ def test_runs_seeds_keeps_logs_and_writes_table(tiny_folder, tmp_path):
     # a failed smoke check is not shown as a pass
     assert "smoke check FAILED" in rows["resnet44_paper"]
     assert "| not run |" in rows["resnet110_paper"] and rows["resnet110_paper"].split("|")[4].strip() == "-"
+
+
+def test_keep_checkpoints_keeps_the_tested_checkpoint_only(tiny_folder, tmp_path):
+    from cifar_lightning.checkpoint import load_classifier
+
+    recipe = tmp_path / "tiny_recipe.yaml"
+    recipe.write_text("# source: this test\n# reference: none\n# epochs: 1\n# time: seconds\n"
+                      "model:\n  arch: simple_cnn\ntrainer:\n  max_epochs: 1\n")  # fmt: skip
+    results = tmp_path / "results"
+    # another invocation's run, still going: its folder must survive this one's clean-up
+    other = results / "runs" / "other-seed0"
+    other.mkdir(parents=True)
+    main([str(recipe), "--seeds", "3", "--data-dir", str(tiny_folder), "--results", str(results),
+          "--table", str(tmp_path / "table.md"), "--keep-checkpoints",
+          "--extra", "--num-workers", "0", "--val-size", "6", "--batch-size", "8"])  # fmt: skip
+    report = json.loads((results / "tiny_recipe-seed3.json").read_text())
+    kept = results / "tiny_recipe-seed3.ckpt"
+    assert load_classifier(kept).hparams.arch == "simple_cnn"
+    assert report["checkpoint"].endswith(".ckpt")
+    assert not (results / "runs" / "tiny_recipe-seed3").exists() and other.is_dir()
