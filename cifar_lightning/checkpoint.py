@@ -156,8 +156,24 @@ def check_compatible(
     hp = module.hparams
     if arch is not None and hp.arch != arch:
         raise UserError(f"{name} is a {hp.arch!r} model, but {against} expects {arch!r}.")
+    _check_classes(list(module.class_names), class_names, name, against)
+    if num_classes is not None and hp.num_classes != num_classes:
+        raise UserError(f"{name} predicts {hp.num_classes} classes, but {against} has {num_classes}.")
+
+
+def check_data_matches(
+    hparams: dict[str, Any], class_names: Sequence[str], checkpoint: str | os.PathLike, data_dir: str | os.PathLike
+) -> None:
+    """``UserError`` when the data in ``data_dir`` has other classes than the checkpoint (its
+    ``hparams``) was trained on."""
+    names = list(hparams.get("class_names") or [])
+    if names:
+        _check_classes(names, class_names, f"checkpoint {checkpoint}", f"the data in {data_dir}")
+
+
+def _check_classes(ours: list[str], class_names: Sequence[str] | None, name: str, against: str) -> None:
     if class_names is not None:
-        theirs, ours = list(class_names), list(module.class_names)
+        theirs = list(class_names)
         if theirs != ours:
             order = " (the same names in another order)" if sorted(theirs) == sorted(ours) else ""
             raise UserError(
@@ -165,8 +181,6 @@ def check_compatible(
                 f"{len(theirs)} classes {theirs}{order}. Use a checkpoint trained on this data, "
                 "or data with the checkpoint's classes."
             )
-    if num_classes is not None and hp.num_classes != num_classes:
-        raise UserError(f"{name} predicts {hp.num_classes} classes, but {against} has {num_classes}.")
 
 
 def _check_structure(path: Path, ckpt: Any) -> None:

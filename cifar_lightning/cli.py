@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import shlex
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 from jsonargparse import Namespace
@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from cifar_lightning.arguments import explain_parse_error, in_cli_terms, without_flag
 from cifar_lightning.callbacks import (
     CHECKPOINT_DEFAULTS,
     ConfigSavingCallback,
@@ -33,63 +34,19 @@ from cifar_lightning.callbacks import (
 )
 from cifar_lightning.checkpoint import (
     LIGHTNING_CKPT_NAMES,
+    check_data_matches,
     check_resumable,
     find_resume_checkpoint,
     read_checkpoint,
     run_location,
+    stored_data_dir,
+    stored_dataset,
     with_atomic_checkpoint_io,
 )
+from cifar_lightning.constants import IMAGE_SIZE
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.module import ClassifierModule
-
-
-# ---------------------------------------------------------------------------------------------
-# Raw argument lists
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Arg:
-    """One flag with its value as written (``--f=v`` or ``--f v``), or one bare token (``flag`` None)."""
-
-    flag: str | None
-    value: str | None
-    tokens: tuple[str, ...]
-
-
-def scan_args(argv: list[str], switches: Collection[str] = (), optional: Collection[str] = ()) -> list[Arg]:
-    """Group ``argv`` into flags and their values.
-
-    A flag takes ``=value`` or the next token. Flags in ``switches`` take no value; a flag in
-    ``optional`` (``--resume [PATH]``), or any other flag, takes the next token only when that does
-    not start with ``--``.
-    """
-    out, i = [], 0
-    while i < len(argv):
-        token = argv[i]
-        flag, eq, value = token.partition("=")
-        if not token.startswith("--"):
-            out.append(Arg(None, token, (token,)))
-        elif eq:
-            out.append(Arg(flag, value, (token,)))
-        elif flag not in switches and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            out.append(Arg(flag, argv[i + 1], (token, argv[i + 1])))
-            i += 1
-        else:
-            out.append(Arg(flag, None, (token,)))
-        i += 1
-    return out
-
-
-def without_flag(argv: list[str], flag: str, switches: Collection[str] = ()) -> list[str]:
-    """``argv`` without ``flag`` and its value."""
-    return [t for a in scan_args(argv, switches) if a.flag != flag for t in a.tokens]
-
-
-def value_of(argv: list[str], flag: str, switches: Collection[str] = ()) -> str | None:
-    """The last value given to ``flag`` in ``argv``, else None."""
-    return next((a.value for a in reversed(scan_args(argv, switches)) if a.flag == flag), None)
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> None:
@@ -162,6 +119,30 @@ def quiet_lightning_notes() -> None:
     )
 
 
+class ArgumentsError(UserError):
+    """jsonargparse's complaint about the arguments, before it is made into one line."""
+
+    def __init__(self, message: str, parser: Any) -> None:
+        super().__init__(message)
+        self.message, self.parser = message, parser
+
+
+class CifarArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors are one line, first: ``CifarCLI`` names the YAML file
+    and the key, and the nearest valid key. The usage text comes with ``--help`` only (92 lines
+    of it above the error hid the error)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse's own inner parsers catch these and try again
+            super().error(message, ex)
+        raise ArgumentsError(message, getattr(ex, "subcommand_parser", None) or self)
+
+
+def parser_keys(parser: Any) -> list[str]:
+    """Every option a parser takes, as dotted keys (``model.weight_decay``)."""
+    return [a.dest for a in parser._actions if a.dest not in ("help", "config", "print_config", "subcommand")]
+
+
 class CifarCLI(LightningCLI):
     """LightningCLI with the project's default callbacks, links and argument checks.
 
@@ -181,8 +162,17 @@ class CifarCLI(LightningCLI):
         self.argv: list[str] = list(given) if isinstance(given, (list, tuple)) else sys.argv[1:]
         #: (path, hyperparameters) of the checkpoint a fit resumes from.
         self.resume_from: tuple[str, dict[str, Any]] | None = None
+        #: How the user runs this CLI, for the ``--help`` hint of an argument error.
+        self.command: str = kwargs.pop("command", "python -m cifar_lightning")
+        #: (path, contents) of the checkpoint that validate/test/predict read.
+        self.eval_checkpoint: tuple[str, dict[str, Any]] | None = None
+        kwargs.setdefault("parser_class", CifarArgumentParser)
         quiet_lightning_notes()
-        super().__init__(ClassifierModule, CIFAR10DataModule, *args, **kwargs)
+        try:
+            super().__init__(ClassifierModule, CIFAR10DataModule, *args, **kwargs)
+        except ArgumentsError as err:
+            command = " ".join(filter(None, [self.command, _subcommand_in(self.argv)]))
+            raise UserError(explain_parse_error(err.message, parser_keys(err.parser), self.argv, command)) from None
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -223,7 +213,7 @@ class CifarCLI(LightningCLI):
             return
         if self.config.get("subcommand", "fit") != "fit":
             if ckpt != "last":  # validate/test/predict: Lightning's own meaning of 'last'
-                read_checkpoint(ckpt)
+                self.eval_checkpoint = (str(ckpt), read_checkpoint(ckpt))
             return
         path = find_resume_checkpoint(ckpt, *_run_root(cfg))
         checkpoint = read_checkpoint(path)
@@ -235,6 +225,8 @@ class CifarCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._subconfig()
+        if self.eval_checkpoint is not None:
+            adopt_checkpoint_data(cfg.data, *self.eval_checkpoint)
         epochs = cfg.trainer.max_epochs
         if epochs is not None and epochs <= 0:
             raise UserError(f"the number of epochs must be positive, got {epochs}. Pass e.g. --epochs 30.")
@@ -263,6 +255,9 @@ class CifarCLI(LightningCLI):
             raise cause from None
 
     def after_instantiate_classes(self) -> None:
+        if self.eval_checkpoint is not None:
+            path, ckpt = self.eval_checkpoint
+            check_data_matches(ckpt["hyper_parameters"], self.datamodule.class_names, path, self.datamodule.source.root)
         if self.resume_from is not None:
             path, stored = self.resume_from
             check_resumable(stored, path, self.model.hparams)
@@ -279,6 +274,60 @@ class CifarCLI(LightningCLI):
             return shlex.join(["python", "-m", "cifar_lightning", *args])
 
         fit_or_exit(self.trainer, lambda: self.trainer.fit(model, **kwargs), command)
+
+
+def _subcommand_in(argv: list[str]) -> str | None:
+    return next((a for a in argv if a in ("fit", "validate", "test", "predict")), None)
+
+
+#: The data module's defaults that a checkpoint's own values replace in validate/test/predict.
+_DATA_DEFAULTS = {"data_dir": "data", "image_size": IMAGE_SIZE}
+
+
+def adopt_checkpoint_data(data: Namespace, path: str, ckpt: dict[str, Any]) -> None:
+    """Make ``validate``/``test``/``predict`` of a checkpoint read the data as its run read it.
+
+    The checkpoint's normalisation, dataset and image size replace the data module's defaults,
+    and its data folder the default ``data`` (as ``scripts/evaluate.py`` reads them). A value given
+    on the command line or in a config that contradicts the checkpoint is refused: testing a model
+    on inputs normalised otherwise than in training gives wrong numbers without a sign.
+    """
+    hp = ckpt["hyper_parameters"]
+    stored = stored_dataset(ckpt)
+    name = f"checkpoint {path}"
+    if data.get("data_dir") in (None, _DATA_DEFAULTS["data_dir"]):
+        trained_on = stored_data_dir(ckpt, path)
+        if trained_on and not Path(trained_on).expanduser().exists():
+            raise UserError(
+                f"{name} was trained on the data in {trained_on}, which is not there as seen from this folder. "
+                "Pass --data-dir with that data."
+            )
+        data.data_dir = trained_on or data.get("data_dir")
+    if "dataset" in stored:
+        if data.get("dataset") is None:
+            data.dataset = stored["dataset"]
+        elif data.dataset != stored["dataset"]:
+            raise UserError(f"{name} was trained on --dataset {stored['dataset']}, not {data.dataset}: drop --dataset.")
+    size = stored.get("image_size", IMAGE_SIZE)
+    if data.get("image_size") in (None, _DATA_DEFAULTS["image_size"]):
+        data.image_size = size
+    elif data.image_size != size:
+        raise UserError(f"{name} was trained on {size} px images, not {data.image_size}: drop --image-size.")
+    mean, std = hp.get("norm_mean"), hp.get("norm_std")
+    if mean is None or std is None:
+        return
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    identity = mean == [0.0] * 3 and std == [1.0] * 3
+    if data.get("normalize", True) is False and not identity:
+        raise UserError(f"{name} was trained on images normalised with mean {mean} and std {std}: drop --data.normalize false.")
+    given = data.get("mean"), data.get("std")
+    if given == (None, None):
+        data.mean, data.std, data.normalize = mean, std, True
+    elif not all(math.isclose(float(a), b, abs_tol=1e-6) for x, y in zip(given, (mean, std)) for a, b in zip(x, y)):
+        raise UserError(
+            f"{name} was trained on images normalised with mean {mean} and std {std}, but --data.mean "
+            f"{list(given[0])} --data.std {list(given[1])} were given. Drop them: the checkpoint's are used."
+        )
 
 
 def _logger_configs(cfg) -> list[Any]:
@@ -364,5 +413,10 @@ def _apply_no_validation(cfg: Namespace) -> None:
 
 @exit_on_user_error
 def cli_main(args: list[str] | None = None, **kwargs: Any) -> CifarCLI:
-    """Run the CLI (``args`` default to ``sys.argv[1:]``); returns it for ``run=False`` callers."""
-    return CifarCLI(args=args, **kwargs)
+    """Run the CLI (``args`` default to ``sys.argv[1:]``); returns it for ``run=False`` callers.
+
+    Messages name ``scripts/fit.py``'s short flags; here they name the CLI's arguments."""
+    try:
+        return CifarCLI(args=args, **kwargs)
+    except UserError as err:
+        raise type(err)(in_cli_terms(str(err))) from None  # the same kind, so the same exit code

@@ -8,7 +8,6 @@ the report is printed and written to ``<run dir>/test_report.json``.
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import sys
 import time
@@ -19,56 +18,11 @@ from typing import Any, Sequence
 from lightning.pytorch.callbacks import Callback
 
 from cifar_lightning.callbacks import fit_or_exit
-from cifar_lightning.cli import TRAINER_DEFAULTS, CifarCLI, scan_args, value_of, without_flag
+from cifar_lightning.arguments import FIT_ALIASES, FIT_SWITCHES, in_fit_terms, scan_args, value_of, without_flag
+from cifar_lightning.cli import TRAINER_DEFAULTS, CifarCLI
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.loggers import LOGGERS
 from cifar_lightning.report import build_report, print_report, write_report
-
-
-#: Short flag -> the CLI argument(s) it stands for. A flag never has its own implementation.
-FIT_ALIASES: dict[str, tuple[str, ...]] = {
-    "--arch": ("--model.arch",),
-    "--epochs": ("--trainer.max_epochs",),
-    "--batch-size": ("--data.batch_size",),
-    "--lr": ("--model.lr",),
-    "--optimizer": ("--model.optimizer",),
-    "--sam-rho": ("--model.sam_rho",),
-    "--scheduler": ("--model.scheduler",),
-    "--weight-decay": ("--model.weight_decay",),
-    "--label-smoothing": ("--model.label_smoothing",),
-    "--augment": ("--data.augment",),
-    "--randaugment-n": ("--data.randaugment_n",),
-    "--randaugment-m": ("--data.randaugment_m",),
-    "--rotate": ("--data.rotate",),
-    "--cutout": ("--data.cutout",),
-    "--random-erasing": ("--data.random_erasing",),
-    "--mixup": ("--data.mixup",),
-    "--cutmix": ("--data.cutmix",),
-    "--data-dir": ("--data.data_dir",),
-    "--dataset": ("--data.dataset",),
-    "--image-size": ("--data.image_size",),
-    "--val-size": ("--data.val_size",),
-    "--num-workers": ("--data.num_workers",),
-    "--devices": ("--trainer.devices",),
-    "--num-nodes": ("--trainer.num_nodes",),
-    "--accelerator": ("--trainer.accelerator",),
-    "--precision": ("--trainer.precision",),
-    "--seed": ("--seed_everything",),
-    "--output-dir": ("--trainer.default_root_dir",),
-    # A target holding {value} takes the value there; the others get "=value".
-    "--ema": ('--trainer.callbacks+={"class_path": "cifar_lightning.callbacks.EMA", "init_args": {"decay": {value}}}',),
-    "--swa": ('--trainer.callbacks+={"class_path": "cifar_lightning.callbacks.SWA", "init_args": {"swa_lrs": {value}}}',),
-}
-
-
-#: Flags that take no value.
-FIT_SWITCHES: dict[str, tuple[str, ...]] = {
-    "--download": ("--data.download=true",),
-    "--no-download": ("--data.download=false",),
-    "--fast-dev-run": ("--trainer.fast_dev_run=true",),
-    "--deterministic": ("--trainer.deterministic=true",),
-    "--sam-adaptive": ("--model.sam_adaptive=true",),
-}
 
 
 #: ``--resume [PATH]``: ``--ckpt_path PATH``, or ``--ckpt_path last`` (the run's latest last.ckpt).
@@ -185,15 +139,6 @@ def fit_help() -> str:
     )
 
 
-def in_fit_terms(message: str) -> str:
-    """``message`` with each CLI argument that has a short flag named by that flag instead
-    (``--data.val_size`` -> ``--val-size``), as a ``scripts/fit.py`` user typed it."""
-    for alias, targets in FIT_ALIASES.items():
-        if len(targets) == 1:
-            message = re.sub(re.escape(targets[0]) + r"(?![\w.])", alias, message)
-    return message
-
-
 @exit_on_user_error
 def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """``scripts/fit.py``: fit, test the best checkpoint, print and save the report (rank 0)."""
@@ -223,7 +168,7 @@ def _fit_test_report(argv: list[str] | None, test: bool, callbacks: Sequence[Cal
 
     # The arguments are sys.argv rewritten, so Lightning's "args and sys.argv both given" note does not apply.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = CifarCLI(args=args, run=False)
+    cli = CifarCLI(args=args, run=False, command="python scripts/fit.py")
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     trainer.callbacks.extend(callbacks)
     ckpt_path = cli.config.get("ckpt_path")

@@ -112,20 +112,46 @@ def test_alias_flags_and_yaml_give_the_same_checkpoint_hparams(tiny_folder, tmp_
 @pytest.mark.parametrize(
     "content, pattern",
     [
-        ("model:\n  arch: simple_cnn\n  lrr: 0.1\n", r"does not accept option 'model\.lrr'"),
-        ("model:\n  lr: fast\n", r'key "model\.lr"[\s\S]*Expected a <class .float.>[\s\S]*fast'),
-        ("data:\n  augment: sideways\n", r'data\.augment[\s\S]*sideways'),
-        ("model:\n  arch: [unclosed\n", r"Problems parsing config"),
+        ("model:\n  arch: simple_cnn\n  lrr: 0.1\n", r"bad\.yaml: unknown key model\.lrr\. Did you mean model\.lr\?"),
+        ("model:\n  weight_decey: 0.1\n", r"bad\.yaml: unknown key model\.weight_decey\. Did you mean model\.weight_decay\?"),
+        ("model:\n  lr: fast\n", r"bad\.yaml: model\.lr: expected a float, got 'fast'"),
+        ("data:\n  augment: sideways\n", r"bad\.yaml: data\.augment: expected one of none, standard, .*got 'sideways'"),
+        ("model:\n  arch: [unclosed\n", r"bad\.yaml: not valid YAML"),
     ],
-    ids=["unknown-key", "wrong-type", "bad-choice", "invalid-yaml"],
+    ids=["unknown-key", "near-key", "wrong-type", "bad-choice", "invalid-yaml"],
 )
-def test_bad_config_gives_the_cli_message_and_exit_2(tmp_path, capsys, content, pattern):
+def test_bad_config_is_one_line_naming_the_file_and_key(tmp_path, capsys, content, pattern):
     bad = tmp_path / "bad.yaml"
     bad.write_text(content)
     with pytest.raises(SystemExit) as exc:
         cli_main(["fit", "--config", str(bad)])
     assert exc.value.code == 2
-    assert re.search(pattern, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    # the error first and alone: no usage text above it (that comes with --help)
+    assert err.count("\n") == 1 and err.startswith("error: ") and "usage:" not in err, err
+    assert re.search(pattern, err), err
+    assert "python -m cifar_lightning fit --help" in err
+
+
+def test_bad_flags_are_named_as_typed(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.weight_decey", "0.1"])
+    assert "unknown option --model.weight_decey. Did you mean --model.weight_decay?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fit_main(["--weight-decay", "x"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: --weight-decay: expected a float, got 'x'.") and "scripts/fit.py --help" in err
+    with pytest.raises(SystemExit):
+        fit_main(["--model.weight_decey", "0.1"])
+    assert "Did you mean --weight-decay?" in capsys.readouterr().err
+
+
+def test_cli_messages_name_cli_arguments(tmp_path, capsys):
+    # the package's messages name fit.py's flags; through the CLI they name the CLI's own
+    with pytest.raises(SystemExit):
+        cli_main(["fit", f"--data.data_dir={tmp_path / 'nothing'}", "--data.download=false"])
+    err = capsys.readouterr().err
+    assert "--data.data_dir" in err and "--data-dir" not in err, err
 
 
 def test_test_subcommand_rebuilds_from_checkpoint(tiny_folder, tmp_path):
@@ -137,3 +163,43 @@ def test_test_subcommand_rebuilds_from_checkpoint(tiny_folder, tmp_path):
     # the architecture comes from the checkpoint, not from the CLI default (resnet18)
     assert cli.model.hparams.arch == "lenet5"
     assert cli.trainer.callback_metrics["test/acc"].item() == pytest.approx(report["test_acc"])
+
+
+def nonstandard_checkpoint(tiny_folder, tmp_path) -> str:
+    """A checkpoint trained with a normalisation other than the data module's default."""
+    report = fit_main(["--arch", "simple_cnn", "--epochs", "2", "--output-dir", str(tmp_path / "fit"), "--data-dir",
+                       str(tiny_folder), "--num-workers", "0", "--val-size", "6", "--batch-size", "4", "--lr", "0.05",
+                       "--data.mean", "[0.5,0.5,0.5]", "--data.std", "[0.5,0.5,0.5]", *QUIET])  # fmt: skip
+    return report["checkpoint"]
+
+
+def test_test_subcommand_reads_the_data_as_the_checkpoint_did(tiny_folder, tmp_path):
+    from cifar_lightning.evaluation import evaluate_main
+
+    ckpt = nonstandard_checkpoint(tiny_folder, tmp_path)
+    # no data arguments at all: the folder, normalisation and classes come from the checkpoint
+    cli = cli_main(["test", f"--ckpt_path={ckpt}", "--data.num_workers=0", "--data.batch_size=5",
+                    f"--trainer.default_root_dir={tmp_path / 't'}", f"--trainer.logger.init_args.save_dir={tmp_path / 't'}",
+                    *QUIET])  # fmt: skip
+    assert list(cli.datamodule.norm_mean) == [0.5] * 3 and list(cli.datamodule.norm_std) == [0.5] * 3
+    got = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    report = evaluate_main([ckpt, "--output-dir", str(tmp_path / "eval")])
+    assert got["test/loss"] == pytest.approx(report["test_loss"], rel=1e-4)
+    for name in cli.datamodule.class_names:
+        assert got[f"test/acc/{name}"] == pytest.approx(report["per_class"][name]["accuracy"], abs=1e-6)
+
+
+def test_data_that_contradicts_the_checkpoint_is_refused(tiny_folder, tmp_path, capsys):
+    from conftest import write_image_folder
+
+    ckpt = nonstandard_checkpoint(tiny_folder, tmp_path)
+    other = write_image_folder(tmp_path / "other", classes=("apple", "pear", "plum"), n_train=2, n_test=2)
+    for args, said in (
+        (["--data.mean=[0.4,0.4,0.4]", "--data.std=[0.2,0.2,0.2]"], "trained on images normalised with mean [0.5, 0.5, 0.5]"),
+        ([f"--data.data_dir={other}"], "was trained on 3 classes"),
+        (["--data.image_size=64"], "trained on 32 px images"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["validate", f"--ckpt_path={ckpt}", "--data.num_workers=0", *args, *QUIET])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and said in err and err.count("\n") == 1, err

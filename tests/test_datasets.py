@@ -387,3 +387,40 @@ def test_a_checkpoint_that_let_the_data_say_its_dataset_is_read_as_its_class_nam
     assert stored_dataset(ckpt(CIFAR100_CLASSES)) == {"dataset": "cifar100"}
     assert stored_dataset(ckpt(["a", "b"], size=40)) == {"dataset": "folder", "image_size": 40}
     assert stored_dataset(ckpt(CIFAR100_CLASSES, dataset="folder")) == {"dataset": "folder"}  # as it was named
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    def partial_then_offline(self):
+        # torchvision makes the folder and starts writing the archive before the network fails
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        (Path(self.root) / "cifar-10-python.tar.gz").write_bytes(b"partial")
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(CIFAR10, "download", partial_then_offline)
+    new = tmp_path / "new" / "data"  # two levels that do not exist yet
+    with pytest.raises(UserError, match="network unreachable"):
+        CIFAR10DataModule(data_dir=str(new), download=True).prepare_data()
+    assert not (tmp_path / "new").exists()
+    there = tmp_path / "there"
+    there.mkdir()
+    (there / "mine.txt").write_text("kept")
+    with pytest.raises(UserError, match="network unreachable"):
+        CIFAR10DataModule(data_dir=str(there), download=True).prepare_data()
+    assert sorted(p.name for p in there.iterdir()) == ["mine.txt"]
+
+
+def test_an_archive_path_that_does_not_exist_is_not_a_folder_to_download_into(tmp_path, capsys):
+    (tmp_path / "cifar10-jpeg.tar.gz").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    for name in ("cifar10.tar.gz", "cifar10.tgz", "images.zip", "images.tar"):
+        with pytest.raises(UserError, match=rf"archive .*{name} not found\. .* holds: cifar10-jpeg\.tar\.gz\.") as err:
+            CIFAR10DataModule(data_dir=str(tmp_path / name), download=True)
+        assert "download" not in str(err.value)
+        assert not (tmp_path / name).exists()
+    with pytest.raises(UserError, match="its folder .*nowhere does not exist either"):
+        CIFAR10DataModule(data_dir=str(tmp_path / "nowhere" / "c.tar.gz"))
+    with pytest.raises(SystemExit) as exc:
+        fit_main(["--data-dir", str(tmp_path / "cifar10.tar.gz")])
+    assert exc.value.code == 2 and "not found" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def test_fit_into_a_file_prints_one_plain_line_per_epoch_and_no_noise(folder_200
     for noise in NOISE:
         assert noise not in text, noise
     assert "\r" not in text and "\x1b[" not in text  # no carriage returns, no colour codes
-    lines = [line for line in text.splitlines() if line.startswith("epoch ")]
+    lines = [line for line in text.splitlines() if line.startswith("epoch ") and "val loss" in line]
     assert len(lines) == 3, text[-3000:]
     pattern = (
         r"epoch (\d)/3  train loss \d+\.\d{4} acc \d+\.\d\d%  val loss \d+\.\d{4} acc \d+\.\d\d%  "
@@ -59,6 +59,17 @@ def test_fit_into_a_file_prints_one_plain_line_per_epoch_and_no_noise(folder_200
     )
     assert [int(re.fullmatch(pattern, line).group(1)) for line in lines] == [1, 2, 3], lines
     assert lines[-1].endswith("eta 0:00")
+    # the first line says where the run writes, on what, in which precision, and how long an epoch is
+    run = tmp_path / "runs" / "resnet20" / "version_0"
+    assert re.search(rf"^run {re.escape(str(run))}  cpu \(\d+ threads\)  precision 32-true  6 batches an epoch, 3 epochs$",
+                     text, re.M), text[:3000]  # fmt: skip
+    assert re.search(r"^first estimate: \d+\.\d\d s a batch over batches 2-4, about \d+:\d\d for the rest of the fit$", text, re.M)
+    # within each epoch, lines with the batch, the running metrics, the pace and the time left
+    within = [line for line in text.splitlines() if re.match(r"epoch \d/3  batch ", line)]
+    batch = r"epoch (\d)/3  batch (\d)/6 \(\d+%\)  train loss \d+\.\d{4} acc \d+\.\d\d%  [\d,]+ images/s"
+    assert within and all(re.match(batch, line) for line in within), within
+    assert any(re.search(r"epoch left \d+:\d\d  run left \d+:\d\d$", line) for line in within), within
+    assert {int(re.match(batch, line).group(1)) for line in within} == {1, 2, 3}
     assert '"val_images": 20' in next((tmp_path / "runs").rglob("test_report.json")).read_text()
 
 
@@ -181,11 +192,42 @@ def test_epoch_lines_estimate_the_time_left(tiny_folder, tmp_path):
     trainer = pl.Trainer(max_epochs=4, callbacks=[EpochLines(out)], logger=False, enable_model_summary=False,
                          enable_checkpointing=False)  # fmt: skip
     trainer.fit(model, datamodule=dm)
-    lines = out.getvalue().splitlines()
+    lines = [line for line in out.getvalue().splitlines() if "val loss" in line]
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
     assert all("val loss" in line and "  lr 0.01  " in line for line in lines), lines
     assert lines[0].rsplit("eta ", 1)[1] != "" and lines[-1].endswith("eta 0:00")
     assert format_seconds(75.3) == "1:15" and format_seconds(3725) == "1:02:05"
+
+
+def test_a_log_gets_a_line_at_every_tenth_of_an_epoch_or_every_minute(tiny_folder, monkeypatch):
+    from cifar_lightning.callbacks import progress
+    from cifar_lightning.module import ClassifierModule
+
+    def fit(lines: EpochLines) -> list[str]:
+        model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01)
+        # 30 training images in batches of 2 (one would leave BatchNorm one value a channel): 15 batches
+        dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=2, val_size=6)
+        trainer = pl.Trainer(max_epochs=1, callbacks=[lines], logger=False, enable_model_summary=False,
+                             enable_checkpointing=False, limit_val_batches=1)  # fmt: skip
+        trainer.fit(model, datamodule=dm)
+        return [line for line in lines._stream.getvalue().splitlines() if "  batch " in line]
+
+    tenths = fit(EpochLines(io.StringIO(), every=3600))
+    # 15 batches: the tenths fall after batches 2, 3, 5, 6, 8, 9, 11, 12 and 14, never after the last
+    assert [int(re.search(r"batch (\d+)/15", line).group(1)) for line in tenths] == [2, 3, 5, 6, 8, 9, 11, 12, 14]
+    # a slow epoch: a line once a minute has passed, whatever the tenths say
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    ticking = EpochLines(io.StringIO(), every=60)
+    original = ticking.on_train_batch_end
+
+    def slow_batch(*args, **kwargs):
+        now[0] += 25.0  # 25 s a batch: a minute passes every third batch
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(ticking, "on_train_batch_end", slow_batch)
+    minutes = [int(re.search(r"batch (\d+)/15", line).group(1)) for line in fit(ticking)]
+    assert {3, 6, 9, 12} <= set(minutes) and 1 not in minutes, minutes
 
 
 @pytest.mark.parametrize(

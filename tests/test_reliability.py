@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import gc
+import hashlib
 import io
 import json
 import os
@@ -145,6 +146,73 @@ def test_stop_during_validation_repeats_that_epoch(uninterrupted, tmp_path, monk
     resumed = fit_main([*args, "--resume"])
     assert resumed["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-6)
     assert_same_log(run / "metrics.csv", whole_log)
+
+
+class BatchRecorder(Callback):
+    """(epoch, batch index, a digest of the images) of every training batch, as the step gets it."""
+
+    def __init__(self, stop_at: tuple[int, int] | None = None) -> None:
+        self.seen: list[tuple[int, int, str]] = []
+        self.stop_at = stop_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        digest = hashlib.sha256(batch[0].detach().cpu().numpy().tobytes()).hexdigest()[:16]
+        self.seen.append((trainer.current_epoch, batch_idx, digest))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == self.stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop at the next check
+
+
+def test_a_run_stopped_mid_epoch_resumes_with_the_batches_it_would_have_had(uninterrupted, tmp_path, monkeypatch):
+    import warnings
+
+    import cifar_lightning.cli as cli
+
+    data, whole, _ = uninterrupted
+    # random crops and flips (EXACT), and cutout: every draw of the rest of the epoch must come back
+    args = fit_args(data, tmp_path, "--epochs", "2", *EXACT, "--cutout", "8")
+    defaults = cli.default_callbacks
+    records = [BatchRecorder(), BatchRecorder(stop_at=(0, 2)), BatchRecorder()]
+    for i, (extra, out) in enumerate((([], tmp_path / "whole"), ([], tmp_path / "stopped"), (["--resume"], tmp_path / "stopped"))):
+        monkeypatch.setattr(cli, "default_callbacks", lambda config, r=records[i]: [*defaults(config), r])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                report = fit_main([*args, "--output-dir", str(out), *extra])
+            except SystemExit as exc:
+                assert i == 1 and exc.code == 128 + signal.SIGTERM
+        assert not [w for w in caught if "not resumable" in str(w.message)]
+        if i == 0:
+            whole = report
+    resumed = report
+    assert [r[:2] for r in records[1].seen] == [(0, 0), (0, 1), (0, 2)]
+    assert records[0].seen[3:] == records[2].seen  # the same batches, in the same order, as never stopped
+    assert resumed["global_step"] == whole["global_step"] == 12
+    assert resumed["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-6)
+
+
+def test_the_tensor_loader_resumes_at_the_batch_after_the_last_one_taken():
+    from cifar_lightning.data.tensor_loader import TensorLoader
+
+    images = torch.randint(0, 256, (50, 8, 8, 3), dtype=torch.uint8)
+    make = lambda: TensorLoader(images, torch.arange(50), torch.arange(50), 8, train=True, augment="trivialaugment",
+                                cutout=3, seed=5)  # fmt: skip
+    whole = [x for x, _ in make()]
+    first = make()
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+        first.batch_taken()
+    next(it)  # prefetched by the loop, never trained on: not counted
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["batches"] == 3
+    second = make()
+    second.load_state_dict(state)
+    rest = [x for x, _ in second]
+    assert len(rest) == len(whole) - 3 and all(torch.equal(a, b) for a, b in zip(rest, whole[3:]))
+    # the next epoch is whole again
+    assert len([x for x, _ in second]) == len(whole)
 
 
 def assert_same_log(path: Path, reference: Path) -> list[dict[str, str]]:

@@ -225,10 +225,17 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.predict_set: Dataset | None = None
         self._device_arrays: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._mix: Any = None
+        self._train_loader: DataLoader | TensorLoader | None = None
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """MixUp / CutMix of training batches, on the training device, after either loader."""
+        """MixUp / CutMix of training batches, on the training device, after either loader.
+
+        Lightning calls this for the batch that goes into the training step (a prefetched batch
+        is not there yet), so the training loader counts it here as taken: a checkpoint then
+        holds the exact place in the epoch to resume from."""
         trainer = self.trainer
+        if trainer is not None and trainer.training and isinstance(self._train_loader, TensorLoader):
+            self._train_loader.batch_taken()
         if trainer is None or not trainer.training or not (self.hparams.mixup or self.hparams.cutmix):
             return batch
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -477,7 +484,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return self._device_arrays[key]
 
     def train_dataloader(self) -> DataLoader | TensorLoader:
-        return self._loader(self.train_set, train=True)
+        self._train_loader = self._loader(self.train_set, train=True)
+        return self._train_loader
 
     def val_dataloader(self) -> DataLoader | TensorLoader | list:
         if self.hparams.val_size == 0:

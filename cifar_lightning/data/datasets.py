@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -131,11 +132,21 @@ def _torchvision_class(name: str):
 def download(name: str, root: str | os.PathLike, missing_message) -> None:
     """Download dataset ``name`` into ``root`` with torchvision (both splits); ``UserError`` when it fails."""
     cls = _torchvision_class(name)
+    root = Path(root)
+    # What the download creates is removed when it fails: a mistyped path must not be left behind
+    # as an empty folder, nor a partial file in a folder that was there.
+    created = next((p for p in [*reversed(root.parents), root] if not p.exists()), None)
+    before = set(root.iterdir()) if created is None and root.is_dir() else set()
     try:
         cls(str(root), train=True, download=True)
         cls(str(root), train=False, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
-        raise UserError(missing_message(Path(root), f"the download failed: {err}")) from None
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        elif root.is_dir():
+            for new in set(root.iterdir()) - before:
+                shutil.rmtree(new, ignore_errors=True) if new.is_dir() else new.unlink(missing_ok=True)
+        raise UserError(missing_message(root, f"the download failed: {err}")) from None
 
 
 def read_torchvision(name: str, root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

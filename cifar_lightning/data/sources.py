@@ -362,6 +362,17 @@ def _missing_data_message(data_dir: Path, reason: str, dataset: str = "cifar10")
     )
 
 
+def _missing_archive_message(path: Path) -> str:
+    """An archive path that does not exist: the archives its folder does hold, if any. It is never
+    a folder to download into."""
+    folder = path.parent
+    if not folder.is_dir():
+        return f"archive {path} not found: its folder {folder} does not exist either. Pass the path of an existing archive or folder with --data-dir."
+    found = sorted(p.name for p in folder.iterdir() if p.is_file() and is_archive(p))
+    hint = f" {folder} holds: {', '.join(found)}." if found else f" {folder} holds no archive ({', '.join(ARCHIVE_SUFFIXES)})."
+    return f"archive {path} not found.{hint} Pass the path of an existing archive or folder with --data-dir."
+
+
 def _folder_source(root: Path, dataset: str | None) -> DataSource:
     names = folder_class_names(root)
     if dataset is None:
@@ -383,6 +394,8 @@ def resolve_source(
     """
     datasets.check_dataset_name(dataset)
     path = Path(data_dir).expanduser()
+    if is_archive(path) and not path.exists():
+        raise UserError(_missing_archive_message(path))
     if path.is_file():
         if not is_archive(path):
             raise UserError(

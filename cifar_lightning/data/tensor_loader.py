@@ -115,6 +115,14 @@ class TensorLoader:
         seed: base seed, the same on every rank: the shuffle order comes from it, and augmentation
             from it mixed with the rank and the epoch, so ranks augment differently and a resumed
             run repeats the epochs it resumes.
+
+    Resumable mid-epoch (Lightning's stateful-loader protocol): ``state_dict`` holds the epoch and
+    the batches the training loop has taken from it (``batch_taken``, counted by the data module
+    when a batch reaches the training step, so a batch prefetched but not trained on is not
+    counted), and an iteration after ``load_state_dict`` continues from the next one. The random
+    draws of the skipped batches are replayed on blank images (every draw depends on the batch's
+    size alone), so the rest of the epoch gets the same crops, flips and policies as a run that
+    was never stopped, on every rank.
     """
 
     def __init__(
@@ -161,9 +169,28 @@ class TensorLoader:
             # differs from the epoch's parity, so it is seen both ways in any two epochs.
             g = torch.Generator().manual_seed(_mix_seed(seed, 2))
             self.flip_parity = torch.randint(0, 2, (len(images),), generator=g).bool().to(images.device)
+        #: (epoch, batches taken) of the epoch being iterated; None before the first batch.
+        self._position: tuple[int, int] | None = None
+        self._resume_at: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
+
+    def batch_taken(self) -> None:
+        """Count one more batch of the current epoch as taken by the training loop."""
+        if self._position is not None:
+            self._position = (self._position[0], self._position[1] + 1)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training loop is in the loader's epochs (saved in a checkpoint by Lightning)."""
+        if self._position is None:
+            return {}
+        return {"epoch": self._position[0], "batches": self._position[1], "seed": self.seed, "size": len(self.indices)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the next iteration of that epoch after the batches already taken."""
+        if state and (state.get("seed"), state.get("size")) == (self.seed, len(self.indices)):
+            self._resume_at = (int(state["epoch"]), int(state["batches"]))
 
     def __iter__(self):
         # A generator: nothing runs until the first batch is asked for, so a set_epoch() call
@@ -173,8 +200,17 @@ class TensorLoader:
         order = self.indices[self.sampler.positions(epoch).to(self.indices.device)]
         # On the CPU whatever the device: the same seed gives the same batches on a CPU and a GPU.
         generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.rank, epoch, 1))
+        skip = self._resume_at[1] if self._resume_at is not None and self._resume_at[0] == epoch else 0
+        self._resume_at = None
+        self._position = (epoch, skip)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
+            if start < skip * self.batch_size:
+                with _single_threaded(self.device.type == "cpu"):
+                    h, w = self.images.shape[1:3]
+                    blank = torch.zeros(len(idx), 3, h, w, dtype=torch.uint8, device=self.device)
+                    self.make_batch(blank, idx, epoch, generator)  # the draws, not the images
+                continue
             # On a CPU a batch is a handful of small, memory-bound operations: a second OpenMP
             # thread gains little, and when the cores are shared with other processes each
             # operation waits for the slower thread (3-4x slower than one thread, measured on a

@@ -110,7 +110,7 @@ def _set(config: dict[str, Any], dotted: str, value: Any, append: bool = False) 
 
 def best_recipe(spec: SweepSpec, fit_args: list[str], params: dict[str, Any]) -> dict[str, Any]:
     """The base recipe with ``fit_args`` and ``params`` laid over it, as ``fit.py --config`` reads it."""
-    from cifar_lightning.cli import scan_args
+    from cifar_lightning.arguments import scan_args
     from cifar_lightning.fit import FIT_SWITCHES, expand_aliases
 
     config = yaml.safe_load(spec.recipe.read_text()) if spec.recipe else {}

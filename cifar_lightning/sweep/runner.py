@@ -235,7 +235,7 @@ def worker_seed() -> int:
 def without_paths(fit_args: list[str]) -> list[str]:
     """``fit_args`` without where this machine keeps the data: workers on other machines give
     other paths for the same study."""
-    from cifar_lightning.cli import without_flag
+    from cifar_lightning.arguments import without_flag
 
     return without_flag(without_flag(fit_args, "--data-dir"), "--data.data_dir")
 

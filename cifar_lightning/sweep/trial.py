@@ -93,7 +93,7 @@ def _pruned_epoch(trial: optuna.trial.Trial) -> int | None:
 
 def _run_dir(fit_argv: list[str]) -> str | None:
     """The run directory a fit that stopped early left (the newest version folder), if any."""
-    from cifar_lightning.cli import value_of
+    from cifar_lightning.arguments import value_of
 
     out, name = value_of(fit_argv, "--output-dir"), value_of(fit_argv, "--name")
     if not (out and name):
