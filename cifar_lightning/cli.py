@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from cifar_lightning.arguments import explain_parse_error, in_cli_terms, without_flag
+from cifar_lightning.arguments import config_files, explain_parse_error, in_cli_terms, value_of, without_flag
 from cifar_lightning.callbacks import (
     CHECKPOINT_DEFAULTS,
     ConfigSavingCallback,
@@ -47,6 +47,7 @@ from cifar_lightning.constants import IMAGE_SIZE
 from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.module import ClassifierModule
+from cifar_lightning.trainer import Trainer, resolve_precision
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> None:
@@ -76,7 +77,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
         # Lightning's CSVLogger, except that a resumed run continues its metrics.csv.
         "class_path": "cifar_lightning.loggers.ResumableCSVLogger",
-        "init_args": {"save_dir": "runs", "name": "cifar10"},
+        "init_args": {"save_dir": "runs", "name": "cifar10"},  # DEFAULT_RUN_NAME: runs are named by _name_runs
     },
     # Metrics are epoch-level; a larger interval keeps the step-level LR/loss logging cheap.
     "log_every_n_steps": 50,
@@ -117,6 +118,9 @@ def quiet_lightning_notes() -> None:
         category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
     )
+    # Our metrics are logged once an epoch; the step-level logging this interval paces is the
+    # learning rate's alone, so a run with fewer batches than the interval loses nothing.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 
 
 class ArgumentsError(UserError):
@@ -136,6 +140,17 @@ class CifarArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:  # jsonargparse's own inner parsers catch these and try again
             super().error(message, ex)
         raise ArgumentsError(message, getattr(ex, "subcommand_parser", None) or self)
+
+    def dump(self, cfg: Namespace, *args: Any, **kwargs: Any) -> str:
+        """The config as YAML, with ``precision: auto`` written as what it resolves to on this
+        machine: ``--print_config`` shows the precision that will be used, and a run's
+        ``config.yaml`` records the one it used."""
+        for prefix in ("", *(f"{s}." for s in ("fit", "validate", "test", "predict"))):
+            key = f"{prefix}trainer.precision"
+            if isinstance(cfg, Namespace) and key in cfg and cfg[key] == "auto":
+                cfg = cfg.clone()
+                cfg[key] = resolve_precision("auto", cfg.get(f"{prefix}trainer.accelerator"))[0]
+        return super().dump(cfg, *args, **kwargs)
 
 
 def parser_keys(parser: Any) -> list[str]:
@@ -167,6 +182,7 @@ class CifarCLI(LightningCLI):
         #: (path, contents) of the checkpoint that validate/test/predict read.
         self.eval_checkpoint: tuple[str, dict[str, Any]] | None = None
         kwargs.setdefault("parser_class", CifarArgumentParser)
+        kwargs.setdefault("trainer_class", Trainer)
         quiet_lightning_notes()
         try:
             super().__init__(ClassifierModule, CIFAR10DataModule, *args, **kwargs)
@@ -209,11 +225,12 @@ class CifarCLI(LightningCLI):
         # clear error instead of an unpickling traceback.
         cfg = self._subconfig()
         ckpt = cfg.get("ckpt_path")
-        if not ckpt or ckpt in LIGHTNING_CKPT_NAMES or str(ckpt).startswith("registry"):
-            return
-        if self.config.get("subcommand", "fit") != "fit":
-            if ckpt != "last":  # validate/test/predict: Lightning's own meaning of 'last'
-                self.eval_checkpoint = (str(ckpt), read_checkpoint(ckpt))
+        subcommand = self.config.get("subcommand", "fit")
+        if ckpt and subcommand != "fit" and ckpt not in (*LIGHTNING_CKPT_NAMES, "last") and not str(ckpt).startswith("registry"):
+            self.eval_checkpoint = (str(ckpt), read_checkpoint(ckpt))  # 'last': Lightning's own meaning
+        stored_arch = self.eval_checkpoint[1]["hyper_parameters"].get("arch") if self.eval_checkpoint else None
+        _name_runs(cfg, self.argv, stored_arch)
+        if not ckpt or ckpt in LIGHTNING_CKPT_NAMES or str(ckpt).startswith("registry") or subcommand != "fit":
             return
         path = find_resume_checkpoint(ckpt, *_run_root(cfg))
         checkpoint = read_checkpoint(path)
@@ -255,6 +272,10 @@ class CifarCLI(LightningCLI):
             raise cause from None
 
     def after_instantiate_classes(self) -> None:
+        if self.resume_from is not None:
+            # A resumed run writes into its own checkpoint folder again, which is meant to hold
+            # that run's checkpoints: Lightning's note that the folder is not empty does not apply.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         if self.eval_checkpoint is not None:
             path, ckpt = self.eval_checkpoint
             check_data_matches(ckpt["hyper_parameters"], self.datamodule.class_names, path, self.datamodule.source.root)
@@ -274,6 +295,34 @@ class CifarCLI(LightningCLI):
             return shlex.join(["python", "-m", "cifar_lightning", *args])
 
         fit_or_exit(self.trainer, lambda: self.trainer.fit(model, **kwargs), command)
+        print_run_paths(self.trainer)
+
+
+def print_run_paths(trainer) -> None:
+    """Where a fit left its results: the run directory and the best and last checkpoints (rank 0)."""
+    if not trainer.is_global_zero:
+        return
+    ckpt = trainer.checkpoint_callback
+    best = getattr(ckpt, "best_model_path", "") or "(none saved)"
+    last = getattr(ckpt, "last_model_path", "") or ""
+    print(f"run: {trainer.log_dir or trainer.default_root_dir}")
+    print(f"checkpoint: {best}" + (f" (last: {last})" if last and last != best else ""))
+
+
+#: The CSV logger's name in ``TRAINER_DEFAULTS``; a run left with it is named as fit.py names it.
+DEFAULT_RUN_NAME = "cifar10"
+
+
+def _name_runs(cfg: Namespace, argv: list[str], arch: str | None = None) -> None:
+    """Name the runs of a logger left at ``DEFAULT_RUN_NAME`` as ``scripts/fit.py`` does:
+    ``runs/<arch>/version_N`` when the architecture is given as a flag, else after the first
+    ``--config`` file, else after the architecture (a checkpoint's, for validate/test/predict)."""
+    config = next(iter(config_files(argv)), None)
+    name = value_of(argv, "--model.arch") or (Path(config).stem if config else None) or arch or cfg.model.arch
+    for lg in _logger_configs(cfg):
+        init = lg.get("init_args")
+        if init is not None and init.get("name") == DEFAULT_RUN_NAME:
+            init.name = name
 
 
 def _subcommand_in(argv: list[str]) -> str | None:

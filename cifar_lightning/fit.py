@@ -222,10 +222,14 @@ def _fit_test_report(argv: list[str] | None, test: bool, callbacks: Sequence[Cal
         global_step=trainer.global_step,
         seed=cli.config.get("seed_everything"),
         devices=trainer.world_size,
+        precision=str(trainer.precision),
+        precision_reason=getattr(trainer, "precision_reason", "as asked"),
         data_dir=str(datamodule.source.root),
         train_images=len(datamodule.train_set),
         val_images=len(datamodule.val_set) if datamodule.val_set is not None else 0,
         # Fewer than the split when the run limits its batches (limit_*_batches, fast_dev_run).
+        # The images the last training epoch took (fewer than the split with limit_train_batches).
+        train_images_seen=model.images_seen.get("train", 0),
         val_images_seen=model.images_seen.get("val", 0),
         test_images_seen=model.images_seen.get("test", 0),
     )

@@ -139,6 +139,10 @@ class WandbLogger(_LightningWandbLogger):
             entity=entity, group=group, tags=tags, log_model=log_model and not offline,
             settings=self._settings(init_timeout), **kwargs,
         )  # fmt: skip
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning always passes anonymous (None when not asked for), and W&B then warns on every
+            # run that "the anonymous setting has no effect": left out, it is W&B's own default.
+            self._wandb_init.pop("anonymous", None)
 
     @staticmethod
     def _settings(init_timeout: float):

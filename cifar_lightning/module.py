@@ -152,7 +152,7 @@ class ClassifierModule(pl.LightningModule):
             raise UserError("scheduler 'multistep' needs milestones, e.g. --model.milestones [100,150].")
         self.save_hyperparameters()
         self.class_names = list(class_names)
-        #: Images evaluated in the latest validation and test epoch, over all ranks ("val", "test").
+        #: Images of the latest training, validation and test epoch, over all ranks ("train", "val", "test").
         self.images_seen: dict[str, int] = {}
         self.model = create_model(arch, num_classes=num_classes, **(arch_kwargs or {}))
         if image_size != IMAGE_SIZE:
@@ -340,6 +340,9 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._logged_stages.discard("train")
+
+    def on_train_epoch_end(self) -> None:
+        self._count_images("train")
 
     def on_validation_epoch_start(self) -> None:
         self._logged_stages.discard("val")

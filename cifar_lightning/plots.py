@@ -344,7 +344,8 @@ def _number(text: str | None) -> float | None:
 
 
 def history_figure(history: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> Figure:
-    """Loss, accuracy and learning rate against epoch, train and validation side by side."""
+    """Loss, accuracy and learning rate against epoch (counted from 1, as the run's lines count
+    them), train and validation side by side."""
     fig = new_figure(14, 4)
     ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
     from matplotlib.ticker import MaxNLocator
@@ -353,15 +354,18 @@ def history_figure(history: Mapping[str, tuple[np.ndarray, np.ndarray]], title: 
         for stage, style in (("train", "-o"), ("val", "-s")):
             if f"{stage}/{metric}" in history:
                 x, v = history[f"{stage}/{metric}"]
-                ax.plot(x, 100 * v if metric == "acc" else v, style, markersize=3, label=stage)
+                ax.plot(x + 1, 100 * v if metric == "acc" else v, style, markersize=3, label=stage)
         ax.set(xlabel="epoch", ylabel=ylabel, title=name)
     for k in sorted(k for k in history if k.startswith("lr-")):
         x, v = history[k]
-        ax_lr.plot(x, v, "-", marker="." if len(x) < 200 else None, label=k)
+        ax_lr.plot(x + 1, v, "-", marker="." if len(x) < 200 else None, label=k)
     ax_lr.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
     ax_lr.set_ylim(bottom=0)  # from zero, so a schedule's decay reads at its true scale
     for ax in (ax_loss, ax_acc, ax_lr):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        xs = np.concatenate([line.get_xdata() for line in ax.lines]) if ax.lines else np.array([])
+        if len(xs) and xs.max() - xs.min() < 1:  # one epoch: a point in an epoch-wide axis, not ±0.05
+            ax.set_xlim(xs.min() - 0.5, xs.max() + 0.5)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)

@@ -92,7 +92,9 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
     detail = report.get("per_class") or {}
     tta = report.get("tta")
     # The title is a line of its own: as a table's title, rich wraps it to the table's width.
-    console.print(f"[bold]Test results: {report['arch']} on {report['test_images']:,} images[/bold]", soft_wrap=True)
+    seen, total = report.get("test_images_seen"), report["test_images"]
+    subset = f"{seen:,} of {total:,} test images" if seen is not None and seen < total else f"{total:,} test images"
+    console.print(f"[bold]Test results: {report['arch']} on {subset}[/bold]", soft_wrap=True)
     table = Table()
     columns = ["class", "accuracy"] + (["precision", "recall", "images"] if detail else []) + (["TTA accuracy"] if tta else [])
     for name in columns:
@@ -126,7 +128,7 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
     console.print(f"test loss {report['test_loss']:.4f}{gain}", soft_wrap=True)
     if "test_acc_top5" in report or "test_acc_superclass" in report:
         console.print(_more_accuracies(report), soft_wrap=True)
-    for stage, name in (("test", "test"), ("val", "validation (last epoch)")):
+    for stage, name in (("train", "training (last epoch)"), ("test", "test"), ("val", "validation (last epoch)")):
         seen, total = report.get(f"{stage}_images_seen"), report.get(f"{stage}_images")
         if seen is not None and total and seen < total:
             console.print(f"{name} on {seen:,} of {total:,} images: a subset, not the whole split", soft_wrap=True)

@@ -203,3 +203,29 @@ def test_data_that_contradicts_the_checkpoint_is_refused(tiny_folder, tmp_path, 
             cli_main(["validate", f"--ckpt_path={ckpt}", "--data.num_workers=0", *args, *QUIET])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and said in err and err.count("\n") == 1, err
+
+
+def test_cli_names_runs_as_fit_py_does_and_prints_where_they_are(tiny_folder, tmp_path, capsys):
+    args = ["fit", f"--data.data_dir={tiny_folder}", "--data.num_workers=0", "--data.batch_size=8", "--data.val_size=6",
+            "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET]  # fmt: skip
+    cli = cli_main([*args, "--model.arch=simple_cnn"])
+    assert Path(cli.trainer.log_dir) == tmp_path / "simple_cnn" / "version_0"
+    out = capsys.readouterr().out
+    assert f"run: {tmp_path / 'simple_cnn' / 'version_0'}" in out
+    assert re.search(rf"checkpoint: {re.escape(str(tmp_path / 'simple_cnn' / 'version_0' / 'checkpoints'))}/best-\S+\.ckpt", out)
+    recipe = tmp_path / "my_recipe.yaml"
+    recipe.write_text("model:\n  arch: simple_cnn\n")
+    cli = cli_main([*args, "--config", str(recipe)])
+    assert Path(cli.trainer.log_dir) == tmp_path / "my_recipe" / "version_0"  # as fit.py names a recipe's runs
+
+
+def test_print_config_shows_the_precision_that_will_be_used(capsys, monkeypatch):
+    from cifar_lightning import trainer
+
+    for flags, expected in ((frozenset({"avx2", "avx512_bf16"}), "bf16-mixed"), (frozenset({"avx2"}), "32-true")):
+        monkeypatch.setattr(trainer, "cpu_flags", lambda flags=flags: flags)
+        cfg = print_config(["--trainer.accelerator=cpu"], capsys)
+        assert cfg["trainer"]["precision"] == expected
+        # an explicit precision is kept as given
+        assert print_config(["--trainer.accelerator=cpu", "--trainer.precision=16-mixed"], capsys)["trainer"]["precision"] == "16-mixed"

@@ -296,6 +296,18 @@ def test_read_history_places_step_level_learning_rates_at_fractional_epochs(tmp_
     fig = history_figure(history, title="run X")
     assert fig.get_suptitle() == "run X"
     assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy", "learning rate"]
+    # epochs count from 1, as the run's lines count them
+    assert list(fig.axes[1].lines[1].get_xdata()) == [1, 2]
+
+
+def test_the_history_of_a_one_epoch_run_has_an_epoch_wide_axis():
+    one = {"train/loss": (np.array([0.0]), np.array([1.5])), "val/acc": (np.array([0.0]), np.array([0.4]))}
+    fig = history_figure(one)
+    for ax in fig.axes[:2]:
+        left, right = ax.get_xlim()
+        assert (left, right) == (0.5, 1.5)
+        ticks = [t for t in ax.get_xticks() if left <= t <= right]
+        assert ticks == [1.0], ticks
 
 
 def test_plot_history_of_a_folder_without_metrics_exits_2(tmp_path, capsys):

@@ -61,7 +61,7 @@ def test_fit_into_a_file_prints_one_plain_line_per_epoch_and_no_noise(folder_200
     assert lines[-1].endswith("eta 0:00")
     # the first line says where the run writes, on what, in which precision, and how long an epoch is
     run = tmp_path / "runs" / "resnet20" / "version_0"
-    assert re.search(rf"^run {re.escape(str(run))}  cpu \(\d+ threads\)  precision 32-true  6 batches an epoch, 3 epochs$",
+    assert re.search(rf"^run {re.escape(str(run))}  cpu \(\d+ threads\)  precision 32-true \(auto: [^)]*\)  6 batches an epoch, 3 epochs$",
                      text, re.M), text[:3000]  # fmt: skip
     assert re.search(r"^first estimate: \d+\.\d\d s a batch over batches 2-4, about \d+:\d\d for the rest of the fit$", text, re.M)
     # within each epoch, lines with the batch, the running metrics, the pace and the time left

@@ -238,7 +238,7 @@ def test_cli_fit_ckpt_path_last_continues_the_latest_run(tmp_path):
     ]  # fmt: skip
     cli_main([*args, "--trainer.max_epochs=1"])
     cli = cli_main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
-    run = tmp_path / "cifar10" / "version_0"
+    run = tmp_path / "simple_cnn" / "version_0"  # named as fit.py names its runs
     assert cli.trainer.current_epoch == 2 and Path(cli.trainer.log_dir) == run
     assert epochs_logged(read_rows(run / "metrics.csv"), "val/acc") == [0, 1]
 
@@ -349,7 +349,7 @@ def test_signals_mid_epoch_checkpoint_and_the_run_resumes(tmp_path):
         assert code == 128 + sig, stderr[-3000:]
         hints = [line for line in stderr.splitlines() if line.startswith("interrupted by")]
         assert len(hints) == 1
-        assert hints[0].startswith(f"interrupted by {signal.Signals(sig).name} at epoch {epoch}, step ")
+        assert hints[0].startswith(f"interrupted by {signal.Signals(sig).name} at epoch {epoch + 1}, step ")  # from 1
         assert hints[0].endswith(resume_hint)
         if sig == signal.SIGINT:  # Lightning's SIGTERM handler does the stop; its note would misname Ctrl-C
             assert "Received SIGTERM" not in stderr
@@ -422,7 +422,7 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_and_the_run_resumes(tmp_path):
     assert code == 128 + signal.SIGTERM, text[-3000:]
     assert stopped_within < 15, stopped_within
     hints = [line for line in text.splitlines() if line.startswith("interrupted by")]
-    assert len(hints) == 1 and hints[0].startswith("interrupted by SIGTERM at epoch 1, step "), text[-3000:]
+    assert len(hints) == 1 and hints[0].startswith("interrupted by SIGTERM at epoch 2, step "), text[-3000:]
     stopped = torch.load(last, weights_only=True)
     assert first == steps and steps + 10 < stopped["global_step"] < 2 * steps  # written at the stop, mid-epoch
     ClassifierModule.load_from_checkpoint(last, map_location="cpu")

@@ -294,7 +294,9 @@ def start_line(trainer: pl.Trainer) -> str:
     """The run's first line: where it writes, on what it runs, and how long an epoch is."""
     per_epoch, epochs = planned_batches(trainer)
     where = trainer.log_dir or trainer.default_root_dir
-    parts = [f"run {where}", device_description(trainer), f"precision {trainer.precision}"]
+    reason = getattr(trainer, "precision_reason", "as asked")
+    precision = f"precision {trainer.precision}" + (f" ({reason})" if reason != "as asked" else "")
+    parts = [f"run {where}", device_description(trainer), precision]
     if per_epoch:
         accumulate = trainer.accumulate_grad_batches
         steps = math.ceil(per_epoch / accumulate)

@@ -285,7 +285,7 @@ def fit_or_exit(trainer: pl.Trainer, fit: Callable[[], Any], resume_command: Cal
             raise
         name = signal.Signals(guard.signal).name
         if trainer.is_global_zero:
-            where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+            where = f"epoch {trainer.current_epoch + 1}, step {trainer.global_step}"  # epochs count from 1 everywhere
             if guard.checkpoint:
                 message = f"interrupted by {name} at {where}: resume with {resume_command(guard.checkpoint)}"
             else:
