@@ -67,8 +67,10 @@ def _offline_run(out: Path) -> Path:
     return runs[0]
 
 
-def test_wandb_offline_run_holds_config_metrics_table_and_matrix(tiny_folder, tmp_path):
+def test_wandb_offline_run_holds_config_metrics_table_and_matrix(tiny_folder, tmp_path, capfd):
     fit_with(tiny_folder, tmp_path, "--logger", "wandb", "--group", "seeds", "--tags", "a,b")
+    # Lightning passes anonymous=None, which W&B warns about on every run unless it is left out
+    assert "anonymous setting has no effect" not in "".join(capfd.readouterr())
     run_file = _offline_run(tmp_path)
     run = summarize(run_file)
     # the full resolved CLI config and the module/data hyperparameters

@@ -27,6 +27,8 @@ NOISE = (
     "LeafSpec",  # torch 2.14 deprecation triggered inside Lightning's batch flattening
     "`weights_only` was not set",  # our last.ckpt save without an explicit weights_only
     "v_num",  # the logger version in the progress bar
+    "smaller than the logging interval",  # Lightning's note on step logging; ours is per epoch
+    "not resumable",  # the tensor loader resumes mid-epoch
 )
 
 CLASSES = tuple(f"c{i}" for i in range(10))

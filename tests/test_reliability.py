@@ -182,7 +182,8 @@ def test_a_run_stopped_mid_epoch_resumes_with_the_batches_it_would_have_had(unin
                 report = fit_main([*args, "--output-dir", str(out), *extra])
             except SystemExit as exc:
                 assert i == 1 and exc.code == 128 + signal.SIGTERM
-        assert not [w for w in caught if "not resumable" in str(w.message)]
+        assert not [w for w in caught if "not resumable" in str(w.message)]  # it resumes exactly
+        assert not [w for w in caught if "exists and is not empty" in str(w.message)]  # its own folder again
         if i == 0:
             whole = report
     resumed = report
