@@ -24,6 +24,7 @@ from cifar_lightning.optim import (
 TTAMode = Literal["none", "flip", "flip_translate"]
 TTA_MODES = ("none", "flip", "flip_translate")
 STAGES = ("train", "val", "test")
+EVAL_STAGES = ("val", "test")
 
 
 def _as_list(value: Any) -> Any:  # tuples and lists compare alike (checkpoints hold lists)
@@ -171,16 +172,21 @@ class ClassifierModule(pl.LightningModule):
             self, "_forward", torch.compile(self.model, dynamic=False, backend=compile_backend) if compile else self.model
         )
 
-        # One metric object per stage (a shared MetricCollection would mix states between stages).
-        # ModuleDict keys get a suffix because "train" is already an nn.Module attribute.
+        # One metric object per evaluation stage (a shared MetricCollection would mix states between
+        # stages). ModuleDict keys get a suffix because "train" is already an nn.Module attribute.
         # Their input checks are off: each one (MeanMetric's NaN filter, the accuracy's label-range
-        # check) reads a tensor back from the GPU at every step, which stalls a fast training loop.
-        # Labels are checked when the data is read, and a NaN loss now shows up in the logged mean
-        # instead of being dropped from it.
-        self.loss_metrics = torch.nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in STAGES})
+        # check) reads a tensor back from the GPU, which stalls a fast loop. Labels are checked when
+        # the data is read, and a NaN loss shows up in the logged mean instead of being dropped.
+        self.loss_metrics = torch.nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in EVAL_STAGES})
         self.acc_metrics = torch.nn.ModuleDict(
-            {f"{s}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in STAGES}
+            {f"{s}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in EVAL_STAGES}
         )
+        # Training: the epoch's loss sum and correct predictions on the device, one in-place add a
+        # step, and the image count on the host; summed over the ranks once, at the epoch's end
+        # (``_log_train_epoch``). torchmetrics' objects cost about 20 small operations a step here.
+        self.register_buffer("_train_totals", torch.zeros(2), persistent=False)
+        self._train_count = 0
+        self._train_logged = False
         self._logged_stages: set[str] = set()  # stages whose metric objects this epoch has logged
         self._fit_schedules_at_first_batch = False
         self._planned_steps: int | None = None
@@ -267,8 +273,11 @@ class ClassifierModule(pl.LightningModule):
         # Per-sample losses, so that a smaller last batch weighs less (torchmetrics 1.9 drops the
         # ``weight`` argument when its NaN check is disabled).
         key = f"{stage}_"
-        if stage == "train" and getattr(self._sam, "perturbed", False):
+        if stage == "train":
             # SAM's second pass over the same batch, at perturbed weights: counted once, in the first.
+            if not getattr(self._sam, "perturbed", False):
+                self._train_totals += torch.stack((losses.detach().sum(), (preds == y).sum().to(losses.dtype)))
+                self._train_count += len(y)
             return {"loss": loss, "logits": logits.detach(), "targets": y}
         self.loss_metrics[key].update(losses.detach())
         self.acc_metrics[key].update(preds, y)
@@ -291,8 +300,9 @@ class ClassifierModule(pl.LightningModule):
             self._logged_stages.add(stage)
         return {"loss": loss, "logits": logits.detach(), "targets": y}
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")["loss"]
+    def training_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        # The loss, and the step's logits and targets (detached) for callbacks that look at them.
+        return self._shared_step(batch, "train")
 
     def validation_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "val")
@@ -324,11 +334,30 @@ class ClassifierModule(pl.LightningModule):
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         self.images_seen[stage] = int(count.item())
 
+    def _log_train_epoch(self) -> None:
+        """Log the epoch's training loss and accuracy: the running totals summed over the ranks,
+        divided by the images they took (each once, as the logged means always counted them)."""
+        totals = torch.cat((self._train_totals, self._train_totals.new_tensor([self._train_count])))
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss_sum, correct, count = totals.tolist()
+        self._train_logged = True
+        self.images_seen["train"] = int(count)
+        if count:
+            # Already summed over the ranks: nothing for Lightning to synchronise.
+            self.log("train/loss", loss_sum / count, on_step=False, on_epoch=True, prog_bar=True)
+            self.log("train/acc", correct / count, on_step=False, on_epoch=True, prog_bar=True)
+
     def running_metrics(self, stage: str = "train") -> dict[str, float]:
-        """Mean loss and accuracy of ``stage`` so far in this epoch, on this process: read from the
-        metric objects' states in one transfer, with no synchronisation between processes (one
-        rank may call it alone). Empty before the epoch's first batch. For a live display; the
-        logged epoch values are synchronised."""
+        """Mean loss and accuracy of ``stage`` so far in this epoch, on this process: read in one
+        transfer, with no synchronisation between processes (one rank may call it alone). Empty
+        before the epoch's first batch. For a live display; the logged epoch values are summed
+        over the ranks."""
+        if stage == "train":
+            if not self._train_count:
+                return {}
+            loss_sum, correct = self._train_totals.tolist()
+            return {"train/loss": loss_sum / self._train_count, "train/acc": correct / self._train_count}
         loss = self.loss_metrics[f"{stage}_"].metric_state
         acc = self.acc_metrics[f"{stage}_"].metric_state
         total, count, correct, seen = torch.stack([
@@ -339,10 +368,20 @@ class ClassifierModule(pl.LightningModule):
         return {f"{stage}/loss": total / count, f"{stage}/acc": correct / seen}
 
     def on_train_epoch_start(self) -> None:
-        self._logged_stages.discard("train")
+        self._train_totals.zero_()
+        self._train_count, self._train_logged = 0, False
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # At the epoch's last batch, before the callbacks' on_train_epoch_end (the per-epoch lines,
+        # checkpointing), which Lightning calls ahead of the module's own and which read the values.
+        trainer = self.trainer
+        last = batch_idx + 1 >= trainer.num_training_batches or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if last or (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps):
+            self._log_train_epoch()
 
     def on_train_epoch_end(self) -> None:
-        self._count_images("train")
+        if not self._train_logged:  # an epoch cut short (a stop, a step budget): what it took
+            self._log_train_epoch()
 
     def on_validation_epoch_start(self) -> None:
         self._logged_stages.discard("val")

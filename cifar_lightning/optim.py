@@ -105,26 +105,32 @@ class MuonSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if wd:
-                    grad = grad.add(p, alpha=wd)
-                state = self.state[p]
-                if momentum:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = grad.detach().clone()
-                    else:
-                        buf.mul_(momentum).add_(grad)
-                    grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-                if group["muon"]:
-                    if group["normalize"]:
+            # Each elementwise operation runs once over the group's tensors (torch._foreach_*),
+            # with the same arithmetic as one call per tensor: a step's Python time no longer
+            # grows with the number of parameters.
+            grads = [p.grad for p in params]
+            if wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            if momentum:
+                bufs = [self.state[p].get("momentum_buffer") for p in params]
+                if any(b is None for b in bufs):  # the first step: the buffers start as the gradients
+                    bufs = [g.detach().clone() if b is None else b.mul_(momentum).add_(g) for b, g in zip(bufs, grads)]
+                    for p, b in zip(params, bufs):
+                        self.state[p]["momentum_buffer"] = b
+                else:
+                    torch._foreach_mul_(bufs, momentum)
+                    torch._foreach_add_(bufs, grads)
+                grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+            if group["muon"]:
+                if group["normalize"]:
+                    for p in params:
                         p.mul_(p.shape[0] ** 0.5 / p.norm().clamp_min(1e-12))
-                    grad = orthogonalize(grad.reshape(p.shape[0], -1), group["ns_steps"]).view_as(p)
-                p.add_(grad, alpha=-lr)
+                grads = [orthogonalize(g.reshape(p.shape[0], -1), group["ns_steps"]).view_as(p) for p, g in zip(params, grads)]
+            torch._foreach_add_(params, grads, alpha=-lr)
         return loss
 
 

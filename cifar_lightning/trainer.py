@@ -15,6 +15,7 @@ resolved value is what ``--print_config``, the run's ``config.yaml`` and its rep
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -22,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 #: CPU flags that mean native bf16 arithmetic: AVX-512 BF16 and AMX (x86), FEAT_BF16 (Arm).
@@ -83,8 +85,24 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> tuple[Any, s
     return ("bf16-mixed" if native else "32-true"), f"auto: {why}"
 
 
+class NoProfiler(PassThroughProfiler):
+    """Lightning's profiler for runs that profile nothing, with one context object for every action.
+
+    Lightning wraps each hook of each callback in ``trainer.profiler.profile(name)``; its default
+    profiler does nothing there, yet builds a generator-based context manager each time: about 80
+    of them a training step with the default callbacks, which showed as Python time of every step
+    (``benchmarks/cpu.json``, overhead). One reusable ``nullcontext`` does the same nothing.
+    """
+
+    _NOTHING = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> contextlib.AbstractContextManager:
+        return self._NOTHING
+
+
 class Trainer(pl.Trainer):
-    """``lightning.pytorch.Trainer`` whose ``precision`` defaults to ``"auto"`` (see the module).
+    """``lightning.pytorch.Trainer`` whose ``precision`` defaults to ``"auto"`` (see the module),
+    and which takes ``NoProfiler`` when no profiler is asked for.
 
     An explicit ``bf16`` precision on a CPU without native bf16 runs, with one warning that says
     it will be slow and why.
@@ -101,6 +119,8 @@ class Trainer(pl.Trainer):
                     "bf16 there and trains several times slower than 32-true. Pass --precision 32-true "
                     "(or leave it at auto) unless you measure otherwise."
                 )
+        if kwargs.get("profiler") is None:
+            kwargs["profiler"] = NoProfiler()
         super().__init__(*args, precision=resolved, **kwargs)
         #: Why this precision: ``auto: ...`` with the hardware's reason, or ``as asked``.
         self.precision_reason = reason

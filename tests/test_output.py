@@ -183,6 +183,25 @@ def test_the_bar_reads_the_running_metrics_at_its_own_pace_not_per_step(tiny_fol
         assert bar.get_metrics(trainer, model)[key] == pytest.approx(float(trainer.callback_metrics[key]), rel=1e-5)
 
 
+def test_the_bar_redraws_a_few_times_a_second_not_per_batch(tiny_folder, tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from cifar_lightning.module import ClassifierModule
+
+    drawn = []
+    original = RichProgressBar.on_train_batch_end
+    monkeypatch.setattr(RichProgressBar, "on_train_batch_end",
+                        lambda self, trainer, *a: drawn.append((trainer.current_epoch, a[-1])) or original(self, trainer, *a))  # fmt: skip
+    for every, expected in ((3600, [(0, 0), (0, 14), (1, 14)]), (0, [(e, b) for e in (0, 1) for b in range(15)])):
+        drawn.clear()
+        model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01)
+        dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=2, val_size=6)  # 15 batches
+        trainer = pl.Trainer(max_epochs=2, callbacks=[QuietRichProgressBar(redraw_every=every)], logger=False,
+                             enable_model_summary=False, enable_checkpointing=False, limit_val_batches=1)  # fmt: skip
+        trainer.fit(model, datamodule=dm)
+        assert drawn == expected  # the first batch, then each epoch's last: never a stale final bar
+
+
 def test_epoch_lines_estimate_the_time_left(tiny_folder, tmp_path):
     out = io.StringIO()
     dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=8, val_size=6)

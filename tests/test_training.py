@@ -73,6 +73,50 @@ def test_muon_sgd_groups_match_torch_sgd_on_non_muon_params():
     torch.testing.assert_close(a, b)
 
 
+def test_muon_steps_over_all_tensors_at_once_as_one_at_a_time():
+    # The optimizer runs each operation over a group's tensors at once; the result must be the
+    # arithmetic of one tensor at a time, to the bit, for Muon and SGD groups, with and without
+    # Nesterov, a parameter that gets no gradient in a step, and a fresh buffer mid-run.
+    from cifar_lightning.optim import orthogonalize
+
+    def reference(params, groups, state):
+        with torch.no_grad():
+            for g, group in zip(params, groups):
+                for p in g:
+                    if p.grad is None:
+                        continue
+                    grad = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+                    buf = state.get(p)
+                    if buf is None:
+                        buf = state[p] = grad.detach().clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(grad)
+                    grad = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    if group["muon"]:
+                        p.mul_(p.shape[0] ** 0.5 / p.norm().clamp_min(1e-12))
+                        grad = orthogonalize(grad.reshape(p.shape[0], -1), 3).view_as(p)
+                    p.add_(grad, alpha=-group["lr"])
+
+    torch.manual_seed(0)
+    shapes = [[(8, 4, 3, 3), (16, 8, 3, 3)], [(16,), (8,), (5, 3)]]
+    settings = [dict(muon=True, lr=0.2, momentum=0.6, nesterov=True, weight_decay=0.0),
+                dict(muon=False, lr=0.05, momentum=0.85, nesterov=False, weight_decay=1e-3)]  # fmt: skip
+    ours = [[torch.nn.Parameter(torch.randn(s)) for s in g] for g in shapes]
+    theirs = [[torch.nn.Parameter(p.detach().clone()) for p in g] for g in ours]
+    opt = MuonSGD([{"params": g, **st} for g, st in zip(ours, settings)])
+    state: dict = {}
+    for step in range(5):
+        for g_ours, g_theirs in zip(ours, theirs):
+            for i, (a, b) in enumerate(zip(g_ours, g_theirs)):
+                skip = (step, i) in ((0, 0), (2, 1))  # no gradient: a buffer that starts a step later, a gap
+                grad = None if skip else torch.randn(a.shape)
+                a.grad, b.grad = (None, None) if skip else (grad.clone(), grad.clone())
+        opt.step()
+        reference(theirs, settings, state)
+        for a, b in zip(sum(ours, []), sum(theirs, [])):
+            assert torch.equal(a, b)
+
+
 def test_muon_param_groups_put_only_conv_filters_under_muon():
     model = ClassifierModule(arch="fastnet", num_classes=10).model
     muon, rest = muon_param_groups(model, 0.2, 0.6)
@@ -129,6 +173,40 @@ def test_epoch_loss_is_the_mean_over_samples_and_keeps_nan():
     # a diverged step is reported as such, not dropped from the average
     model.loss_metrics["val_"].update(torch.tensor([float("nan")]))
     assert torch.isnan(model.loss_metrics["val_"].compute())
+
+
+def test_logged_training_loss_and_accuracy_are_the_epoch_means_over_its_images(tiny_folder, tmp_path):
+    # Recomputed from each step's own logits and targets, outside the module: every image weighs
+    # the same (a smaller last batch weighs less), each epoch starts afresh.
+    from lightning.pytorch.callbacks import Callback
+
+    class Recompute(Callback):
+        def __init__(self) -> None:
+            self.sums: dict[int, list[float]] = {}
+            self.logged: dict[int, tuple[float, float]] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logits, y = outputs["logits"].float(), outputs["targets"]
+            s = self.sums.setdefault(trainer.current_epoch, [0.0, 0.0, 0])
+            s[0] += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            s[1] += float((logits.argmax(1) == y).sum())
+            s[2] += len(y)
+
+        def on_train_epoch_end(self, trainer, pl_module):  # a callback: it runs before the module's hook
+            m = trainer.callback_metrics
+            self.logged[trainer.current_epoch] = (float(m["train/loss"]), float(m["train/acc"]))
+
+    dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, batch_size=7, num_workers=0)  # 30 = 4 x 7 + 2
+    model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.05)
+    rec = Recompute()
+    pl.Trainer(max_epochs=2, callbacks=[rec], logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, default_root_dir=tmp_path).fit(model, dm)  # fmt: skip
+    for epoch, (loss_sum, correct, n) in rec.sums.items():
+        assert n == 30
+        assert rec.logged[epoch][0] == pytest.approx(loss_sum / n, rel=1e-5)
+        assert rec.logged[epoch][1] == pytest.approx(correct / n, abs=1e-6)
+    assert rec.logged[0] != rec.logged[1]
+    assert model.images_seen["train"] == 30
 
 
 def test_schedule_spans_max_steps_and_warmup_counts_real_epochs(tiny_folder, tmp_path):

@@ -348,7 +348,7 @@ def test_sam_counts_each_training_image_once(tiny_folder, tmp_path):
 
     class Count(Callback):
         def on_train_epoch_end(self, trainer, pl_module):
-            counted.append(int(pl_module.loss_metrics["train_"].weight))
+            counted.append(pl_module.images_seen["train"])
 
     model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01,
                              optimizer="sam")  # fmt: skip

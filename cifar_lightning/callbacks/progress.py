@@ -28,13 +28,16 @@ class QuietRichProgressBar(RichProgressBar):
       a CSV logger's 0 showed up as ``v_num: 0.000``.
     - ``run left``: the time the fit has left (``RunClock``), beside the bar's own time left in
       the epoch.
+    - Redrawn at most every ``redraw_every`` seconds, and at the end of each epoch.
     """
 
     TRAIN_KEYS = ("train/loss", "train/acc")
 
-    def __init__(self, *args: Any, read_every: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, read_every: float = 0.5, redraw_every: float = 0.25, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.read_every = read_every
+        self.redraw_every = redraw_every
+        self._drawn_at = -math.inf
         self._running: dict[str, float] = {}
         self._read_at = -math.inf
         self.clock = RunClock()
@@ -55,6 +58,13 @@ class QuietRichProgressBar(RichProgressBar):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.clock.batch_end()
         self._done = batch_idx + 1
+        # Lightning redraws the bar after every batch: hundreds of redraws a second on short steps,
+        # each costing more than the step's own Python. A few a second read the same; the epoch's
+        # last batch is always drawn.
+        now = time.monotonic()
+        if now - self._drawn_at < self.redraw_every and self._done < trainer.num_training_batches:
+            return
+        self._drawn_at = now
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -53,9 +53,9 @@ class ScaleGradients(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if getattr(optimizer, "perturbed", None) is False:  # SAM's first pass (optim.SAM)
             return
-        for p in self._params:
-            if p.grad is not None:
-                p.grad.mul_(self.factor)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, self.factor)  # one call for all of them
 
 
 class FreezeAfter(Callback):
@@ -142,12 +142,8 @@ class Lookahead(Callback):
         tracked = self._tracked(pl_module)
         if step % self.every == 0:
             weight = 1.0 - self.decay * min(1.0, step / total) ** self.power
-            for ema, current in zip(self._ema, tracked):
-                ema.lerp_(current, weight)
-                current.copy_(ema)
-        elif step >= total:
-            for ema, current in zip(self._ema, tracked):
-                current.copy_(ema)
+            torch._foreach_lerp_(self._ema, tracked, weight)
+        torch._foreach_copy_(tracked, self._ema)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self._ema, "last_step": self._last_step}
