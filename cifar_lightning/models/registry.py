@@ -75,9 +75,10 @@ def model_info(name: str) -> ModelInfo:
 
 
 def create_model(
-    name: str, num_classes: int = 10, *, pretrained: bool = False, normalize: bool = True, **kwargs
+    name: str, num_classes: int | None = None, *, pretrained: bool = False, normalize: bool = True, **kwargs
 ) -> nn.Module:
-    """Build the registered network ``name`` for ``num_classes`` outputs.
+    """Build the registered network ``name`` for ``num_classes`` outputs (default: 10, or the
+    weights' own with ``pretrained``).
 
     With ``pretrained``, the network holds its shipped weights, checked against their sha256
     (``list_pretrained()`` names the networks that have some; ``WeightsError`` names them for any
@@ -91,8 +92,9 @@ def create_model(
     """
     info = model_info(name)
     if not pretrained:
-        return info.builder(num_classes=num_classes, **kwargs)
+        return info.builder(num_classes=10 if num_classes is None else num_classes, **kwargs)
     entry = weights_entry(name)
+    num_classes = entry["num_classes"] if num_classes is None else num_classes
     network = info.builder(num_classes=num_classes, **{**(entry.get("arch_kwargs") or {}), **kwargs})
     fresh = load_weights(network, name)
     if fresh:
