@@ -8,13 +8,13 @@ per recipe into ``cifar_lightning/weights/``:
 1. the seed: the median of the seeds by test accuracy (``SELECTION_RULE``), so that the file is
    typical of its recipe, not the luckiest of n draws (each run kept its last epoch, chosen by
    nothing);
-2. its checkpoint is evaluated on the test set, plain and with the recipe's TTA, and must agree
-   with its run's report: it is the model that run tested;
-3. the network's weights are stored in float16 where that changes no test prediction (plain and
-   TTA, on every test image), else in float32, as ``<arch>-<sha256 prefix>.pt``;
-4. that file is loaded afresh, as a user loads it, and evaluated: the figures recorded are that
-   load's, with its accuracy under corruptions (``--corruptions``);
-5. the manifest entry gathers it all, with the provenance of the runs and of this command; files of
+2. its network is written as a float32 file, loaded afresh as a user loads it, and evaluated on the
+   test set, plain and with the recipe's TTA; the accuracy must agree with its run's report (it is
+   the model that run tested);
+3. the same in float16, which is shipped where it changes no test prediction (plain and TTA, on
+   every test image), as ``<arch>-<sha256 prefix>.pt``; the figures recorded are those of the
+   shipped file, with its accuracy under corruptions (``--corruptions``);
+4. the manifest entry gathers it all, with the provenance of the runs and of this command; files of
    the arch that it supersedes are removed, and the model card is written again.
 """
 
@@ -148,10 +148,8 @@ def publish(
     """Ship the median seed of ``recipe`` into ``weights`` (see the module's docstring); returns
     its manifest entry."""
     from benchmarks.provenance import describe_data, describe_path, finish, provenance, scrub
-    from cifar_lightning.checkpoint import build_classifier, check_compatible, pretrained_checkpoint, read_checkpoint
-    from cifar_lightning.checkpoint import stored_dataset
+    from cifar_lightning.checkpoint import build_classifier, check_compatible, read_checkpoint, stored_dataset
     from cifar_lightning.data import CIFAR10DataModule
-    from cifar_lightning.evaluation import evaluate
 
     prov = provenance(data_dir)
     recipe_path = resolve_recipe(Path(recipe), configs)
@@ -174,37 +172,27 @@ def publish(
     dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0, **stored_dataset(ckpt))
     check_compatible(module, class_names=dm.class_names, checkpoint=ckpt_path, against=f"the data in {data_dir}")
     images, labels = dm.split_arrays("test")
-    print(f"{name}: seed {seed} of {sorted(reports)} ({arch}); its checkpoint on {len(labels):,} test images")
-    reference = evaluate(module, images, labels, batch_size=EVAL_BATCH, tta=tta)
-    tested = _figures(reference)["test_acc_tta" if tta != "none" else "test_acc"]
-    if abs(tested - accuracy[seed]) > REPORT_TOLERANCE:
-        raise UserError(
-            f"{ckpt_path} gives {100 * tested:.2f}% on {data_dir}, and its run reported {100 * accuracy[seed]:.2f}%: "
-            "it is not the model that run tested, or the data is another copy. Run that seed again with "
-            "--keep-checkpoints."
-        )
-
-    checks, state = {}, module.model.state_dict()
+    print(f"{name}: seed {seed} of {sorted(reports)} ({arch}), on {len(labels):,} test images")
+    entry, state = _describe(module), module.model.state_dict()
     with tempfile.TemporaryDirectory() as tmp:
-        entry = _describe(module)
-        for dtype in ("float16", "float32"):
-            if dtype == "float16" and not _fits_float16(state):
-                checks[dtype] = "weights beyond float16's range"
-                continue
-            # Staged aside, then loaded as a user loads it: the figures are those of the file itself.
-            stage = Path(tmp) / dtype
-            fields = write_weights(state, arch, stage, dtype)
-            write_report({"format": MANIFEST_FORMAT, "weights": {arch: entry | fields}}, stage / MANIFEST)
-            fresh = build_classifier(pretrained_checkpoint(arch, stage), arch)
-            shipped = evaluate(fresh, images, labels, batch_size=EVAL_BATCH, tta=tta)
-            checks[dtype] = _changed(reference, shipped)
-            print(f"  {dtype}: {fields['bytes']:,} bytes; test predictions changed: {checks[dtype]}")
-            if not any(checks[dtype].values()):
-                break
-        else:  # the float32 file holds the checkpoint's very weights: nothing may change
-            raise RuntimeError(f"the float32 file of {arch} predicts otherwise than its checkpoint: {checks}")
+        # Each candidate file is staged aside and loaded as a user loads it: the figures are the file's.
+        fields, fresh, shipped = _staged(state, arch, "float32", entry, Path(tmp), images, labels)
+        tested = _figures(shipped)["test_acc_tta" if tta != "none" else "test_acc"]
+        if abs(tested - accuracy[seed]) > REPORT_TOLERANCE:
+            raise UserError(
+                f"{ckpt_path} gives {100 * tested:.2f}% on {data_dir}, and its run reported "
+                f"{100 * accuracy[seed]:.2f}%: it is not the model that run tested, or the data is another copy. "
+                "Run that seed again with --keep-checkpoints."
+            )
+        checks: dict[str, Any] = {"float16": "weights beyond float16's range"}
+        if _fits_float16(state):
+            half = _staged(state, arch, "float16", entry, Path(tmp), images, labels)
+            checks["float16"] = _changed(shipped, half[2])
+            if not any(checks["float16"].values()):
+                fields, fresh, shipped = half
+    print(f"  float16 changes {checks['float16']} test predictions: {fields['dtype']}, {fields['bytes']:,} bytes")
     # The same tensors give the same bytes: the file evaluated above, under the same name.
-    assert write_weights(state, arch, weights, dtype) == fields
+    assert write_weights(state, arch, weights, fields["dtype"]) == fields
 
     corruptions = None
     if corruption_images:
@@ -249,6 +237,19 @@ def publish(
     entry = scrub(entry)
     _write_entry(Path(weights), entry)
     return entry
+
+
+def _staged(state, arch: str, dtype: str, entry: dict[str, Any], tmp: Path, images, labels) -> tuple:
+    """(manifest fields, module, evaluation) of ``state`` written as a ``dtype`` weight file in a
+    folder of its own, then loaded and evaluated as ``scripts/evaluate.py NAME`` does."""
+    from cifar_lightning.checkpoint import build_classifier, pretrained_checkpoint
+    from cifar_lightning.evaluation import evaluate
+
+    folder = tmp / dtype
+    fields = write_weights(state, arch, folder, dtype)
+    write_report({"format": MANIFEST_FORMAT, "weights": {arch: entry | fields}}, folder / MANIFEST)
+    module = build_classifier(pretrained_checkpoint(arch, folder), arch)
+    return fields, module, evaluate(module, images, labels, batch_size=EVAL_BATCH, tta=entry["tta"])
 
 
 def _describe(module) -> dict[str, Any]:
