@@ -49,9 +49,12 @@ LABEL = "JPEG q75 copy (tiny)"  # as reproduce.py labels a run on a JPEG copy
 
 
 def test_accuracy(ckpt: Path, data: Path) -> float:
-    """What the checkpoint's run would have reported: its accuracy on the data's test split."""
+    """What the checkpoint's run would have reported: its accuracy on the data's test split, with
+    its own TTA mode, as trainer.test measures it."""
     images, labels = CIFAR10DataModule(str(data), download=False, num_workers=0).split_arrays("test")
-    return evaluate(load_classifier(ckpt), images, labels).metrics()["test_acc"]
+    module = load_classifier(ckpt)
+    metrics = evaluate(module, images, labels, tta=module.hparams.tta).metrics()
+    return metrics["tta"]["test_acc"] if module.hparams.tta != "none" else metrics["test_acc"]
 
 
 test_accuracy.__test__ = False  # a helper, not a test
@@ -146,6 +149,21 @@ def test_float32_is_kept_where_float16_changes_a_prediction(run, published, tmp_
     assert torch.load(weights / entry["file"], weights_only=True)["8.weight"].dtype == torch.float32
     # The file it supersedes is gone; the manifest names the new one.
     assert sorted(p.name for p in weights.glob("*.pt")) == [entry["file"]] != [published[1]["file"]]
+
+
+def test_a_recipe_with_tta_ships_both_figures(run, tmp_path, monkeypatch):
+    ckpt, data = run
+    trained = torch.load(ckpt, weights_only=True)
+    trained["hyper_parameters"] |= {"tta": "flip_translate", "channels_last": True}
+    entry = publish(tmp_path, trained, data, tmp_path / "weights")
+    assert entry["tta"] == "flip_translate" and "flip_translate" in entry["test_acc"]["measure"]
+    assert entry["shipped"]["test_acc_tta"] == pytest.approx(entry["test_acc"]["per_seed"]["1"])
+    assert set(entry["storage"]["changed_predictions"]["float16"]) == {"plain", "tta"}
+    monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "weights"))
+    report = evaluate_main([ARCH, "--data-dir", str(data), "--output-dir", str(tmp_path / "eval"),
+                            "--batch-size", "500"])  # fmt: skip
+    assert report["tta"]["mode"] == "flip_translate" and report["tta"]["test_acc"] == entry["shipped"]["test_acc_tta"]
+    assert report["test_acc"] == entry["shipped"]["test_acc"]
 
 
 def test_publish_refuses_runs_it_cannot_vouch_for(run, tmp_path, capsys):
