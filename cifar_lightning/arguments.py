@@ -104,6 +104,7 @@ FIT_SWITCHES: dict[str, tuple[str, ...]] = {
     "--fast-dev-run": ("--trainer.fast_dev_run=true",),
     "--deterministic": ("--trainer.deterministic=true",),
     "--sam-adaptive": ("--model.sam_adaptive=true",),
+    "--pretrained": ("--model.pretrained=true",),
 }
 
 

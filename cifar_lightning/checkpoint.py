@@ -25,6 +25,8 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from cifar_lightning.constants import IMAGE_SIZE
 from cifar_lightning.errors import UserError
+from cifar_lightning.models import list_models, list_pretrained
+from cifar_lightning.models.pretrained import read_weights, weights_entry
 from cifar_lightning.module import ClassifierModule
 
 #: Hyperparameters that rebuild the network; a checkpoint without them was not written by us.
@@ -34,15 +36,20 @@ _HOW_TO_GET_ONE = "Pass a .ckpt file written by scripts/fit.py (runs/<arch>/vers
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` of a checkpoint of this project, checked.
+    """``torch.load(path, weights_only=True)`` of a checkpoint of this project, checked; or, for
+    the name of a network that is not a file (``resnet20``), ``pretrained_checkpoint`` of it.
 
     Raises ``UserError`` naming the file when it is missing, a folder, empty, truncated or
     corrupt, needs unsafe unpickling (a whole pickled model, another program's pickle), or is
     readable but not a checkpoint of this project (a plain state dict, some other dict).
     """
     path = Path(path)
+    if not path.exists() and str(path) in list_models():
+        return pretrained_checkpoint(str(path))
     if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist. {_HOW_TO_GET_ONE}")
+        named = list_pretrained()
+        hint = f" Or name a network with trained weights: {', '.join(named)}." if named else ""
+        raise UserError(f"checkpoint {path} does not exist. {_HOW_TO_GET_ONE}{hint}")
     if path.is_dir():
         found = sorted(str(p) for p in path.rglob("*.ckpt"))[:5]
         hint = f" It holds: {', '.join(found)}." if found else ""
@@ -69,8 +76,27 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ClassifierModule:
-    """Rebuild the ``ClassifierModule`` of a checkpoint in eval mode, without unsafe unpickling."""
+    """Rebuild the ``ClassifierModule`` of a checkpoint (or of a network's shipped weights, by its
+    name) in eval mode, without unsafe unpickling."""
     return build_classifier(read_checkpoint(path, map_location), path, map_location)
+
+
+def pretrained_checkpoint(name: str, folder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The shipped weights of network ``name`` (in ``folder``, default the package's) as the
+    checkpoint dict ``read_checkpoint`` returns: the manifest's class names, normalisation, image
+    size and TTA mode are its hyperparameters, so evaluate, predict and export use them as they use
+    a checkpoint's. ``WeightsError`` when ``name`` has no weights (naming those that have) or its
+    file fails the sha256 check."""
+    entry = weights_entry(name, folder)
+    hparams = {
+        "arch": name, "arch_kwargs": entry.get("arch_kwargs") or None, "num_classes": int(entry["num_classes"]),
+        "class_names": list(entry["class_names"]), "norm_mean": tuple(entry["mean"]), "norm_std": tuple(entry["std"]),
+        "image_size": int(entry["image_size"]), "tta": entry.get("tta", "none"),
+    }  # fmt: skip
+    # The images the network was trained on: a calibration refuses a validation split drawn from them.
+    data = {"val_size": entry["training"]["val_size"]} if "val_size" in entry.get("training", {}) else {}
+    state = {f"model.{k}": v for k, v in read_weights(name, folder).items()}
+    return {"hyper_parameters": hparams, "state_dict": state, "datamodule_hyper_parameters": data, "pretrained": entry}
 
 
 def build_classifier(
@@ -84,6 +110,7 @@ def build_classifier(
     # Lightning's own keys (``_instantiator``...) are not arguments of the module.
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     hparams["compile"] = False
+    hparams["pretrained"] = False  # the checkpoint's own weights are loaded below
     try:
         module = ClassifierModule(**hparams)
     except TypeError as err:
@@ -105,6 +132,8 @@ def stored_data_dir(ckpt: dict[str, Any], path: str | os.PathLike) -> str | None
 
     Relative paths are as the training command saw them (relative to its working directory).
     """
+    if "pretrained" in ckpt:  # shipped weights: the user's data, not a run's
+        return None
     data_dir = (ckpt.get("datamodule_hyper_parameters") or {}).get("data_dir")
     if data_dir:
         return str(data_dir)

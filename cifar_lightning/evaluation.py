@@ -284,7 +284,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
         prog="scripts/evaluate.py",
         description="Evaluate a checkpoint on the test split: report.json, plots and a table.",
     )
-    parser.add_argument("checkpoint", help="a .ckpt file written by scripts/fit.py")
+    parser.add_argument(
+        "checkpoint", help="a .ckpt file written by scripts/fit.py, or a network with trained weights (resnet20)"
+    )
     parser.add_argument(
         "--data-dir",
         help="data folder or archive (default: the one the checkpoint was trained on, else 'data')",

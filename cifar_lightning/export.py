@@ -30,12 +30,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 from cifar_lightning.constants import IMAGE_SIZE
-from cifar_lightning.data.transforms import normalize
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.inference import images_to_tensor
+from cifar_lightning.models.pretrained import Normalized
 from cifar_lightning.module import ClassifierModule
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -44,17 +43,11 @@ DEFAULT_RTOL = 1e-5
 VERIFY_IMAGES = 64
 
 
-class RawImageClassifier(nn.Module):
+class RawImageClassifier(Normalized):
     """The network with its input normalisation: raw RGB in [0, 1] (B, 3, H, W) to logits (B, C)."""
 
     def __init__(self, module: ClassifierModule) -> None:
-        super().__init__()
-        self.net = module.model
-        self.register_buffer("mean", torch.tensor(module.hparams.norm_mean, dtype=torch.float32))  # (3,)
-        self.register_buffer("std", torch.tensor(module.hparams.norm_std, dtype=torch.float32))
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net(normalize(image, self.mean, self.std))
+        super().__init__(module.model, module.hparams.norm_mean, module.hparams.norm_std)
 
 
 def input_size(module: ClassifierModule) -> int:
@@ -225,7 +218,9 @@ def export_parser() -> argparse.ArgumentParser:
         description="Export a checkpoint to ONNX or TorchScript (input: raw RGB in [0, 1]) and verify it.",
         epilog="Exit code: 0 when the export matches PyTorch within the tolerance, 1 when not, 2 on a usage error.",
     )
-    parser.add_argument("checkpoint", help="a .ckpt file written by scripts/fit.py")
+    parser.add_argument(
+        "checkpoint", help="a .ckpt file written by scripts/fit.py, or a network with trained weights (resnet20)"
+    )
     parser.add_argument("--format", choices=sorted(FORMATS), required=True)
     parser.add_argument("--output", help="file to write (default: beside the checkpoint)")
     parser.add_argument("--data-dir", help="data whose test images verify the export (default: random images)")

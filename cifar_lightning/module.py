@@ -16,6 +16,7 @@ from cifar_lightning.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from cifar_lightning.data.transforms import normalize
 from cifar_lightning.errors import UserError
 from cifar_lightning.models import check_input_size, create_model, model_info
+from cifar_lightning.models.pretrained import fresh_head_note, load_weights, weights_entry
 from cifar_lightning.optim import (
     OPTIMIZERS, SAM, SAM_BASES, SCHEDULERS, OptimizerName, SamBase, SchedulerName, build_optimizer, build_scheduler,
     fit_schedules,
@@ -41,6 +42,8 @@ class ClassifierModule(pl.LightningModule):
     Args:
         arch: registered architecture name (see ``cifar_lightning.models.list_models()``).
         arch_kwargs: extra keyword arguments for the architecture's builder.
+        pretrained: start from the arch's shipped weights (``cifar_lightning/weights/``, checked by
+            sha256); for another number of classes the classifier starts afresh, and one line says so.
         num_classes: number of output classes (linked from the data).
         class_names: one name per class, in label order (linked from the data).
         norm_mean, norm_std: input normalisation the network expects (linked from the data).
@@ -83,6 +86,7 @@ class ClassifierModule(pl.LightningModule):
         self,
         arch: str = "resnet18",
         arch_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
         num_classes: int = 10,
         class_names: list[str] | None = None,
         norm_mean: tuple[float, float, float] = CIFAR10_MEAN,
@@ -156,6 +160,10 @@ class ClassifierModule(pl.LightningModule):
         #: Images of the latest training, validation and test epoch, over all ranks ("train", "val", "test").
         self.images_seen: dict[str, int] = {}
         self.model = create_model(arch, num_classes=num_classes, **(arch_kwargs or {}))
+        if pretrained:
+            fresh = load_weights(self.model, arch)
+            if fresh:
+                rank_zero_info(fresh_head_note(arch, fresh, weights_entry(arch)["num_classes"], num_classes))
         if image_size != IMAGE_SIZE:
             check_input_size(self.model, arch, image_size)
         if channels_last:

@@ -274,7 +274,9 @@ def predict_parser() -> argparse.ArgumentParser:
         description="Top-k classes of image files, folders (recursive), glob patterns and http(s) URLs.",
         epilog="Exit code: 0 when every input was predicted, 1 when any input failed, 2 on a usage error.",
     )
-    parser.add_argument("checkpoint", help="a .ckpt file written by scripts/fit.py")
+    parser.add_argument(
+        "checkpoint", help="a .ckpt file written by scripts/fit.py, or a network with trained weights (resnet20)"
+    )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder, glob pattern or URL")
     parser.add_argument(
         "--top-k", type=positive(int), default=3,

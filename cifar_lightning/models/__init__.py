@@ -28,13 +28,20 @@ from cifar_lightning.models import wide_resnet  # noqa: F401,E402
 # Parameter and MAC counts, and the model card built from them.
 from cifar_lightning.models.card import count_macs, count_parameters  # noqa: E402
 
+# The shipped trained weights (cifar_lightning/weights/): create_model(name, pretrained=True) loads them.
+from cifar_lightning.models.pretrained import Normalized, WeightsError, list_pretrained, weights_entry  # noqa: E402
+
 __all__ = [
     "ModelInfo",
+    "Normalized",
     "UnknownModelError",
+    "WeightsError",
     "count_macs",
     "count_parameters",
     "create_model",
     "list_models",
+    "list_pretrained",
     "model_info",
     "register_model",
+    "weights_entry",
 ]

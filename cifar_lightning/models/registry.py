@@ -8,6 +8,7 @@ script reads, so the card's numbers and sources come from the code.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from cifar_lightning.errors import UserError
+from cifar_lightning.models.pretrained import Normalized, fresh_head_note, load_weights, weights_entry
 
 Builder = Callable[..., nn.Module]
 
@@ -72,9 +74,35 @@ def model_info(name: str) -> ModelInfo:
         ) from None
 
 
-def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
-    """Build the registered network ``name`` for ``num_classes`` outputs."""
-    return model_info(name).builder(num_classes=num_classes, **kwargs)
+def create_model(
+    name: str, num_classes: int | None = None, *, pretrained: bool = False, normalize: bool = True, **kwargs
+) -> nn.Module:
+    """Build the registered network ``name`` for ``num_classes`` outputs (default: 10, or the
+    weights' own with ``pretrained``).
+
+    With ``pretrained``, the network holds its shipped weights, checked against their sha256
+    (``list_pretrained()`` names the networks that have some; ``WeightsError`` names them for any
+    other), is built with the arguments the weights were trained with (``kwargs`` override them),
+    and is returned in eval mode. It then takes images as ``torchvision.transforms.ToTensor()``
+    gives them, RGB in [0, 1] (B, 3, 32, 32), and normalises them itself (``Normalized``);
+    ``normalize=False`` gives the bare network, for inputs normalised with the ``mean`` and ``std``
+    of ``model.pretrained_cfg``. Either way the model carries ``class_names`` and ``pretrained_cfg``
+    (the manifest entry: recipe, commit, data, accuracy). Another ``num_classes`` than the
+    weights' starts the classifier afresh (``class_names`` is then None), with a warning.
+    """
+    info = model_info(name)
+    if not pretrained:
+        return info.builder(num_classes=10 if num_classes is None else num_classes, **kwargs)
+    entry = weights_entry(name)
+    num_classes = entry["num_classes"] if num_classes is None else num_classes
+    network = info.builder(num_classes=num_classes, **{**(entry.get("arch_kwargs") or {}), **kwargs})
+    fresh = load_weights(network, name)
+    if fresh:
+        warnings.warn(fresh_head_note(name, fresh, entry["num_classes"], num_classes), stacklevel=2)
+    model = Normalized(network, entry["mean"], entry["std"]) if normalize else network
+    model.class_names = None if fresh else list(entry["class_names"])
+    model.pretrained_cfg = entry
+    return model.eval()
 
 
 def check_input_size(network: nn.Module, arch: str, size: int) -> None:
