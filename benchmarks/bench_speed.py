@@ -61,6 +61,9 @@ class BenchConfig:
     tricks_warmup: int = 3
     tricks_steps: int = 20
     tricks_rounds: int = 3
+    # layout: channels-last against NCHW, a training step of every network
+    layout_batch_size: int = 32
+    layout_rounds: int = 8
     work_dir: str | None = None
 
     @classmethod
@@ -69,7 +72,7 @@ class BenchConfig:
         defaults = dict(
             quick=True, val_size=16, data_batch_size=32, baseline_batches=4, overhead_arch="simple_cnn",
             overhead_batch_size=16, warmup_steps=1, timed_steps=3, repeats=1, memory_steps=3,
-            tricks_batch_size=16, tricks_warmup=1, tricks_steps=2, tricks_rounds=1,
+            tricks_batch_size=16, tricks_warmup=1, tricks_steps=2, tricks_rounds=1, layout_batch_size=4, layout_rounds=4,
             memory_loaders=["torchvision_2_workers", "torchvision_0_workers"],
             fit_overrides=[
                 "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--data.batch_size=32",

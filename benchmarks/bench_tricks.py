@@ -55,6 +55,24 @@ def _trick_fit(cfg: BenchConfig, overrides: list[str], out: Path) -> dict[str, A
             "seconds": round(clock.seconds, 3)}  # fmt: skip
 
 
+def mark_noise(rows: dict[str, dict[str, Any]]) -> None:
+    """Give each trick's row its ratio to ``standard`` (``over_standard``), the run's own noise for
+    it (``noise``: the larger of its and ``standard``'s spread over rounds, (fastest - slowest) /
+    fastest; None with one round) and whether the ratio lies beyond it (``beyond_noise``): a ratio
+    closer to 1 than the noise says nothing about the trick."""
+
+    def spread(row: dict[str, Any]) -> float | None:
+        seen = row["rounds_images_per_s"]
+        return (max(seen) - min(seen)) / max(seen) if len(seen) > 1 and max(seen) > 0 else None
+
+    base = rows["standard"]
+    for row in rows.values():
+        row["over_standard"] = round(row["images_per_s"] / base["images_per_s"], 3)
+        spreads = [spread(row), spread(base)]
+        row["noise"] = None if None in spreads else round(max(spreads), 3)
+        row["beyond_noise"] = row["noise"] is not None and abs(row["over_standard"] - 1) > row["noise"]
+
+
 def bench_tricks(cfg: BenchConfig) -> dict[str, Any]:
     """Training images/s of every trick in ``TRICKS`` and its ratio to ``standard``'s: each fit
     runs once a round, the rounds one after another, and each keeps its fastest round (what the
@@ -66,8 +84,6 @@ def bench_tricks(cfg: BenchConfig) -> dict[str, Any]:
                 runs[name].append(_trick_fit(cfg, overrides, Path(out) / f"{name}-{r}"))
     rows = {name: max(rs, key=lambda row: row["images_per_s"]) | {"rounds_images_per_s": [x["images_per_s"] for x in rs]}
             for name, rs in runs.items()}  # fmt: skip
-    base = rows["standard"]["images_per_s"]
-    for row in rows.values():
-        row["over_standard"] = round(row["images_per_s"] / base, 3)
+    mark_noise(rows)
     return {"arch": cfg.tricks_arch, "batch_size": cfg.tricks_batch_size, "timed_steps": cfg.tricks_steps,
             "rounds": cfg.tricks_rounds, "overrides": TRICKS, "tricks": rows}  # fmt: skip

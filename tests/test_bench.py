@@ -25,7 +25,7 @@ def test_quick_bench_writes_its_json(tmp_path, capsys):
     # In-process, every section but memory, whose two child fits take most of a minute (the slow
     # test below runs them all through scripts/bench.py).
     out = tmp_path / "quick.json"
-    returned = main(["--quick", "--sections", "data,overhead,time_to_accuracy", "--output", str(out)])
+    returned = main(["--quick", "--sections", "data,overhead,time_to_accuracy,layout", "--output", str(out)])
     results = json.loads(out.read_text())
     assert results == json.loads(json.dumps(returned))
     assert results["meta"]["quick"] is True and results["meta"]["complete"] is True
@@ -33,6 +33,7 @@ def test_quick_bench_writes_its_json(tmp_path, capsys):
     check_data(results["data"])
     check_overhead(results["overhead"])
     check_time_to_accuracy(results["time_to_accuracy"])
+    check_layout(results["layout"])
     printed = capsys.readouterr().out
     assert "time to accuracy" in printed and "overhead" in printed  # the rich table
 
@@ -48,6 +49,7 @@ def test_quick_bench_every_section(tmp_path):
     check_time_to_accuracy(results["time_to_accuracy"])
     check_memory(results["memory"])
     check_tricks(results["tricks"])
+    check_layout(results["layout"])
 
 
 def check_data(data):
@@ -279,6 +281,24 @@ def check_tricks(section):
     for row in rows.values():
         assert row["images"] == section["timed_steps"] * section["batch_size"] and row["seconds"] > 0
         assert row["over_standard"] == pytest.approx(row["images_per_s"] / rows["standard"]["images_per_s"], rel=0.01)
+        if section["rounds"] == 1:  # one round has no spread: no ratio is beyond it
+            assert row["noise"] is None and row["beyond_noise"] is False
+
+
+def test_a_tricks_ratio_inside_the_runs_own_spread_reads_as_noise():
+    from benchmarks.bench import summary_rows
+    from benchmarks.bench_tricks import mark_noise
+
+    rows = {
+        "standard": {"images_per_s": 400.0, "rounds_images_per_s": [400.0, 300.0]},  # 25% apart
+        "cutout": {"images_per_s": 450.0, "rounds_images_per_s": [450.0, 440.0]},  # 1.125x: inside 25%
+        "sam": {"images_per_s": 200.0, "rounds_images_per_s": [200.0, 198.0]},  # 0.5x: beyond it
+    }
+    mark_noise(rows)
+    assert rows["cutout"]["noise"] == 0.25 and not rows["cutout"]["beyond_noise"]
+    assert rows["sam"]["beyond_noise"] and rows["sam"]["over_standard"] == 0.5
+    printed = {r[0].split()[1]: r[2] for r in summary_rows({"tricks": {"arch": "resnet20", "batch_size": 128, "tricks": rows}})}
+    assert printed == {"standard": "1.00x", "cutout": "within noise", "sam": "0.50x"}
 
 
 def test_lightning_floor_fits_nothing_of_this_package(tmp_path):
@@ -308,3 +328,23 @@ def test_lightning_floor_fits_nothing_of_this_package(tmp_path):
     bare = list(BareLoop(cfg, "simple_cnn", 8, torch.device("cpu"), 5).model.parameters())
     assert len(seen["weights"]) == len(bare) > 0
     assert all(torch.equal(a, b) for a, b in zip(seen["weights"], bare))
+
+
+def check_layout(section):
+    from benchmarks.bench_layout import QUICK_NETWORKS, verdict
+
+    assert set(section["networks"]) == set(QUICK_NETWORKS)
+    for row in section["networks"].values():
+        assert len(row["speedups"]) == section["rounds"] and row["nchw_ms"] > 0 and row["channels_last_ms"] > 0
+        assert row["verdict"] == verdict(row["speedups"])
+    wins = {f for f, v in section["families"].items() if set(v.values()) == {"wins"}}
+    assert set(section["families_that_win"]) == wins
+
+
+def test_layout_verdicts_need_three_rounds_in_four():
+    from benchmarks.bench_layout import verdict
+
+    assert verdict([1.2, 1.1, 1.3, 1.15]) == "wins"
+    assert verdict([1.2, 1.1, 0.8, 1.15]) == "wins"  # three rounds in four
+    assert verdict([1.2, 0.9, 0.8, 1.15]) == "within noise"  # half the rounds the other way
+    assert verdict([0.8, 0.9, 0.85, 0.95]) == "loses"
