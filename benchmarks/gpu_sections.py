@@ -24,7 +24,7 @@ import torch
 
 from benchmarks import REPO
 from benchmarks.gpu_airbench import (  # noqa: F401 (part of this module's interface)
-    _free_memory, airbench_run, airbench_unavailable, parse_airbench_table, write_airbench_data,
+    _free_memory, airbench_data, airbench_run, airbench_unavailable, parse_airbench_table,
 )
 
 
@@ -335,7 +335,7 @@ def section_gpu_tests(ctx: Context) -> None:
 def section_airbench(ctx: Context) -> None:
     """airbench94 beside fastnet and fastnet_muon through our CLI, seeds alternating."""
     res = ctx.results
-    res["airbench_data"] = write_airbench_data(ctx)
+    res["airbench_data"] = airbench_data(ctx)
     ctx.save()
     skip = airbench_unavailable()
     if skip:
@@ -434,7 +434,7 @@ def section_resnet18_fast(ctx: Context) -> None:
     if skip:
         res["airbench95"] = {"status": "skipped", "reason": skip}
     else:
-        res["airbench_data"] = write_airbench_data(ctx)
+        res["airbench_data"] = airbench_data(ctx)
         res["airbench95_warmup"] = guarded(ctx, "airbench95", airbench_run, ctx, "warmup95", -1)
     if ctx.cuda:  # (--quick: the airbench section already runs warm-up fits)
         warmup = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=10", "--trainer.limit_test_batches=2"]

@@ -172,11 +172,13 @@ def test_airbench_runs_read_our_files_and_what_it_prints(tiny_folder, tmp_path, 
     monkeypatch.setitem(sys.modules, "airbench", fake)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     ctx = Context("airbench", str(tiny_folder), tmp_path / "work", tmp_path / "record.json", time.time() + 60)
-    data = gpu_sections.write_airbench_data(ctx)
-    train = torch.load(Path(data["folder"]) / "train.pt")
+    data = gpu_sections.airbench_data(ctx)
+    train = torch.load(Path(data["folder"]) / "cifar10" / "train.pt")
     assert train["images"].dtype == torch.uint8 and tuple(train["images"].shape[1:]) == (32, 32, 3)
     assert train["labels"].dtype == torch.int64
     assert train["classes"] == sorted(p.name for p in (tiny_folder / "train").iterdir())  # CIFAR-10's order
+    # The CPU harness's writer, in its one shuffled order: not the folder's class by class.
+    assert data["train_order"].startswith("shuffled") and not torch.equal(train["labels"], train["labels"].sort().values)
     result = gpu_sections.airbench_run(ctx, "train94", 1)
     assert seen == {"files": ["test.pt", "train.pt"], "run": 1}
     assert result["train_seconds"] == 2.9 and result["epochs"] == 2  # its own count, before the TTA evaluation
