@@ -638,6 +638,25 @@ def test_resume_with_fewer_visible_gpus_restores_the_states_it_can(monkeypatch):
     assert restored == [0]  # GPU 0 gets the first state, and none is set on a GPU that is not there
 
 
+def test_the_loss_guard_counts_optimizer_steps_under_accumulation(tiny_folder, tmp_path, monkeypatch):
+    # 4 batches a step: a check every 2 optimizer steps reads the loss once at steps 2 and 4 (4 is
+    # also the epoch's last batch), not at every batch of a step whose number is a multiple of 2.
+    import lightning.pytorch as pl
+
+    from cifar_lightning import CIFAR10DataModule
+    from cifar_lightning.callbacks import StopOnNonFiniteLoss
+
+    guard, checked = StopOnNonFiniteLoss(check_every=2), []
+    real = StopOnNonFiniteLoss.check
+    monkeypatch.setattr(StopOnNonFiniteLoss, "check", lambda self, t: checked.append(t.global_step) or real(self, t))
+    dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=4, batch_size=2, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, accumulate_grad_batches=4, callbacks=[guard],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(ClassifierModule(arch="simple_cnn", num_classes=3), datamodule=dm)
+    assert trainer.global_step == 4 and checked == [2, 4]
+
+
 class PoisonAt(Callback):
     """Turns one weight NaN before optimizer step ``step``: that step's loss is NaN."""
 
