@@ -46,6 +46,17 @@ def test_every_batched_operation_is_torchvisions_at_every_magnitude(policy):
         assert torch.equal(ours, theirs), (op, magnitude)
 
 
+def test_blends_round_once_as_torchvisions_do():
+    # torchvision blends with add(alpha=), one rounding (a fused multiply-add) on a CPU's vector
+    # units; ours is computed so that it rounds once on every device. Noise images meet the
+    # rounding boundaries that two roundings would cross.
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for op in ("Color", "Contrast", "Sharpness", "Brightness"):
+        for magnitude in (-0.9, -0.5, -0.13, 0.07, 0.3, 0.77):
+            ours = OPERATIONS[op](images, torch.full((len(images),), magnitude))
+            assert torch.equal(ours, torch.stack([torchvisions(op, image, magnitude) for image in images])), (op, magnitude)
+
+
 def test_rotation_at_any_angle_is_torchvisions():
     # --rotate draws any angle: the sampling grid's arithmetic is torchvision's at every one of them.
     images = labelled_arrays(4)[0].permute(0, 3, 1, 2).contiguous()
@@ -66,6 +77,8 @@ def test_operations_do_what_their_names_say():
     assert torch.equal(OPERATIONS["Invert"](image, torch.tensor([0.0])), 255 - image)
     bright = OPERATIONS["Brightness"](image, torch.tensor([0.5]))
     assert torch.equal(bright, (image.float() * 1.5).clamp(0, 255).to(torch.uint8))
+    flat = torch.cat([torch.full_like(image[:, :1], 7), image[:, 1:]], dim=1)  # one channel of one value
+    assert torch.equal(OPERATIONS["AutoContrast"](flat, torch.tensor([0.0])), torchvisions("AutoContrast", flat[0], 0)[None])
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -56,14 +56,27 @@ def _factor(m: torch.Tensor) -> torch.Tensor:
     return 1.0 + m.double()
 
 
+def _fused(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    """``a + b * c`` of float32 values rounded once to float32, as a fused multiply-add rounds it
+    (torchvision's ``a.add_(b, alpha=c)`` on a CPU's vector units, and on a GPU), the same on every
+    device: in float64, where for pixel values the product and the sum are exact."""
+    return (a.double() + b.double() * c).float()
+
+
+#: torchvision's grey weights, as the float32 operations that apply them see them.
+_GREY = tuple(torch.tensor(w, dtype=torch.float32).item() for w in (0.2989, 0.587, 0.114))
+
+
 def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     # torchvision's _blend, with one ratio per image.
-    return torch.addcmul(images.float() * _per_image(ratio), other, _per_image(1.0 - ratio)).clamp_(0, 255).to(torch.uint8)
+    blended = _fused(images.float() * _per_image(ratio), other, _per_image(1.0 - ratio))
+    return blended.clamp_(0, 255).to(torch.uint8)
 
 
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
     r, g, b = images.unbind(dim=1)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1).floor_()
+    grey = _fused(_fused(r.float() * _GREY[0], g, _GREY[1]), b, _GREY[2])
+    return grey.unsqueeze(1).floor_()
 
 
 def _brightness(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -88,8 +101,18 @@ def _sharpness(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     inner = out[..., 1:-1, 1:-1]
     window = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
     blurred = window.add_(inner, alpha=4).div_(13).round_()
-    inner.addcmul_(blurred.sub_(inner), _per_image(1.0 - _factor(m)))
+    inner.copy_(_fused(inner, blurred.sub_(inner), _per_image(1.0 - _factor(m))))
     return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _autocontrast(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    # torchvision's, with torch.where where it assigns through a boolean mask (an indexing that
+    # may read the mask back from a GPU).
+    x = images.float()
+    low, high = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low
+    scale = torch.where(flat, 1.0, high.sub_(low).mul_(1.0 / 255))
+    return x.sub_(torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)
 
 
 def _posterize(images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -203,7 +226,7 @@ OPERATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "Sharpness": _sharpness,
     "Posterize": _posterize,
     "Solarize": _solarize,
-    "AutoContrast": lambda x, m: TF.autocontrast(x),
+    "AutoContrast": _autocontrast,
     "Equalize": lambda x, m: TF.equalize(x),
     "Invert": lambda x, m: TF.invert(x),
 }
