@@ -17,9 +17,10 @@ magnitude, in one tensor operation per operation: no Python loop over images.
 Every signed magnitude (shear, translation, rotation, enhancement) takes a random sign.
 Geometric operations fill with black and use nearest pixels, torchvision's defaults.
 
-On any device the geometric operations take the CPU's source pixels and the sharpness blur is the
-CPU's (both in arithmetic that rounds the same everywhere); a blend may round its last bit the
-other way on a GPU (a fused multiply-add), which moves a pixel by one grey level at most.
+The operations compute the CPU's pixels on any device: their arithmetic rounds the same
+everywhere (blends rounded once, in float64, as torchvision's fused add rounds them on a CPU; the
+sharpness blur an exact integer window sum; the sampling grid in separate elementwise operations),
+with no convolution or matrix product, whose reduced-precision paths (TF32) differ by device.
 """
 
 from __future__ import annotations
