@@ -99,7 +99,7 @@ def section_compile_sweep(ctx: Context) -> None:
             networks[arch] = earlier[arch] | {"earlier_run": True}
             continue
         if ctx.left() < expected:
-            break
+            continue  # not reached: the networks an earlier run compiled are still carried over
         try:
             networks[arch] = {"status": "compiled", **compiled_fit(ctx, arch, data, backend)}
             expected = max(expected, networks[arch]["seconds"])
