@@ -64,7 +64,7 @@ def test_quick_runs_every_section_end_to_end(tmp_path):
         assert not Path(work).exists()
     tests = load(first, "gpu_tests")
     pytest_run = tests["results"]["pytest"]
-    assert pytest_run["tests"] > 20 and pytest_run["skipped"] == pytest_run["tests"] and pytest_run["failed"] == 0
+    assert pytest_run["tests"] > 10 and pytest_run["skipped"] == pytest_run["tests"] and pytest_run["failed"] == 0
     assert any("needs CUDA" in reason for reason in pytest_run["skip_reasons"])
     assert "ran no test" in tests["reason"] and "needs CUDA" in tests["reason"]  # not ok: skipped, and why
     airbench = load(first, "airbench")["results"]
