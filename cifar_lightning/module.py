@@ -311,9 +311,8 @@ class ClassifierModule(pl.LightningModule):
         metric.reset()
         self.log_dict(
             {f"{stage}/acc/{name}": v for name, v in zip(self.class_names, values)},
-            # compute() already returned the global value on every rank: sync_dist says the values
-            # are synchronised, and rank_zero_only keeps Lightning from reducing them again (one
-            # all-reduce per class).
+            # compute() already returned the global value on every rank: sync_dist says so, and
+            # rank_zero_only keeps Lightning from reducing it again (two all-reduces per class).
             sync_dist=True,
             rank_zero_only=True,
         )
@@ -448,13 +447,13 @@ class ClassifierModule(pl.LightningModule):
 
     def init_network_from(self, datamodule: Any) -> None:
         """Data-dependent initialisation (fastnet's whitening layer) from 5,000 of the data module's
-        training images, the same on every rank; nothing for a network without one. Under DDP every
-        rank then takes rank 0's result: computed apart, they agree only on identical hardware."""
+        training images; under DDP every rank then takes rank 0's (computed apart, they may differ)."""
         init = getattr(self.model, "init_from_data", None)
         if callable(init):
             init(datamodule.sample_train_images(5000).to(self.device))
-            if self._trainer is not None and self._trainer.world_size > 1 and torch.distributed.is_initialized():
-                _broadcast_from_rank_zero(self.model)
+            if self._trainer is not None and self._trainer.world_size > 1:
+                state = {k: v.cpu() for k, v in self.model.state_dict().items()}  # pickled GPU tensors stay on GPU 0
+                self.model.load_state_dict(self._trainer.strategy.broadcast(state, src=0))
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -464,16 +463,6 @@ class ClassifierModule(pl.LightningModule):
             self._sam = opt
         # Per-step schedules size themselves from the trainer (epochs, data, devices, accumulation).
         return build_scheduler(opt, self.hparams, self._trainer)  # None outside a fit: per-step schedules need one
-
-
-def _broadcast_from_rank_zero(module: torch.nn.Module) -> None:
-    """Every floating-point parameter and buffer of ``module`` set to rank 0's, in one collective
-    (flattened: channels-last weights are not contiguous in the default layout)."""
-    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    torch.distributed.broadcast(flat, src=0)
-    for t, values in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(values.view(t.shape))
 
 
 def _check_sam_trainer(trainer: pl.Trainer | None) -> None:
