@@ -16,6 +16,7 @@ import torch
 from benchmarks import gpu_ablation, gpu_compile, gpu_evidence, gpu_plan, gpu_sections
 from benchmarks.gpu_plan import SECTIONS
 from benchmarks.gpu_sections import Context
+from cifar_lightning.errors import UserError
 from conftest import REPO
 
 MACHINE_KEYS = {"gpu", "cpu", "python", "torch", "lightning", "torchvision", "torchmetrics"}
@@ -138,7 +139,7 @@ def test_skip_done_skips_what_is_recorded_ok(tmp_path):
     assert load(earlier, "airbench") == {"section": "airbench", "status": "ok", "results": {"x": 1}}
 
 
-def test_a_plan_that_cannot_fit_is_refused_before_anything_runs(tmp_path):
+def test_a_plan_that_cannot_fit_is_refused_before_anything_runs(tmp_path, monkeypatch):
     out = tmp_path / "out"
     proc = run_quick(out, "--budget", "1")
     assert proc.returncode == 2 and not out.exists()
@@ -148,11 +149,12 @@ def test_a_plan_that_cannot_fit_is_refused_before_anything_runs(tmp_path):
     for name in gpu_plan.DEFAULT_SECTIONS:
         assert any(line.split()[0] == name and "does not fit" in line for line in plan), name
     # More sections than the output folder brings back files for; and a GPU run where there is none.
-    proc = run_quick(out, "--budget", "900", "--sections", "all")
-    assert proc.returncode == 2 and "at most 8 files" in proc.stderr and not out.exists()
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_evidence.py"), "--data-dir", "x",
-                           "--output-dir", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
-    assert proc.returncode == 2 and "no CUDA device is visible" in proc.stderr and "--quick" in proc.stderr
+    with pytest.raises(UserError, match="7 sections in one run: the output folder brings back at most 8 files"):
+        gpu_evidence.main(["--quick", "--data-dir", "x", "--output-dir", str(out), "--budget", "900", "--sections", "all"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this machine, also on a GPU one
+    with pytest.raises(UserError, match="no CUDA device is visible .* or pass --quick"):
+        gpu_evidence.main(["--data-dir", "x", "--output-dir", str(out)])
+    assert not out.exists()
 
 
 def test_the_plan_takes_the_sections_in_order_within_the_budget():
