@@ -197,6 +197,7 @@ def test_sections_costs_and_functions_agree():
 def test_a_test_run_that_ran_no_test_is_skipped_or_failed_never_ok(tmp_path, monkeypatch):
     # Without CUDA every test of tests/test_gpu.py skips: that is "skipped", with the reasons,
     # where no CUDA was expected (--quick), and a failure where it was.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the test run sees no GPU, also on a machine with one
     ctx = Context("gpu_tests", "unused", tmp_path / "work", tmp_path / "record.json", time.time() + 600)
     ctx.work_dir.mkdir()
     gpu_sections.section_gpu_tests(ctx)
