@@ -10,9 +10,10 @@ Nothing of airbench is copied here: ``run_airbench94`` imports the package and c
   arithmetic on a CPU is emulated and slow.
 
 Its loader reads ``cifar10/{train,test}.pt`` from the working folder; ``write_airbench_data`` writes
-them from the same decoded images our runs read. Its time is its own count (the sum of its timed
-regions: whitening initialisation, training epochs and the final TTA evaluation; per-epoch
-evaluations and data loading excluded), read from the numbers it prints.
+them from the same decoded images our runs read (for the GPU command's airbench runs too). Its
+time is its own count (the sum of its timed regions: whitening initialisation, training epochs
+and the final TTA evaluation; per-epoch evaluations and data loading excluded), read from the
+numbers it prints.
 """
 
 from __future__ import annotations
@@ -36,26 +37,40 @@ def airbench_version() -> str | None:
         return None
 
 
-def write_airbench_data(data_dir: str | os.PathLike, folder: Path) -> Path:
+#: The seed of the one order in which airbench's training file lists the images.
+AIRBENCH_ORDER_SEED = 0
+
+
+def write_airbench_data(data_dir: str | os.PathLike, folder: Path, cache_dir: str | None = None) -> dict[str, Any]:
     """``folder/cifar10/{train,test}.pt`` in airbench's format (uint8 NHWC images, int64 labels,
-    class names), from the images ``data_dir`` holds; returns ``folder``."""
+    class names), from the images ``data_dir`` holds: the one writer of airbench's files, for the
+    CPU and the GPU harnesses. Returns the working folder airbench reads them from, the image
+    counts, the class names and the training order.
+
+    CIFAR-10's own files list the training images in a random class order, and airbench sets its
+    whitening layer from the first 5,000; an image folder lists them class by class (all airplanes
+    first). The training images are written in one shuffled order (``AIRBENCH_ORDER_SEED``), the
+    same on every machine; the test images as they come.
+    """
     from cifar_lightning.data.sources import load_split, resolve_source
 
     source = resolve_source(data_dir, download=False)
-    out = folder / "cifar10"
+    out = Path(folder) / "cifar10"
     out.mkdir(parents=True, exist_ok=True)
+    counts = {}
     for split in ("train", "test"):
-        images, labels = load_split(source, split)
+        images, labels = load_split(source, split, cache_dir)
         if split == "train":
-            # CIFAR-10's own files list the training images in a random class order, and airbench
-            # whitens from the first 5,000; an image folder lists them class by class.
-            order = np.random.default_rng(0).permutation(len(images))
+            order = np.random.default_rng(AIRBENCH_ORDER_SEED).permutation(len(images))
             images, labels = images[order], labels[order]
         torch.save(
-            {"images": torch.from_numpy(images), "labels": torch.from_numpy(labels), "classes": list(source.class_names)},
+            {"images": torch.from_numpy(np.ascontiguousarray(images)),
+             "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)), "classes": list(source.class_names)},
             out / f"{split}.pt",
-        )
-    return folder
+        )  # fmt: skip
+        counts[split] = len(labels)
+    return {"folder": str(folder), "images": counts, "classes": list(source.class_names),
+            "train_order": f"shuffled, numpy default_rng({AIRBENCH_ORDER_SEED}).permutation"}  # fmt: skip
 
 
 class _WallClockEvent:

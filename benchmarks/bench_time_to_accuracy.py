@@ -177,7 +177,7 @@ def bench_time_to_accuracy(cfg: BenchConfig, on_run=None) -> dict[str, Any]:
 
     device = _device(cfg.accelerator)
     with tempfile.TemporaryDirectory() as tmp:
-        ab_folder = write_airbench_data(cfg.data_dir, Path(tmp)) if "airbench94" in runners else None
+        ab_folder = Path(write_airbench_data(cfg.data_dir, Path(tmp))["folder"]) if "airbench94" in runners else None
         for seed in cfg.seeds:
             # The order turns by one runner per seed, so no runner always goes first, also when
             # seeds run in separate runs and are merged (``bench.py --merge``).

@@ -1,4 +1,4 @@
-"""airbench's side of the GPU command: its data files from our decoded arrays, its runs, and the
+"""airbench's side of the GPU command: its data files (``bench_airbench``'s writer), its runs, and the
 table it prints (``gpu_sections`` runs them beside our recipes)."""
 
 from __future__ import annotations
@@ -22,27 +22,15 @@ def _free_memory() -> None:
     torch.cuda.empty_cache()  # a no-op without CUDA
 
 
-def write_airbench_data(ctx: Context) -> dict[str, Any]:
-    """``<work>/airbench/cifar10/{train,test}.pt`` in airbench's format, from the same image folder
-    decoded by our data module (class order = sorted folder names = CIFAR-10's label order)."""
-    import numpy as np
-
-    from cifar_lightning.data import CIFAR10DataModule
-    from cifar_lightning.data.sources import load_split
+def airbench_data(ctx: Context) -> dict[str, Any]:
+    """airbench's files in ``<work>/airbench/cifar10/``, written by ``bench_airbench.write_airbench_data``
+    (the CPU harness's writer: the training images in its one seeded shuffled order), from the same
+    image folder our fits read."""
+    from benchmarks.bench_airbench import write_airbench_data
 
     start = time.perf_counter()
-    dm = CIFAR10DataModule(data_dir=ctx.data_dir, download=False, val_size=0)
-    folder = ctx.work_dir / "airbench" / "cifar10"
-    folder.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split in ("train", "test"):
-        images, labels = load_split(dm.source, split, dm.hparams.cache_dir)
-        torch.save({"images": torch.from_numpy(np.ascontiguousarray(images)),  # uint8 (N, 32, 32, 3)
-                    "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
-                    "classes": list(dm.class_names)}, folder / f"{split}.pt")  # fmt: skip
-        counts[split] = len(labels)
-    return {"folder": str(folder), "images": counts, "classes": list(dm.class_names),
-            "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    written = write_airbench_data(ctx.data_dir, ctx.work_dir / "airbench")
+    return written | {"seconds": round(time.perf_counter() - start, 2)}
 
 
 def airbench_unavailable() -> str | None:

@@ -1,31 +1,37 @@
-"""One command for a short GPU window: every measurement the project still owes a GPU, in order of
-priority, within a time budget.
+"""One command for a short GPU window: the measurements the project still owes a GPU, in order of
+priority, within a time budget, after a plan that says what fits.
 
-``python scripts/gpu_evidence.py --data-dir DIR --output-dir OUT --budget SECONDS [--skip-done DIR]
-[--quick]``. Each section runs in its own process (``python -m benchmarks.gpu_evidence
---section NAME ...``, the code in ``gpu_sections``) under a time cap, and its JSON is written the
-moment it ends; a section that fails or runs out of time is recorded with its error, exit code
-and last lines of output, and the next one runs.
+``python scripts/gpu_evidence.py --data-dir DIR --output-dir OUT [--budget SECONDS] [--sections
+LIST] [--skip-done DIR] [--quick]``. Before it starts, the command prints its plan: each section's
+estimated seconds (``gpu_plan.COSTS``) against the budget (default ``gpu_plan.DEFAULT_BUDGET``),
+and refuses a plan that cannot fit. Each section runs in its own process (``python -m
+benchmarks.gpu_evidence --section NAME ...``, the code in ``gpu_sections``) under a time cap, and
+its JSON is written the moment it ends; a section that fails or runs out of time is recorded with
+its error, exit code and last lines of output, and the next one runs.
 
-0. ``gpu_tests``: ``pytest -m gpu``, the CUDA paths tested before they are measured.
-1. ``airbench``: airbench94 (the ``airbench`` package, 0.1.8) beside ``configs/fastnet.yaml`` and
+1. ``gpu_tests``: ``pytest -m gpu``, the cheapest decisive checks of the CUDA paths, before
+   anything is measured on them. A run in which no test ran is not ok: ``skipped`` (with the
+   reasons) with ``--quick``, ``failed`` where CUDA was expected.
+2. ``airbench``: airbench94 (the ``airbench`` package, 0.1.8) beside ``configs/fastnet.yaml`` and
    ``configs/fastnet_muon.yaml`` through our CLI, all on the same images, seeds alternating (2 to
    5, as the time allows): TTA test accuracy, and training seconds counted as airbench counts
    them (training steps only), our time over airbench's and the accuracy difference.
-2. ``overhead_data``: the bench ``overhead`` section (fastnet, batch 1024) and ``data`` section,
+3. ``overhead_data``: the bench ``overhead`` section (fastnet, batch 1024) and ``data`` section,
    and the per-image torchvision loaders again with every core as a worker.
-3. ``resnet18_fast``: ``configs/resnet18_fast.yaml`` beside airbench95.
-4. ``recipes``: ``configs/resnet34_tutorial.yaml`` and ``configs/mynet_tutorial.yaml`` as written,
+4. ``resnet18_fast``: ``configs/resnet18_fast.yaml`` beside airbench95.
+5. ``recipes``: ``configs/resnet34_tutorial.yaml`` and ``configs/mynet_tutorial.yaml`` as written,
    then one seed of ``configs/resnet20_paper.yaml``'s 64k iterations where it fits.
-5. ``ablation``: resnet18 on a short schedule with each training trick, 2 seeds (``gpu_ablation``).
+6. ``ablation``: resnet18 on a short schedule with each training trick, 2 seeds (``gpu_ablation``).
+7. ``compile_sweep``: every network compiled (``gpu_compile``), last, within its own budget.
 
-Before a section its cost (``COSTS``) is compared with the budget left: it is skipped, and says
-so, when its minimum does not fit. It then aims to finish within its estimate, less what the later
-sections' minimums need, and is stopped at its cap. ``--skip-done DIR`` skips the sections whose
-JSON in DIR has status "ok". OUT receives at most 8 files, flat: ``NN_<section>.json``,
-``summary.json`` and ``gpu_evidence.log`` (everything printed). Fits write into temporary folders
-that are deleted; no checkpoint is kept. ``--quick`` runs every section end to end on the CPU
-with a tiny synthetic image folder (airbench's runs are then skipped: they need CUDA).
+A plain run takes ``gpu_plan.DEFAULT_SECTIONS``; ``--sections all`` or a list takes others. A
+section aims to finish within its estimate, less what the later sections' minimums need, and is
+stopped at its cap; one whose minimum no longer fits when its turn comes is skipped and says so.
+``--skip-done DIR`` skips the sections whose JSON in DIR has status "ok". OUT receives at most 8
+files, flat: ``NN_<section>.json`` of each section that ran, ``summary.json`` and
+``gpu_evidence.log`` (everything printed). Fits write into temporary folders that are deleted; no
+checkpoint is kept. ``--quick`` runs the sections end to end on the CPU with a tiny synthetic image
+folder (airbench's runs are then skipped: they need CUDA); without it the command needs CUDA.
 """
 
 from __future__ import annotations
@@ -43,59 +49,19 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from benchmarks import REPO, child_env
+from benchmarks.gpu_plan import (
+    DEFAULT_BUDGET, DEFAULT_SECTIONS, PREPARE_SECONDS, QUICK_PREPARE_SECONDS, SECTIONS, cuda_missing, describe,
+    make_plan, refusal, section_costs, target,
+)  # fmt: skip
+from cifar_lightning.errors import UserError
 
 LOG_NAME, SUMMARY_NAME = "gpu_evidence.log", "summary.json"
 TAIL_LINES = 40
-
-
-@dataclass(frozen=True)
-class Cost:
-    """Seconds a section takes on one H100 (bf16, channels-last, tensor loader on the GPU), its
-    process's start (imports, CUDA) included. ``minimum``: its least useful run (the budget check);
-    ``estimate``: its whole plan; ``cap``: the limit of its process."""
-
-    minimum: float
-    estimate: float
-    cap: float
-
-
-#: Estimated from public figures, not yet from a run of ours on an H100 (see benchmarks/README.md).
-#: Process start ~10 s; warm-ups: cuDNN autotuning ~5-10 s, a cold torch.compile 20-40 s.
-COSTS: dict[str, Cost] = {
-    # every network's fast_dev_run compiled through AOT autograd (~5-10 s each), fastnet through
-    # inductor (~60 s), the loaders, Muon, evaluate/predict/export: ~5 min.
-    "gpu_tests": Cost(120, 300, 420),
-    # cifar10/*.pt ~3 s, warmup94 ~10 s, our two warm-up fits ~10 s; a round of seeds ~18 s
-    # (airbench94 3.5 s on an A100 plus its per-epoch evaluation; fastnet ~8 s and fastnet_muon
-    # ~6 s with the CLI's set-up and the TTA test); the compile check ~45 s. Minimum: 2 rounds;
-    # estimate: 4 rounds and the compile check (5 when the check is skipped or fast).
-    "airbench": Cost(75, 150, 240),
-    # 3 fits of 24 steps (fastnet, batch 1024, fp32) each paired with a bare loop ~15 s; the
-    # loaders ~15 s (the PIL ones read a few thousand images each).
-    "overhead_data": Cost(45, 45, 120),
-    # warmup95 ~12 s, a warm-up fit ~8 s, airbench95 ~11 s a seed (10.4 s on an A100), our
-    # 18 epochs of ResNet-18 (3.3 GFLOP a training image) at ~4-5 s an epoch, with the TTA test
-    # ~85 s. Minimum: one seed of each; estimate: 3 seeds of airbench95.
-    "resnet18_fast": Cost(115, 135, 300),
-    # resnet34_tutorial: 20 epochs of 45k at 7 GFLOP a training image, with validation, ~80 s;
-    # mynet_tutorial ~20 s; then resnet20_paper where it fits: 64,000 steps of 128 images at ~5 ms
-    # (ResNet-20 is too small to fill an H100: the framework's per-step cost dominates) and 182
-    # validations, ~7 min.
-    "recipes": Cost(110, 530, 600),
-    # 11 variants of resnet18_fast cut to 4 epochs of 50k (~20 s each with the TTA test, SAM ~35 s)
-    # and a warm-up fit ~8 s: a round of seeds ~250 s. Minimum: the baseline and one trick.
-    "ablation": Cost(60, 520, 600),
-}
-
-#: --quick: every section is a few CPU seconds after its ~5 s of imports.
-QUICK_COST = Cost(5, 30, 300)
-
-SECTIONS = tuple(COSTS)
 
 
 class Log:
@@ -198,6 +164,14 @@ def headline(results: dict[str, Any]) -> list[str]:
         lines.append(f"--model.compile {'true' if c.get('pays') else 'false'}" + (f" ({why})" if why else
                      f": a step {c['eager_step_seconds']} s eager, {c['compiled_step_seconds']} s compiled, the "
                      f"first compiled one {c['first_compiled_step_seconds']} s"))  # fmt: skip
+    if "networks" in results:
+        nets = results["networks"]
+        compiled = sum(r["status"] == "compiled" for r in nets.values())
+        failed = [n for n, r in nets.items() if r["status"] == "failed"]
+        missed = results.get("not_reached")
+        lines.append(f"compile sweep ({results['backend']}): {compiled} of {len(results['order'])} networks compiled"
+                     + (f", failed: {', '.join(failed)}" if failed else "")
+                     + (f", not reached: {', '.join(missed)}" if missed else ""))  # fmt: skip
     if "overhead" in results:
         o = results["overhead"]
         lines.append(f"overhead: Trainer.fit / bare loop {o['ratio']:.3f} ({o['arch']}, batch {o['batch_size']}, "
@@ -261,14 +235,18 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_section(name: str, data_dir: str, scratch: Path, target: float, timeout: float, a, log: Log) -> dict[str, Any]:
-    """Run one section's process, stream its output into the log, and return its record."""
+def run_section(
+    name: str, data_dir: str, scratch: Path, target: float, timeout: float, a, log: Log, earlier: Path | None = None
+) -> dict[str, Any]:
+    """Run one section's process, stream its output into the log, and return its record. Without
+    --quick the section expects CUDA; ``earlier`` is its record from the --skip-done folder."""
     work, result = scratch / name, scratch / f"{name}.result.json"
     work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "benchmarks.gpu_evidence", "--section", name, "--data-dir", data_dir,
            "--work-dir", str(work), "--result", str(result), "--deadline", f"{time.time() + target:.1f}",
-           "--configs", str(Path(a.configs).resolve()),
-           *(["--quick"] if a.quick else []), *[f"--extra={e}" for e in a.extra_by_section.get(name, [])]]  # fmt: skip
+           "--configs", str(Path(a.configs).resolve()), *(["--quick"] if a.quick else ["--expect-cuda"]),
+           *([f"--earlier={earlier.resolve()}"] if earlier is not None else []),
+           *[f"--extra={e}" for e in a.extra_by_section.get(name, [])]]  # fmt: skip
     log(f"== {name}: aiming at {target:.0f} s, stopped at {timeout:.0f} s")
     log("+ " + shlex.join(cmd))
     env = child_env(PYTHONUNBUFFERED="1", TMPDIR=str(work))
@@ -296,24 +274,20 @@ def run_section(name: str, data_dir: str, scratch: Path, target: float, timeout:
     except (OSError, ValueError):
         record = {}
     status = "timeout" if timed_out else "ok" if code == 0 else "failed"
-    entry = {"status": status, "seconds": round(time.monotonic() - start, 1), "target_seconds": round(target, 1),
-             "timeout_seconds": round(timeout, 1), "exit_code": code, "command": shlex.join(cmd),
-             "machine": record.get("machine"), "commands": record.get("commands", []),
+    # A section that ended well may say it did less: "skipped" (it ran nothing: pytest -m gpu
+    # without CUDA) or "incomplete" (the compile sweep's budget ended first), with the reason.
+    outcome = record.get("outcome") if status == "ok" else None
+    entry = {"status": outcome["status"] if outcome else status, "seconds": round(time.monotonic() - start, 1),
+             "target_seconds": round(target, 1), "timeout_seconds": round(timeout, 1), "exit_code": code,
+             "command": shlex.join(cmd), "machine": record.get("machine"), "commands": record.get("commands", []),
              "results": record.get("results", {})}  # fmt: skip
+    if outcome:
+        entry["reason"] = outcome["reason"]
     if status != "ok":
         last = next((line for line in reversed(tail) if line.strip()), "")
         entry["error"] = record.get("error") or (f"stopped at its time cap of {timeout:.0f} s" if timed_out else last)
         entry.update(traceback=record.get("traceback"), output_tail=list(tail))
     return entry
-
-
-def _reserve(later: list[str], room: float, costs: dict[str, Cost]) -> float:
-    """Seconds the later sections' minimums need, counting those that fit in ``room`` in order."""
-    total = 0.0
-    for name in later:
-        if total + costs[name].minimum <= room:
-            total += costs[name].minimum
-    return total
 
 
 def _pairs(items: list[str], what: str) -> dict[str, list[str]]:
@@ -332,11 +306,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--data-dir", required=True, help="the CIFAR-10 image folder (or archive); ignored with --quick")
     p.add_argument("--output-dir", required=True, help="where the JSON files and the log go (flat)")
-    p.add_argument("--budget", type=float, required=True, help="seconds the whole command may take")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                   help=f"seconds the command may take (default {DEFAULT_BUDGET:.0f}: one command of ~8 minutes)")  # fmt: skip
     p.add_argument("--skip-done", metavar="DIR", help="skip the sections whose JSON in DIR has status ok")
     p.add_argument("--quick", action="store_true", help="every section on the CPU with tiny synthetic data")
     p.add_argument("--configs", default=str(REPO / "configs"), help="the recipes folder (default: this clone's)")
-    p.add_argument("--sections", help="comma-separated subset to run (default: all, in order)")
+    p.add_argument("--sections", help=f"comma-separated, or all (default: {','.join(DEFAULT_SECTIONS)}); run in order")
     p.add_argument(
         "--extra",
         action="append",
@@ -344,9 +319,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SECTION=ARG",
         help="a CLI argument for every fit of SECTION, e.g. resnet18_fast=--trainer.max_epochs=20",
     )
-    p.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS", help="another time cap for SECTION")
+    p.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS",
+                   help="another time cap for SECTION (its estimate and minimum at most that)")  # fmt: skip
     a = p.parse_args(argv)
-    a.selected = [s.strip() for s in a.sections.split(",")] if a.sections else list(SECTIONS)
+    chosen = [s.strip() for s in a.sections.split(",")] if a.sections else list(DEFAULT_SECTIONS)
+    a.selected = list(SECTIONS) if chosen == ["all"] else [s for s in SECTIONS if s in chosen] + [
+        s for s in chosen if s not in SECTIONS
+    ]
     if unknown := [s for s in a.selected if s not in SECTIONS]:
         p.error(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
     a.extra_by_section = _pairs(a.extra, "--extra")
@@ -375,29 +354,37 @@ def _prepare(a, scratch: Path, log: Log) -> tuple[str, dict[str, Any]]:
         return a.data_dir, {"data": a.data_dir, "error": f"{type(err).__name__}: {err}"}
 
 
-def _skipped(reason: str) -> dict[str, Any]:
-    return {"status": "skipped", "reason": reason, "seconds": 0.0, "commands": [], "results": {}}
+def _file(name: str) -> str:
+    return f"{SECTIONS.index(name) + 1:02d}_{name}.json"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``scripts/gpu_evidence.py``: run the sections within the budget; returns the summary."""
+    """``scripts/gpu_evidence.py``: print the plan, refuse one that cannot fit, then run the
+    sections within the budget; returns the summary."""
     t0 = time.monotonic() - _process_age()
     a = parse_args(argv)
+    costs, prepare = section_costs(a.quick, a.caps), QUICK_PREPARE_SECONDS if a.quick else PREPARE_SECONDS
+
+    def recorded(name: str) -> Path | None:
+        """The section's JSON in the --skip-done folder, whatever its status."""
+        earlier = Path(a.skip_done) / _file(name) if a.skip_done else None
+        return earlier if earlier is not None and earlier.is_file() else None
+
+    done = {name for name in a.selected if (earlier := recorded(name)) is not None and _status(earlier) == "ok"}
+    plan = make_plan(a.selected, costs, a.budget, prepare, done)
+    heading = f"== plan: budget {a.budget:.0f} s" + (" (--quick)" if a.quick else ", estimates for one H100")
+    plan_lines = [heading, *describe(plan, a.budget, prepare)]
+    print("\n".join(plan_lines), flush=True)
+    if why := refusal(plan, a.budget, prepare) or (None if a.quick else cuda_missing()):
+        raise UserError(why)
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / LOG_NAME)
-    costs = {name: QUICK_COST if a.quick else COSTS[name] for name in SECTIONS}
-    costs |= {name: Cost(c.minimum, c.estimate, a.caps[name]) for name, c in costs.items() if name in a.caps}
-
-    def recorded(index: int, name: str) -> Path | None:
-        """The section's JSON in the --skip-done folder, when its status is ok."""
-        earlier = Path(a.skip_done) / f"{index:02d}_{name}.json" if a.skip_done else None
-        return earlier if earlier is not None and _status(earlier) == "ok" else None
-
-    log(f"== gpu_evidence: budget {a.budget:.0f} s, sections {', '.join(a.selected)}" + " (--quick)" * a.quick)
     summary: dict[str, Any] = {"budget_seconds": a.budget, "quick": a.quick,
-                               "argv": sys.argv[1:] if argv is None else argv}  # fmt: skip
+                               "argv": sys.argv[1:] if argv is None else argv, "plan": [asdict(row) for row in plan]}  # fmt: skip
     try:
+        for line in plan_lines:
+            log.file.write(line + "\n")  # printed above
         with tempfile.TemporaryDirectory(prefix="gpu-evidence-") as tmp:
             scratch = Path(tmp)
             data_dir, summary["prepare"] = _prepare(a, scratch, log)
@@ -406,35 +393,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             versions = ", ".join(f"{k} {info[k]}" for k in names)
             log(f"== machine: GPU {info['gpu'] or 'none'}, {info['cpu']} x{info['cpu_cores']}, {versions}")
             summary["sections"] = {}
-            pending = [(i, n) for i, n in enumerate(SECTIONS, 1) if n in a.selected]
-            for k, (index, name) in enumerate(pending):
-                path, cost = out / f"{index:02d}_{name}.json", costs[name]
+            pending = [row.section for row in plan if row.reason is None]
+            for k, name in enumerate(pending):
+                path, cost = out / _file(name), costs[name]
                 left = a.budget - (time.monotonic() - t0)
-                base = {"section": name, "index": index, "quick": a.quick, "cost": asdict(cost),
-                        "budget_left_seconds": round(left, 1), "machine": info}  # fmt: skip
-                earlier = recorded(index, name)
-                if earlier is not None:
-                    entry = _skipped(f"already recorded: {earlier} has status ok")
-                elif left < cost.minimum:
-                    entry = _skipped(f"does not fit: needs at least {cost.minimum:.0f} s (estimated), "
-                                     f"{max(left, 0):.0f} s of the budget left")  # fmt: skip
+                if left < cost.minimum:  # the earlier sections took longer than their estimates
+                    entry = {"status": "skipped", "reason": f"does not fit: needs at least {cost.minimum:.0f} s "
+                             f"(estimated), {max(left, 0):.0f} s of the budget left"}  # fmt: skip
                 else:
-                    later = [n for i, n in pending[k + 1 :] if recorded(i, n) is None]
-                    target = min(cost.estimate, max(cost.minimum, left - _reserve(later, left - cost.minimum, costs)))
-                    entry = run_section(name, data_dir, scratch, target, min(left, cost.cap), a, log)
+                    aim = target(cost, left, pending[k + 1 :], costs)
+                    entry = run_section(name, data_dir, scratch, aim, min(left, cost.cap), a, log, recorded(name))
                     entry["machine"] = entry["machine"] or info
-                entry["headline"] = headline(entry["results"])
-                if earlier is None or earlier.resolve() != path.resolve():  # never overwrite the record itself
+                    entry["headline"] = headline(entry["results"])
+                    base = {"section": name, "index": SECTIONS.index(name) + 1, "quick": a.quick,
+                            "cost": asdict(cost), "budget_left_seconds": round(left, 1), "machine": info}  # fmt: skip
                     _write(path, base | entry)
                 keys = ("status", "seconds", "reason", "error", "exit_code", "headline")
-                summary["sections"][name] = {key: entry.get(key) for key in keys} | {"file": path.name}
-                if entry["status"] == "skipped":
-                    log(f"== {name}: skipped, {entry['reason']}")
-                else:
-                    lines = "".join(f"\n   {h}" for h in entry["headline"])
-                    log(f"== {name}: {entry['status']} in {entry['seconds']:.0f} s{lines}")
+                ran = "seconds" in entry
+                summary["sections"][name] = {key: entry.get(key) for key in keys} | {"file": path.name if ran else None}
+                lines = "".join(f"\n   {h}" for h in entry.get("headline", []))
+                why = f", {entry['reason']}" if entry.get("reason") else ""
+                took = f" in {entry['seconds']:.0f} s" if ran else ""
+                log(f"== {name}: {entry['status']}{took}{why}{lines}")
                 summary["used_seconds"] = round(time.monotonic() - t0, 1)
                 _write(out / SUMMARY_NAME, summary)
+        # The sections the plan left out are in the summary, in their place, with no file of their own.
+        left_out = {"status": "skipped", "file": None}
+        summary["sections"] = {row.section: summary["sections"].get(row.section) or left_out | {"reason": row.reason}
+                               for row in plan}  # fmt: skip
         skipped = [(n, s) for n, s in summary["sections"].items() if s["status"] == "skipped"]
         summary["skipped"] = [{"section": n, "reason": s["reason"]} for n, s in skipped]
         summary["used_seconds"] = round(time.monotonic() - t0, 1)
@@ -455,9 +441,10 @@ def section_functions() -> dict[str, Any]:
     """The sections by name, in the runner's order of priority (they import torch: call in a
     section's process only)."""
     from benchmarks.gpu_ablation import section_ablation
+    from benchmarks.gpu_compile import section_compile_sweep
     from benchmarks.gpu_sections import SECTION_FUNCTIONS
 
-    return {**SECTION_FUNCTIONS, "ablation": section_ablation}
+    return {**SECTION_FUNCTIONS, "ablation": section_ablation, "compile_sweep": section_compile_sweep}
 
 
 def section_main(argv: list[str] | None = None) -> None:
@@ -475,12 +462,19 @@ def section_main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--configs", type=Path, default=REPO / "configs", help="the recipes folder")
     p.add_argument("--extra", action="append", default=[], help="a CLI argument for every fit of ours")
+    p.add_argument("--expect-cuda", action="store_true", help="fail where this process sees no CUDA device")
+    p.add_argument("--earlier", type=Path, help="this section's record from an earlier run (--skip-done)")
     a = p.parse_args(argv)
     a.work_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(a.section, a.data_dir, a.work_dir.resolve(), a.result, a.deadline, a.quick, a.extra, a.configs)
+    ctx = Context(a.section, a.data_dir, a.work_dir.resolve(), a.result, a.deadline, a.quick, a.extra, a.configs,
+                  expect_cuda=a.expect_cuda, earlier=a.earlier)  # fmt: skip
     ctx.record["machine"] = machine()
     ctx.save()
     try:
+        if ctx.expect_cuda and not ctx.cuda:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+            raise RuntimeError("CUDA was expected (the command runs without --quick), but this section's process "
+                               f"sees no CUDA device (CUDA_VISIBLE_DEVICES={visible})")  # fmt: skip
         functions[a.section](ctx)
     except BaseException as err:
         ctx.record["error"] = f"{type(err).__name__}: {err}"

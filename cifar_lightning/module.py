@@ -329,9 +329,10 @@ class ClassifierModule(pl.LightningModule):
         metric.reset()
         self.log_dict(
             {f"{stage}/acc/{name}": v for name, v in zip(self.class_names, values)},
-            # compute() already returned the global value on every rank; averaging equal values
-            # changes nothing and tells Lightning the value is synced.
+            # compute() already returned the global value on every rank: sync_dist says so, and
+            # rank_zero_only keeps Lightning from reducing it again (two all-reduces per class).
             sync_dist=True,
+            rank_zero_only=True,
         )
 
     def _count_images(self, stage: str) -> None:
@@ -496,10 +497,13 @@ class ClassifierModule(pl.LightningModule):
 
     def init_network_from(self, datamodule: Any) -> None:
         """Data-dependent initialisation (fastnet's whitening layer) from 5,000 of the data module's
-        training images, the same on every rank; nothing for a network without one."""
+        training images; under DDP every rank then takes rank 0's (computed apart, they may differ)."""
         init = getattr(self.model, "init_from_data", None)
         if callable(init):
             init(datamodule.sample_train_images(5000).to(self.device))
+            if self._trainer is not None and self._trainer.world_size > 1:
+                state = {k: v.cpu() for k, v in self.model.state_dict().items()}  # pickled GPU tensors stay on GPU 0
+                self.model.load_state_dict(self._trainer.strategy.broadcast(state, src=0))
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):

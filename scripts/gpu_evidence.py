@@ -2,9 +2,10 @@
 """Everything the project still owes a GPU, in order of priority, within a time budget.
 
 Examples:
-    python scripts/gpu_evidence.py --data-dir $DATA --output-dir $OUT --budget 480
-    python scripts/gpu_evidence.py --data-dir $DATA --output-dir $OUT --budget 480 --skip-done EARLIER
-    python scripts/gpu_evidence.py --quick --data-dir x --output-dir gpu-quick --budget 600   # CPU, tiny data
+    python scripts/gpu_evidence.py --data-dir $DATA --output-dir $OUT   # the default plan, in 420 s
+    python scripts/gpu_evidence.py --data-dir $DATA --output-dir $OUT2 --sections resnet18_fast,recipes \
+        --budget 480 --skip-done EARLIER
+    python scripts/gpu_evidence.py --quick --data-dir x --output-dir gpu-quick   # on the CPU, tiny data
 """
 
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_evidence import main  # noqa: E402
+from cifar_lightning.errors import exit_on_user_error  # noqa: E402
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    exit_on_user_error(main)(sys.argv[1:])

@@ -8,11 +8,13 @@ import sys
 import time
 
 import pytest
+import torch
 
 from benchmarks.bench import main, summary_rows
+from benchmarks.bench_airbench import write_airbench_data
 from benchmarks.bench_memory import MemorySampler
 from benchmarks.bench_speed import BenchConfig
-from conftest import REPO
+from conftest import REPO, write_image_folder
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
@@ -117,6 +119,34 @@ def check_memory(memory):
     assert memory["torchvision_2_workers"]["max_workers_seen"] >= 2
     assert memory["torchvision_0_workers"]["workers"] == 0
     assert memory["torchvision_2_workers"]["pss_total_mb"] > 0 and "workers_extra_over_dataset" in memory
+
+
+def check_airbench_order(train: dict, n_classes: int) -> None:
+    """airbench whitens from the first tenth of its training file (5,000 of 50,000): every class is
+    there, none fills half of it, as in CIFAR-10's own files. A class-ordered file fails."""
+    labels = train["labels"]
+    first = labels[: len(labels) // 10]
+    counts = torch.bincount(first, minlength=n_classes)
+    assert (counts > 0).all() and counts.max() <= len(first) // 2, counts.tolist()
+
+
+def test_one_writer_of_airbench_files_in_one_seeded_shuffled_order(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_train=100, n_test=2)
+    written = write_airbench_data(str(data), tmp_path / "a")
+    again = write_airbench_data(str(data), tmp_path / "b")
+    train, test = (torch.load(tmp_path / "a" / "cifar10" / f"{s}.pt") for s in ("train", "test"))
+    assert written["images"] == {"train": 300, "test": 6} and written["classes"] == ["cat", "dog", "frog"]
+    assert train["images"].dtype == torch.uint8 and tuple(train["images"].shape) == (300, 32, 32, 3)
+    check_airbench_order(train, 3)
+    # Every image keeps its label: the class is in its bright channel (synthetic.labelled_image).
+    bright = train["images"].float().mean(dim=(1, 2)).argmax(dim=1)
+    assert torch.equal(bright, train["labels"] % 3)
+    # One order, the same on every machine and every call; the test images as the folder lists them.
+    assert torch.equal(torch.load(tmp_path / "b" / "cifar10" / "train.pt")["labels"], train["labels"])
+    assert again["train_order"] == written["train_order"]
+    assert torch.equal(test["labels"], torch.tensor([0, 0, 1, 1, 2, 2]))
+    with pytest.raises(AssertionError):  # the check sees a class-ordered file
+        check_airbench_order({"labels": test["labels"].repeat_interleave(20)}, 3)
 
 
 def test_memory_sampler_sums_a_process_tree():

@@ -11,6 +11,7 @@ import torch
 from torchvision.transforms import v2
 
 from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, build_transform
+from cifar_lightning.data import policies
 from cifar_lightning.data.policies import OPERATIONS, BatchPolicy
 from cifar_lightning.data.transforms import POLICIES, policy_transform
 from cifar_lightning.errors import UserError
@@ -45,6 +46,26 @@ def test_every_batched_operation_is_torchvisions_at_every_magnitude(policy):
         assert torch.equal(ours, theirs), (op, magnitude)
 
 
+def test_blends_round_once_as_torchvisions_do():
+    # torchvision blends with add(alpha=), one rounding (a fused multiply-add) on a CPU's vector
+    # units; ours is computed so that it rounds once on every device. Noise images meet the
+    # rounding boundaries that two roundings would cross.
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for op in ("Color", "Contrast", "Sharpness", "Brightness"):
+        for magnitude in (-0.9, -0.5, -0.13, 0.07, 0.3, 0.77):
+            ours = OPERATIONS[op](images, torch.full((len(images),), magnitude))
+            assert torch.equal(ours, torch.stack([torchvisions(op, image, magnitude) for image in images])), (op, magnitude)
+
+
+def test_rotation_at_any_angle_is_torchvisions():
+    # --rotate draws any angle: the sampling grid's arithmetic is torchvision's at every one of them.
+    images = labelled_arrays(4)[0].permute(0, 3, 1, 2).contiguous()
+    angles = torch.empty(40, dtype=torch.float64).uniform_(-30, 30, generator=torch.Generator().manual_seed(0))
+    for angle in angles.tolist():
+        ours = OPERATIONS["Rotate"](images, torch.full((len(images),), angle, dtype=torch.float64))
+        assert torch.equal(ours, torch.stack([torchvisions("Rotate", image, angle) for image in images])), angle
+
+
 def test_operations_do_what_their_names_say():
     image = torch.arange(32 * 32 * 3, dtype=torch.int64).remainder(256).to(torch.uint8).view(1, 3, 32, 32)
     shifted = OPERATIONS["TranslateX"](image, torch.tensor([5.0]))
@@ -56,6 +77,48 @@ def test_operations_do_what_their_names_say():
     assert torch.equal(OPERATIONS["Invert"](image, torch.tensor([0.0])), 255 - image)
     bright = OPERATIONS["Brightness"](image, torch.tensor([0.5]))
     assert torch.equal(bright, (image.float() * 1.5).clamp(0, 255).to(torch.uint8))
+    flat = torch.cat([torch.full_like(image[:, :1], 7), image[:, 1:]], dim=1)  # one channel of one value
+    assert torch.equal(OPERATIONS["AutoContrast"](flat, torch.tensor([0.0])), torchvisions("AutoContrast", flat[0], 0)[None])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_batch_is_each_images_own_draws_applied_to_it(policy):
+    # The batch sorts its images by operation and puts them back: each image must come out as its
+    # own operations, at its own magnitudes, make it one image at a time.
+    images = labelled_arrays(48)[0].permute(0, 3, 1, 2).contiguous()
+    batch = BatchPolicy(policy)
+    steps = batch.draw(len(images), torch.Generator().manual_seed(3))
+    expected = images.clone()
+    for ops, magnitude, applied in steps:
+        for i in range(len(images)):
+            if applied[i]:
+                expected[i : i + 1] = OPERATIONS[batch.ops[ops[i]]](expected[i : i + 1], magnitude[i : i + 1])
+    assert torch.equal(batch(images, torch.Generator().manual_seed(3)), expected)
+
+
+def test_a_policy_step_copies_once_and_makes_no_constant(monkeypatch):
+    # On a GPU, a tensor made from Python data in a step, or each operation's own copy of its
+    # images' indices, waits for the device or costs a transfer: a step sends one packed copy (the
+    # order, magnitudes and sampling matrices), and the constants are made once per device.
+    images = labelled_arrays(64)[0].permute(0, 3, 1, 2).contiguous()
+    built = {name: BatchPolicy(name) for name in POLICIES}
+    for batch in built.values():
+        batch(images, torch.Generator().manual_seed(0))  # the constants, once
+    made = policies._pixel_centres.cache_info().currsize
+    copies = []
+    monkeypatch.setattr(policies, "on_device", lambda t, device: copies.append(t) or t)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a tensor made from data in a policy step: {args} {kwargs}")
+
+    for factory in ("tensor", "as_tensor", "linspace"):
+        monkeypatch.setattr(torch, factory, refuse)
+    for name, steps in (("autoaugment", 2), ("randaugment", 2), ("trivialaugment", 1)):
+        copies.clear()
+        for seed in range(4):
+            built[name](images, torch.Generator().manual_seed(seed))
+        assert len(copies) == 4 * steps, (name, len(copies))  # one a step, whatever operations were drawn
+    assert policies._pixel_centres.cache_info().currsize == made
 
 
 def _per_image_statistics(images: torch.Tensor, original: torch.Tensor) -> np.ndarray:

@@ -30,6 +30,7 @@ from cifar_lightning.fit import fit_main
 from cifar_lightning.module import ClassifierModule
 from cifar_lightning.callbacks import RandomState
 from cifar_lightning.checkpoint import AtomicCheckpointIO, CheckpointWriteError
+from benchmarks import child_env
 from conftest import REPO
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -552,6 +553,75 @@ def test_ddp_validation_matches_one_process(trained_run, tmp_path):
         assert float(two[key]) == pytest.approx(float(one[key]), rel=1e-5, abs=1e-7), key
 
 
+DDP_RUNNER = """
+import json, sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.module import ClassifierModule
+
+data, out = Path(sys.argv[1]), Path(sys.argv[2])
+sample = CIFAR10DataModule.sample_train_images
+# Each rank whitens from other images, as ranks on other hardware would compute other filters.
+CIFAR10DataModule.sample_train_images = lambda self, n: sample(self, n) * (1 + dist.get_rank())
+reductions, seen = [], {}
+all_reduce = dist.all_reduce
+dist.all_reduce = lambda *a, **k: reductions.append(1) or all_reduce(*a, **k)
+
+
+class Record(pl.Callback):
+    def on_fit_start(self, trainer, pl_module):
+        init = pl_module.model.init_from_data
+
+        def recorded(images):
+            init(images)
+            seen["own"] = pl_module.model.whiten.weight.flatten().tolist()
+
+        pl_module.model.init_from_data = recorded
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        reductions.clear()
+
+    def on_validation_end(self, trainer, pl_module):
+        seen["reductions"] = len(reductions)
+
+
+dm = CIFAR10DataModule(str(data), download=False, val_size=8, batch_size=4, num_workers=0)
+model = ClassifierModule(arch="fastnet", arch_kwargs={"widths": [8, 8, 8]}, num_classes=3, lr=0.01)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, callbacks=[Record()], default_root_dir=str(out))
+trainer.fit(model, datamodule=dm)
+seen["whiten"] = model.model.whiten.weight.flatten().tolist()
+seen["per_class"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/acc/")}
+(out / f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
+"""
+
+
+def test_ddp_ranks_take_rank_zeros_whitening_and_reduce_no_metric_twice(tmp_path):
+    # Two CPU processes (gloo). fastnet's whitening is set at the start of the fit, after DDP has
+    # broadcast the weights: every rank must then take rank 0's. The per-class accuracies come
+    # synchronised from torchmetrics: a validation makes one all-reduce (the images counted), not
+    # one more per class.
+    data = write_noise_folder(tmp_path / "data", n_train=12, n_test=2)
+    runner, out = tmp_path / "runner.py", tmp_path / "out"
+    runner.write_text(DDP_RUNNER)
+    out.mkdir()
+    proc = subprocess.run([sys.executable, str(runner), str(data), str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=child_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["own"] != rank1["own"]  # the ranks computed other filters...
+    assert rank0["whiten"] == rank1["whiten"] == rank0["own"]  # ...and both train with rank 0's
+    assert rank0["reductions"] == rank1["reductions"] == 1
+    assert set(rank0["per_class"]) == {"val/acc/cat", "val/acc/dog", "val/acc/frog"}
+    assert rank0["per_class"] == rank1["per_class"]
+
+
 def test_each_ddp_rank_gets_its_own_random_stream():
     def draws(rank: int, world_size: int) -> torch.Tensor:
         torch.manual_seed(0)
@@ -705,6 +775,25 @@ def test_resume_with_fewer_visible_gpus_restores_the_states_it_can(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda given: restored.extend(int(s[0]) for s in given))
     resume.set_rng_states(states)
     assert restored == [0]  # GPU 0 gets the first state, and none is set on a GPU that is not there
+
+
+def test_the_loss_guard_counts_optimizer_steps_under_accumulation(tiny_folder, tmp_path, monkeypatch):
+    # 4 batches a step: a check every 2 optimizer steps reads the loss once at steps 2 and 4 (4 is
+    # also the epoch's last batch), not at every batch of a step whose number is a multiple of 2.
+    import lightning.pytorch as pl
+
+    from cifar_lightning import CIFAR10DataModule
+    from cifar_lightning.callbacks import StopOnNonFiniteLoss
+
+    guard, checked = StopOnNonFiniteLoss(check_every=2), []
+    real = StopOnNonFiniteLoss.check
+    monkeypatch.setattr(StopOnNonFiniteLoss, "check", lambda self, t: checked.append(t.global_step) or real(self, t))
+    dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=4, batch_size=2, num_workers=0)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, accumulate_grad_batches=4, callbacks=[guard],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(ClassifierModule(arch="simple_cnn", num_classes=3), datamodule=dm)
+    assert trainer.global_step == 4 and checked == [2, 4]
 
 
 class PoisonAt(Callback):

@@ -58,7 +58,10 @@ class StopOnNonFiniteLoss(Callback):
         # The same steps on every rank: the check is a collective under DDP.
         last_batch = batch_idx + 1 >= trainer.num_training_batches
         last_step = 0 < trainer.max_steps <= trainer.global_step
-        if trainer.global_step % self._every == 0 or last_batch or last_step:
+        # Counted in optimizer steps: under gradient accumulation, the batches of one step all see
+        # its global_step, and only the first to see a new one checks.
+        due = trainer.global_step != self._checked and trainer.global_step % self._every == 0
+        if due or last_batch or last_step:
             self.check(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

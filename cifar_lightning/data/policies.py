@@ -16,14 +16,20 @@ magnitude, in one tensor operation per operation: no Python loop over images.
 
 Every signed magnitude (shear, translation, rotation, enhancement) takes a random sign.
 Geometric operations fill with black and use nearest pixels, torchvision's defaults.
+
+The operations compute the CPU's pixels on any device: their arithmetic rounds the same
+everywhere (blends rounded once, in float64, as torchvision's fused add rounds them on a CPU; the
+sharpness blur an exact integer window sum; the sampling grid in separate elementwise operations),
+with no convolution or matrix product, whose reduced-precision paths (TF32) differ by device.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from cifar_lightning.data.transforms import PolicyName, on_device, policy_transform
@@ -51,14 +57,27 @@ def _factor(m: torch.Tensor) -> torch.Tensor:
     return 1.0 + m.double()
 
 
+def _fused(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    """``a + b * c`` of float32 values rounded once to float32, as a fused multiply-add rounds it
+    (torchvision's ``a.add_(b, alpha=c)`` on a CPU's vector units, and on a GPU), the same on every
+    device: in float64, where for pixel values the product and the sum are exact."""
+    return (a.double() + b.double() * c).float()
+
+
+#: torchvision's grey weights, as the float32 operations that apply them see them.
+_GREY = tuple(torch.tensor(w, dtype=torch.float32).item() for w in (0.2989, 0.587, 0.114))
+
+
 def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     # torchvision's _blend, with one ratio per image.
-    return torch.addcmul(images.float() * _per_image(ratio), other, _per_image(1.0 - ratio)).clamp_(0, 255).to(torch.uint8)
+    blended = _fused(images.float() * _per_image(ratio), other, _per_image(1.0 - ratio))
+    return blended.clamp_(0, 255).to(torch.uint8)
 
 
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
     r, g, b = images.unbind(dim=1)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1).floor_()
+    grey = _fused(_fused(r.float() * _GREY[0], g, _GREY[1]), b, _GREY[2])
+    return grey.unsqueeze(1).floor_()
 
 
 def _brightness(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -74,14 +93,27 @@ def _contrast(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpness(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    # torchvision's: blend with a 3x3 blur (1s around a 5, over 13) inside a one-pixel border.
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device).expand(3, 1, 3, 3)
+    # torchvision's: blend with a 3x3 blur (1s around a 5, over 13) inside a one-pixel border. The
+    # blur is the integer sum of the window, exact in float32, over 13, rounded: torchvision's
+    # rounded convolution on any device (a sum / 13 is never within 1/26 of a half, and no
+    # convolution runs, so no TF32 or other reduced-precision path can move it).
     out = images.float()
-    blurred = F.conv2d(out, kernel, groups=3).round_()
+    rows = out[..., :-2, :] + out[..., 1:-1, :] + out[..., 2:, :]
     inner = out[..., 1:-1, 1:-1]
-    inner.addcmul_(blurred.sub_(inner), _per_image(1.0 - _factor(m)))
+    window = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    blurred = window.add_(inner, alpha=4).div_(13).round_()
+    inner.copy_(_fused(inner, blurred.sub_(inner), _per_image(1.0 - _factor(m))))
     return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _autocontrast(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    # torchvision's, with torch.where where it assigns through a boolean mask (an indexing that
+    # may read the mask back from a GPU).
+    x = images.float()
+    low, high = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low
+    scale = torch.where(flat, 1.0, high.sub_(low).mul_(1.0 / 255))
+    return x.sub_(torch.where(flat, 0.0, low)).div_(scale).clamp_(0, 255).to(torch.uint8)
 
 
 def _posterize(images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -94,19 +126,40 @@ def _solarize(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where(images.float() >= _per_image(255.0 * m), 255 - images, images)
 
 
-def _affine(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Resample each image through its inverse affine map (B, 2, 3), in torchvision's pixel frame
-    (origin at the image centre, pixel centres at half-integers), nearest pixel, black outside."""
+@functools.lru_cache(maxsize=None)
+def _pixel_centres(device: torch.device, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y (1, H*W) of every output pixel in torchvision's frame (origin at the image centre,
+    pixel centres at half-integers), float32: made on ``device`` once, with no copy from the host."""
+    xs = torch.arange(w, dtype=torch.float32, device=device) - (w - 1) / 2
+    ys = torch.arange(h, dtype=torch.float32, device=device) - (h - 1) / 2
+    return xs.expand(h, w).reshape(1, h * w), ys[:, None].expand(h, w).reshape(1, h * w)
+
+
+def _theta(inverse: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """torchvision's sampling matrices (B, 3, 2) from inverse affine matrices (B, 2, 3), on the CPU:
+    the transposed matrix over half the image size, mapping pixel centres to normalised coordinates."""
+    theta = inverse.transpose(1, 2).contiguous()
+    theta[..., 0] /= 0.5 * w
+    theta[..., 1] /= 0.5 * h
+    return theta
+
+
+def _affine(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Resample each image through its sampling matrix (B, 3, 2) (``_theta``, on the images' device),
+    nearest pixel, black outside: torchvision's affine grid and grid_sample, the same pixels on any
+    device."""
     b, _, h, w = images.shape
-    xs = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, w, device=images.device)
-    ys = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, h, device=images.device)
-    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=images.device)], -1)
-    theta = inverse.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=images.device)
-    grid = base.view(1, h * w, 3) @ theta  # (B, H*W, 2): normalised source coordinates
+    px, py = _pixel_centres(images.device, h, w)
+    t = theta.unsqueeze(-1)  # (B, 3, 2, 1)
+    # [x, y, 1] @ theta, as torchvision's batched product computes it on a CPU (bit-identical there),
+    # in separate elementwise operations that round once each on any device: a fused multiply-add or
+    # another summation order would move the pixels whose source lies on a rounding boundary.
+    gx = px * t[:, 0, 0] + py * t[:, 1, 0] + t[:, 2, 0]  # (B, H*W): normalised source coordinates
+    gy = px * t[:, 0, 1] + py * t[:, 1, 1] + t[:, 2, 1]
     # grid_sample's nearest pixel, as its CPU kernel computes it ((g + 1) * size/2 - 0.5, rounded
     # half to even), gathered directly: a copy of whole pixels needs no interpolation.
-    x = ((grid[..., 0] + 1) * (w / 2) - 0.5).round_()
-    y = ((grid[..., 1] + 1) * (h / 2) - 0.5).round_()
+    x = ((gx + 1) * (w / 2) - 0.5).round_()
+    y = ((gy + 1) * (h / 2) - 0.5).round_()
     inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
     index = (y.clamp_(0, h - 1) * w + x.clamp_(0, w - 1)).long()
     flat = images.reshape(b, images.shape[1], h * w)
@@ -151,12 +204,16 @@ def _inverse_for(kind: str, m: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def _geometric(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     def apply(images: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return _affine(images, _inverse_for(kind, m, *images.shape[-2:]).to(images.device))
+        # The matrices are made on the CPU, where the magnitudes are drawn (magnitudes on a device
+        # would be read back), in the same arithmetic whatever the images' device.
+        h, w = images.shape[-2:]
+        return _affine(images, on_device(_theta(_inverse_for(kind, m.cpu(), h, w), h, w), images.device))
 
     return apply
 
 
-#: Each operation: uint8 (B, 3, H, W) and magnitudes (B,) -> uint8 (B, 3, H, W).
+#: Each operation: uint8 (B, 3, H, W) and magnitudes (B,) -> uint8 (B, 3, H, W). The magnitudes are
+#: on the images' device, but for the geometric operations, which take them on the CPU.
 OPERATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "Identity": lambda x, m: x,
     "ShearX": _geometric("ShearX"),
@@ -170,7 +227,7 @@ OPERATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "Sharpness": _sharpness,
     "Posterize": _posterize,
     "Solarize": _solarize,
-    "AutoContrast": lambda x, m: TF.autocontrast(x),
+    "AutoContrast": _autocontrast,
     "Equalize": lambda x, m: TF.equalize(x),
     "Invert": lambda x, m: TF.invert(x),
 }
@@ -204,6 +261,12 @@ class BatchPolicy:
             if mags is not None:
                 self.table[i] = mags.float()
         self.signed = torch.tensor([space[op][1] for op in self.ops])
+        # The order in which a step sorts its images: the geometric operations (resampled together),
+        # then the others; Identity and the steps not applied go last, as group len(sequence).
+        geometric = [i for i, op in enumerate(self.ops) if op in GEOMETRIC]
+        self.sequence = geometric + [i for i, op in enumerate(self.ops) if op not in GEOMETRIC and op != "Identity"]
+        self.group = torch.full((len(self.ops),), len(self.sequence))
+        self.group[self.sequence] = torch.arange(len(self.sequence))
         if name == "autoaugment":
             policies = policy_transform(name)._policies  # type: ignore[attr-defined]
             # (sub-policy, step) -> op index, probability, magnitude bin
@@ -236,23 +299,40 @@ class BatchPolicy:
         return torch.where(self.signed[ops] & flip, -magnitude, magnitude)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        out = images.clone()
-        h, w = images.shape[-2:]
+        out = images
         for ops, magnitude, applied in self.draw(len(images), generator):
-            # Which images take which operation is known on the CPU: the device gets the indices
-            # and magnitudes, and never has to say which operations occur.
-            moved, matrices = [], []
-            for i, op in enumerate(self.ops):
-                idx = ((ops == i) & applied).nonzero().squeeze(1)
-                if op == "Identity" or len(idx) == 0:
-                    continue
-                if op in GEOMETRIC:  # collected, then resampled together below
-                    moved.append(idx)
-                    matrices.append(_inverse_for(op, magnitude[idx], h, w))
-                    continue
-                idx_d, mag_d = on_device(idx, images.device), on_device(magnitude[idx], images.device)
-                out[idx_d] = OPERATIONS[op](out[idx_d], mag_d)
-            if moved:
-                idx_d = on_device(torch.cat(moved), images.device)
-                out[idx_d] = _affine(out[idx_d], on_device(torch.cat(matrices), images.device))
+            out = self._step(out, ops, magnitude, applied)
         return out
+
+    def _step(
+        self, images: torch.Tensor, ops: torch.Tensor, magnitude: torch.Tensor, applied: torch.Tensor
+    ) -> torch.Tensor:
+        """One step of the policy. The images are sorted by operation on the CPU, where the draws are
+        (geometric operations first, then the others, then those left as they are), so that each
+        operation runs on a contiguous slice: the device gets one copy a step (the order, the
+        magnitudes and the sampling matrices), and is never asked which operations occur."""
+        b, (h, w) = len(images), images.shape[-2:]
+        group = torch.where(applied, self.group[ops], len(self.sequence))
+        counts = torch.bincount(group, minlength=len(self.sequence) + 1).tolist()
+        if counts[-1] == b:
+            return images
+        order = torch.argsort(group, stable=True)
+        magnitude = magnitude[order]
+        ends = list(itertools.accumulate(counts))
+        geometric = [
+            _inverse_for(self.ops[op], magnitude[end - n : end], h, w)
+            for op, n, end in zip(self.sequence, counts, ends) if n and self.ops[op] in GEOMETRIC
+        ]  # fmt: skip
+        theta = _theta(torch.cat(geometric), h, w) if geometric else magnitude.new_zeros(0, 3, 2)
+        inverse = torch.argsort(order)
+        packed = on_device(torch.cat([t.double() for t in (order, inverse, magnitude, theta.flatten())]), images.device)
+        order_d, inverse_d = packed[:b].long(), packed[b : 2 * b].long()
+        magnitude_d, theta_d = packed[2 * b : 3 * b].to(magnitude.dtype), packed[3 * b :].view(-1, 3, 2).float()
+        ranked = images.index_select(0, order_d)
+        n_moved = len(theta)
+        pieces = [_affine(ranked[:n_moved], theta_d)] if n_moved else []
+        for op, n, end in zip(self.sequence, counts, ends):
+            if n and self.ops[op] not in GEOMETRIC:
+                pieces.append(OPERATIONS[self.ops[op]](ranked[end - n : end], magnitude_d[end - n : end]))
+        pieces.append(ranked[b - counts[-1] :])
+        return torch.cat(pieces).index_select(0, inverse_d)

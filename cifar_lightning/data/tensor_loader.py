@@ -241,7 +241,7 @@ class TensorLoader:
             images = random_crop_flip(images, pad, pad_mode, flips, generator)
             if self.rotate > 0:  # each image its own angle, as torchvision's RandomRotation draws it
                 angles = (torch.rand(len(images), generator=generator, dtype=torch.float64) * 2 - 1) * self.rotate
-                images = OPERATIONS["Rotate"](images, on_device(angles, self.device))
+                images = OPERATIONS["Rotate"](images, angles)  # the angles on the CPU, as drawn
         x = to_input(images, self.mean, self.std, self.memory_format)
         if self.train and self.cutout > 0:
             cutout_(x, self.cutout, generator)
