@@ -95,6 +95,10 @@ SMOKE: dict[str, SmokeSpec] = {
     "resnet110_paper": SmokeSpec(50, max_loss=2.26, min_acc=0.13),  # its lr is 0.01 for 400 steps
     "fastnet": SmokeSpec(16, max_loss=2.26, min_acc=0.18),  # label smoothing 0.2 lifts its loss
     "fastnet_muon": SmokeSpec(6, max_loss=2.15, min_acc=0.20),
+    "fastnet_muon_full": SmokeSpec(6, max_loss=2.15, min_acc=0.20),  # fastnet_muon's, on all 50,000 images
+    "resnet20_short": SmokeSpec(60, max_loss=2.20, min_acc=0.15),
+    "resnet56_short": SmokeSpec(40, max_loss=2.25, min_acc=0.13),
+    "quickstart": SmokeSpec(6, max_loss=2.15, min_acc=0.20),  # fastnet_muon's first 6 steps, no TTA
     "resnet18": SmokeSpec(40, max_loss=2.27, min_acc=0.13),
     "resnet18_cutout": SmokeSpec(40, max_loss=2.25, min_acc=0.14),
     # Trained on mixed targets, its loss stays near ln(10) for longer than a smoke run (2.23 over

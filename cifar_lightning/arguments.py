@@ -222,10 +222,16 @@ def explain_parse_error(message: str, valid_keys: Iterable[str], argv: Iterable[
 def _plain_type_error(why: str) -> str:
     """jsonargparse's "Expected a <class 'float'>. Got value: fast" as "expected a float, got 'fast'"."""
     why = " ".join(why.split())
-    union = re.search(r"Subtypes: \[(?P<types>.*?)\].*Given value: (?P<value>.*)$", why)
+    union = re.search(r"Subtypes: \[(?P<types>.*)\] Errors:.*Given value: (?P<value>.*)$", why)
     if union:
-        kinds = [re.sub(r"<class '([\w.]+)'>", r"\1", t.strip()).replace("NoneType", "null") for t in union.group("types").split(",")]
-        return f"expected {' or '.join(kinds)}, got {union.group('value')!r}"
+        # Literal[...] members are listed as plain choices, other types by name, each once.
+        kinds: list[str] = []
+        found = re.findall(r"(?:typing\.)?Literal\[([^\]]*)\]|<class '([\w.]+)'>", union.group("types"))
+        for literal, other in found:
+            names = [c.strip(" '\"") for c in literal.split(",")] if literal else [other.replace("NoneType", "null")]
+            kinds += [k for k in names if k not in kinds]
+        wanted = f"one of {', '.join(kinds)}" if any(lit for lit, _ in found) else " or ".join(kinds)
+        return f"expected {wanted}, got {union.group('value')!r}"
     m = re.match(r"Expected a (?P<type>.+?)\. Got value: (?P<value>.*)", why)
     if not m:
         return why.rstrip(".")

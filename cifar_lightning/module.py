@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -19,11 +18,10 @@ from cifar_lightning.models import check_input_size, create_model, model_info
 from cifar_lightning.models.pretrained import fresh_head_note, load_weights, weights_entry
 from cifar_lightning.optim import (
     OPTIMIZERS, SAM, SAM_BASES, SCHEDULERS, OptimizerName, SamBase, SchedulerName, build_optimizer, build_scheduler,
-    fit_schedules,
+    check_sam_trainer, fit_schedules, steps_left,
 )  # fmt: skip
+from cifar_lightning.tta import TTA_MODES, TTAMode, tta_logits
 
-TTAMode = Literal["none", "flip", "flip_translate"]
-TTA_MODES = ("none", "flip", "flip_translate")
 STAGES = ("train", "val", "test")
 EVAL_STAGES = ("val", "test")
 
@@ -237,30 +235,9 @@ class ClassifierModule(pl.LightningModule):
         return normalize(x, self.hparams.norm_mean, self.hparams.norm_std)
 
     def tta_logits(self, x: torch.Tensor, mode: TTAMode | None = None) -> torch.Tensor:
-        """Logits averaged over test-time views of normalised images (B, 3, H, W).
-
-        ``mode`` (default: the module's ``tta``): ``none`` is the plain forward pass; ``flip``
-        averages the image and its mirror, equally weighted; ``flip_translate`` (airbench94's
-        level 2, arXiv:2404.00498) puts half on that pair and half on the pairs of the image
-        shifted one pixel up-left and one pixel down-right (reflect padding), 6 views in all.
-        """
-        mode = self.hparams.get("tta", "none") if mode is None else mode
-        if mode not in TTA_MODES:
-            raise UserError(f"unknown TTA mode {mode!r}. Valid modes: {', '.join(TTA_MODES)}")
-        if mode == "none":
-            return self(x)
-
-        def mirrored(views: torch.Tensor) -> torch.Tensor:
-            # Averaged in float32: under bf16 autocast the logits have an 8-bit mantissa, and
-            # averaging them there flips near-ties between classes.
-            return 0.5 * (self(views).float() + self(views.flip(-1)).float())
-
-        if mode == "flip":
-            return mirrored(x)
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        h, w = x.shape[-2:]
-        shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))
-        return 0.5 * mirrored(x) + 0.5 * shifted
+        """Logits averaged over test-time views of normalised images (B, 3, H, W) (``tta.tta_logits``);
+        ``mode`` defaults to the module's ``tta``."""
+        return tta_logits(self, x, self.hparams.get("tta", "none") if mode is None else mode)
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -431,7 +408,7 @@ class ClassifierModule(pl.LightningModule):
         # has another number of steps, and a per-step schedule restored as saved would end too
         # early or too late. What is left of it is spread over the steps this run has left.
         trainer = self.trainer
-        step, left = trainer.global_step, _steps_left(trainer, batch_idx)
+        step, left = trainer.global_step, steps_left(trainer, batch_idx)
         if left is None:
             return
         total = self._planned_steps = step + left
@@ -509,34 +486,7 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self):
         opt = build_optimizer(self.model, self.hparams)
         if isinstance(opt, SAM):
-            _check_sam_trainer(self._trainer)
+            check_sam_trainer(self._trainer)
             self._sam = opt
         # Per-step schedules size themselves from the trainer (epochs, data, devices, accumulation).
         return build_scheduler(opt, self.hparams, self._trainer)  # None outside a fit: per-step schedules need one
-
-
-def _check_sam_trainer(trainer: pl.Trainer | None) -> None:
-    """SAM runs the closure itself, twice per step: it cannot work where Lightning calls it instead."""
-    if trainer is None:
-        return
-    if str(trainer.precision) == "16-mixed":
-        raise UserError(
-            "--optimizer sam cannot run with 16-bit mixed precision: its gradient scaler runs the "
-            "training step itself, once. Use --precision bf16-mixed or 32."
-        )
-    if trainer.accumulate_grad_batches > 1:
-        raise UserError("--optimizer sam takes one batch per step: drop --trainer.accumulate_grad_batches.")
-
-
-def _steps_left(trainer: pl.Trainer, batch_idx: int) -> int | None:
-    """Optimizer steps from ``batch_idx`` of the current epoch to the end of the fit; None when
-    the run has no set end (no epoch or step limit, or an endless loader)."""
-    batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
-    by_steps = trainer.max_steps - trainer.global_step if trainer.max_steps > 0 else None
-    if not math.isfinite(batches) or trainer.max_epochs is None or trainer.max_epochs < 0:
-        return by_steps
-    per_epoch = math.ceil(batches / accumulate)
-    # Steps already taken in this epoch, counted as the epoch's batches (a group of accumulated
-    # batches cut short by a stop is counted as begun).
-    left = per_epoch - batch_idx // accumulate + (trainer.max_epochs - trainer.current_epoch - 1) * per_epoch
-    return left if by_steps is None else min(left, by_steps)

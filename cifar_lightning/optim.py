@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
 from cifar_lightning.errors import UserError
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 OptimizerName = Literal["sgd", "adam", "adamw", "muon", "sam"]
 SamBase = Literal["sgd", "adam", "adamw"]
@@ -440,3 +443,30 @@ def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: 
     else:
         raise UserError(f"unknown scheduler {name!r}. Valid names: {', '.join(SCHEDULERS)}")
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def check_sam_trainer(trainer: pl.Trainer | None) -> None:
+    """SAM runs the closure itself, twice per step: it cannot work where Lightning calls it instead."""
+    if trainer is None:
+        return
+    if str(trainer.precision) == "16-mixed":
+        raise UserError(
+            "--optimizer sam cannot run with 16-bit mixed precision: its gradient scaler runs the "
+            "training step itself, once. Use --precision bf16-mixed or 32."
+        )
+    if trainer.accumulate_grad_batches > 1:
+        raise UserError("--optimizer sam takes one batch per step: drop --trainer.accumulate_grad_batches.")
+
+
+def steps_left(trainer: pl.Trainer, batch_idx: int) -> int | None:
+    """Optimizer steps from ``batch_idx`` of the current epoch to the end of the fit; None when
+    the run has no set end (no epoch or step limit, or an endless loader)."""
+    batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+    by_steps = trainer.max_steps - trainer.global_step if trainer.max_steps > 0 else None
+    if not math.isfinite(batches) or trainer.max_epochs is None or trainer.max_epochs < 0:
+        return by_steps
+    per_epoch = math.ceil(batches / accumulate)
+    # Steps already taken in this epoch, counted as the epoch's batches (a group of accumulated
+    # batches cut short by a stop is counted as begun).
+    left = per_epoch - batch_idx // accumulate + (trainer.max_epochs - trainer.current_epoch - 1) * per_epoch
+    return left if by_steps is None else min(left, by_steps)

@@ -71,8 +71,8 @@ def native_bf16(device: str) -> tuple[bool, str]:
         return False, "the CPU's flags cannot be read here, so native bf16 is not assumed"
     found = [f for f in NATIVE_BF16_CPU_FLAGS if f in flags]
     if found:
-        return True, f"this CPU computes bf16 natively ({', '.join(found)} among its flags)"
-    return False, "this CPU has no native bf16 (no avx512_bf16, amx_bf16 or bf16 among its flags)"
+        return True, f"this CPU computes bf16 natively: {', '.join(found)} among its flags"
+    return False, "this CPU has no native bf16: none of avx512_bf16, amx_bf16, bf16 among its flags"
 
 
 def resolve_precision(precision: Any, accelerator: Any = "auto") -> tuple[Any, str]:

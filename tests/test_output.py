@@ -159,7 +159,7 @@ def test_a_fit_in_a_terminal_shows_the_running_loss_and_one_final_bar(tiny_folde
     lines = [line.rstrip() for line in screen.display]
     bars = [line for line in lines if line.startswith("Epoch ")]
     assert len(bars) == 1 and bars[0].startswith("Epoch 2/2 ") and "val/acc:" in bars[0], bars  # one final bar
-    assert "Test results: simple_cnn on 12 images" in lines  # the report's title on one line
+    assert "Test results: simple_cnn on 12 test images" in lines  # the report's title on one line
 
 
 def test_the_bar_reads_the_running_metrics_at_its_own_pace_not_per_step(tiny_folder, tmp_path):

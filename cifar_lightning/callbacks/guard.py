@@ -23,8 +23,9 @@ class LossNotFinite(UserError):
 class StopOnNonFiniteLoss(Callback):
     """Stops training, within the epoch, once the training loss is NaN or infinite.
 
-    Each step adds the loss it already has to a running sum on the device: one tensor operation
-    and no synchronisation (a NaN or an infinity stays in a sum). Every ``check_every`` steps,
+    A NaN or an infinity stays in a sum, so the guard reads a running sum of the epoch's losses:
+    ``ClassifierModule``'s own (which it keeps for the logged training loss), or, for another
+    module, one it adds each step's loss to on the device. Every ``check_every`` optimizer steps,
     after the last batch of an epoch or of the run, and before every validation of the fit, it
     reads the sum back and, under DDP, agrees with the other ranks. A lost loss raises
     ``LossNotFinite``: one line with the epoch, the step (or the steps since the last check: the
@@ -33,28 +34,33 @@ class StopOnNonFiniteLoss(Callback):
     after a check, and ``LastCheckpoint`` asks ``lost`` before it writes on a signal.
 
     Args:
-        check_every: steps between reads; default 1 on a CPU (a read costs microseconds there)
-            and 25 on a GPU, where each read waits for the queued work.
+        check_every: optimizer steps between reads (default 25). A read waits for the queued work
+            on a GPU and costs a host round trip on a CPU; a lost loss is found at most this many
+            steps late, and the message names the steps it may have happened in.
     """
 
     def __init__(self, check_every: int | None = None) -> None:
         self.check_every = check_every
         self._sum: torch.Tensor | None = None
         self._checked = 0  # the last step a check passed
-        self._every = 1
+        self._every = 25
+        self._own_sum = True  # False: the module's running loss sum is read instead
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        device = pl_module.device
-        self._every = self.check_every or (1 if device.type == "cpu" else 25)
-        self._sum = torch.zeros((), dtype=torch.float32, device=device)
+        self._every = self.check_every or 25
+        totals = getattr(pl_module, "_train_totals", None)
+        self._own_sum = not isinstance(totals, torch.Tensor)
+        # The module's sum is zeroed at each epoch's start, after the previous epoch's last check.
+        self._sum = torch.zeros((), device=pl_module.device) if self._own_sum else totals[0]
         self._checked = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._sum is None:
             return
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            self._sum.add_(loss.detach().float().sum())
+        if self._own_sum:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor):
+                self._sum.add_(loss.detach().float().sum())
         # The same steps on every rank: the check is a collective under DDP.
         last_batch = batch_idx + 1 >= trainer.num_training_batches
         last_step = 0 < trainer.max_steps <= trainer.global_step
@@ -85,7 +91,7 @@ class StopOnNonFiniteLoss(Callback):
         first, last = self._checked + 1, trainer.global_step
         steps = f"step {last}" if first >= last else f"one of steps {first}-{last}"
         raise LossNotFinite(
-            f"the training loss became NaN or infinite at epoch {trainer.current_epoch}, {steps}. Try a lower "
+            f"the training loss became NaN or infinite at epoch {trainer.current_epoch + 1}, {steps}. Try a lower "
             "--model.lr, --trainer.precision 32 (if the run was in 16 or bf16), or --trainer.gradient_clip_val 1.0. "
             + _last_good(trainer)
         )

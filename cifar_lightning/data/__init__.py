@@ -3,13 +3,8 @@ data module. ``from cifar_lightning.data import CIFAR10DataModule`` is all most 
 
 from cifar_lightning.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, IMAGE_SUFFIXES
 from cifar_lightning.data.archives import extract_archive_cached, is_archive, safe_extract
-from cifar_lightning.data.datamodule import (
-    ArrayDataset,
-    CIFAR10DataModule,
-    evaluation_order,
-    split_indices,
-    val_count,
-)
+from cifar_lightning.data.datamodule import ArrayDataset, CIFAR10DataModule
+from cifar_lightning.data.splits import evaluation_order, split_indices, val_count
 from cifar_lightning.data.sources import (
     DataSource,
     UnreadableImage,
