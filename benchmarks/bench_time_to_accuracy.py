@@ -42,7 +42,7 @@ def recipe_steps(config: str | Path, train_images: int) -> int | None:
     """
     import yaml
 
-    from cifar_lightning.data.datamodule import val_count
+    from cifar_lightning.data.splits import val_count
 
     recipe = yaml.safe_load(Path(config).read_text()) or {}
     epochs = (recipe.get("trainer") or {}).get("max_epochs")
