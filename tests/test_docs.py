@@ -395,6 +395,12 @@ def test_readme_is_short_and_keeps_the_command_ci_runs():
     assert CI_COMMAND in (REPO / ".ci" / "run").read_text().splitlines()
 
 
+def test_the_readme_counts_the_networks_there_are():
+    from cifar_lightning.models import list_models
+
+    assert f"{len(list_models())} networks" in (REPO / "README.md").read_text()
+
+
 def test_every_page_is_linked_from_the_readme():
     linked = {(REPO / t.partition("#")[0]).resolve() for _, t in relative_links(REPO / "README.md")}
     assert [p.name for p in PAGES[1:] if p.resolve() not in linked] == []
