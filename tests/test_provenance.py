@@ -180,7 +180,20 @@ def test_describe_data_of_a_folder(tmp_path):
     assert describe_data(None) is None
 
 
-def _readme_rows_of_cpu_json(results: dict) -> dict[str, list[str]]:
+def _page_lines(page: str) -> list[str]:
+    return (REPO / page).read_text().splitlines()
+
+
+def _check_rows(page: str, lines: list[str], rows: dict[str, list[str]], source: str) -> None:
+    """Each row of ``page`` that starts with a key shows every figure of its list (one such row each)."""
+    for start, figures in rows.items():
+        found = [line for line in lines if line.startswith(start)]
+        assert len(found) == 1, f"{page} has {len(found)} rows starting {start!r}"
+        missing = [f for f in figures if f not in found[0]]
+        assert not missing, f"{page}'s row {start!r} does not show these figures of {source}: {missing}"
+
+
+def _speed_rows_of_cpu_json(results: dict) -> dict[str, list[str]]:
     d, o = results["data"], results["overhead"]
     trivial = d["presets"]["presets"]["trivialaugment"]
     ms, se = o["framework_ms_per_step"], o["framework_ms_standard_error"]
@@ -205,14 +218,18 @@ def _readme_rows_of_cpu_json(results: dict) -> dict[str, list[str]]:
     }
 
 
-def _readme_rows_of_time_to_accuracy(results: dict) -> dict[str, list[str]]:
+def _accuracy(s: dict, seconds: bool = True) -> str:
+    """``90.56% ± 0.02``, as the pages write a runner's mean (and std) of the time-to-accuracy summary."""
+    return f"{100 * s['mean_test_acc']:.2f}%" + (f" ± {100 * s['std_test_acc']:.2f}" if s["std_test_acc"] is not None else "")
+
+
+def _speed_rows_of_time_to_accuracy(results: dict) -> dict[str, list[str]]:
     section = results["time_to_accuracy"]
     n = len(section["seeds"])
     figures = [f"{n} seed" + ("s" if n > 1 else "")]
     for runner, s in section["summary"].items():
         name = runner if runner == "airbench94" else f"`{runner}`"
-        acc = f"{100 * s['mean_test_acc']:.2f}%" + (f" ± {100 * s['std_test_acc']:.2f}" if s["std_test_acc"] is not None else "")
-        figure = f"{name} {acc} in {s['mean_seconds']:,.0f} s"
+        figure = f"{name} {_accuracy(s)} in {s['mean_seconds']:,.0f} s"
         vs = s.get("against_airbench94")
         if vs:
             time = f"{vs['time_ratio']:.3f}x" + (f" ± {vs['time_ratio_std']:.3f}" if vs["time_ratio_std"] is not None else "")
@@ -224,22 +241,76 @@ def _readme_rows_of_time_to_accuracy(results: dict) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("name", ["cpu.json", "time_to_accuracy_cpu.json"])
-def test_readme_figures_are_those_of_the_committed_results(name):
-    # README's table of CPU figures quotes these files, each figure in its own row: a file
-    # regenerated without README (or a figure typed by hand) fails here, with what the row
+def test_speed_page_figures_are_those_of_the_committed_results(name):
+    # docs/speed.md's table of CPU figures quotes these files, each figure in its own row: a file
+    # regenerated without the page (or a figure typed by hand) fails here, with what the row
     # should show.
     results = json.loads((REPO / "benchmarks" / name).read_text())
-    lines = (REPO / "README.md").read_text().splitlines()
-    rows = (_readme_rows_of_cpu_json if name == "cpu.json" else _readme_rows_of_time_to_accuracy)(results)
-    if name == "cpu.json":  # and the Speed section's sentence, wrapped over lines
+    lines = _page_lines("docs/speed.md")
+    rows = (_speed_rows_of_cpu_json if name == "cpu.json" else _speed_rows_of_time_to_accuracy)(results)
+    if name == "cpu.json":  # and the tensor loader's sentence, wrapped over lines
         d = results["data"]
         prose = " ".join(" ".join(lines).split())
         sentence = (f"tensor loader made {d['speedup']:.1f} times as many training images a second as the per-image "
                     f"path with 2 workers on an idle 2-core CPU ({d['tensor_loader']['images_per_s']:,.0f} vs "
                     f"{d['imagefolder_pil_2_workers']['images_per_s']:,.0f} images/s")  # fmt: skip
-        assert sentence in prose, f"README.md's Speed section should read: {sentence}"
-    for start, figures in rows.items():
-        found = [line for line in lines if line.startswith(start)]
-        assert len(found) == 1, f"README.md has {len(found)} rows starting {start!r}"
-        missing = [f for f in figures if f not in found[0]]
-        assert not missing, f"README.md's row {start!r} does not show these figures of benchmarks/{name}: {missing}"
+        assert sentence in prose, f"docs/speed.md's tensor loader section should read: {sentence}"
+    _check_rows("docs/speed.md", lines, rows, f"benchmarks/{name}")
+
+
+def _reproduce_row(recipe: str) -> tuple[str, str]:
+    """(our accuracy, the reference's) of ``recipe`` in benchmarks/reproduce.md, as ``77.88%``."""
+    for line in _page_lines("benchmarks/reproduce.md"):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == recipe:
+            ours = re.match(r"[\d.]+%", cells[3])
+            reference = re.search(r"[\d.]+%", cells[2])
+            return (ours.group(0) if ours else cells[3]), (reference.group(0) if reference else "")
+    raise AssertionError(f"benchmarks/reproduce.md has no row for {recipe}")
+
+
+def test_readme_results_are_those_of_the_committed_files():
+    # README's results table and its speed sentence quote the committed files: a file regenerated
+    # without README fails here.
+    lines = _page_lines("README.md")
+    tta = json.loads((REPO / "benchmarks" / "time_to_accuracy_cpu.json").read_text())["time_to_accuracy"]
+    summary, n = tta["summary"], len(tta["seeds"])
+    rows = {
+        f"| `{runner}`": [f"{_accuracy(summary[runner])} over {n} seeds in {summary[runner]['mean_seconds']:,.0f} s"]
+        for runner in ("fastnet", "fastnet_muon")
+    }
+    air = summary["airbench94"]
+    rows["| `fastnet`"].append(f"airbench94's own code beside it: {100 * air['mean_test_acc']:.2f}% in {air['mean_seconds']:,.0f} s")
+    for recipe in ("mynet_tutorial", "simple_cnn_tutorial"):
+        ours, reference = _reproduce_row(recipe)
+        rows[f"| `{recipe}`"] = [ours] + ([reference] if reference else [])
+    _check_rows("README.md", lines, rows, "benchmarks/time_to_accuracy_cpu.json and benchmarks/reproduce.md")
+    d = json.loads((REPO / "benchmarks" / "cpu.json").read_text())["data"]
+    vs = summary["fastnet"]["against_airbench94"]
+    prose = " ".join(" ".join(lines).split())
+    for figure in (f"{d['speedup']:.1f} times as many training images", f"takes {vs['time_ratio']:.3f}x the time",
+                   f"for {-vs['accuracy_difference_points']:.2f} points less"):  # fmt: skip
+        assert figure in prose, f"README.md should read: {figure}"
+
+
+#: docs/training.md's row of each trick of benchmarks/tricks_cpu.json.
+TRICK_ROWS = {
+    "standard": "| none (crop + flip)", "ema": "| `--ema 0.99`", "swa": "| `--swa 0.05`", "mixup": "| `--mixup 1.0`",
+    "cutmix": "| `--cutmix 1.0`", "cutout": "| `--cutout 16`", "random_erasing": "| `--random-erasing 0.5`",
+    "autoaugment": "| `--augment autoaugment`", "randaugment": "| `--augment randaugment`",
+    "trivialaugment": "| `--augment trivialaugment`", "sam": "| `--optimizer sam`",
+}  # fmt: skip
+
+
+def test_tricks_table_is_that_of_the_committed_results():
+    results = json.loads((REPO / "benchmarks" / "tricks_cpu.json").read_text())["tricks"]
+    assert set(TRICK_ROWS) == set(results["tricks"])
+    rows = {
+        TRICK_ROWS[name]: [f"| {t['images_per_s']:.0f} | {t['over_standard']:.2f}x |"] for name, t in results["tricks"].items()
+    }
+    lines = _page_lines("docs/training.md")
+    _check_rows("docs/training.md", lines, rows, "benchmarks/tricks_cpu.json")
+    rounds = results["tricks"]["cutout"]["rounds_images_per_s"]
+    prose = " ".join(" ".join(lines).split())
+    assert f"(cutout: {min(rounds):.0f} and {max(rounds):.0f} images/s)" in prose
+    assert f"the fastest of {results['rounds']} rounds each" in prose
