@@ -42,15 +42,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from cifar_lightning.data.synthetic import write_image_folder
-from cifar_lightning.report import write_report
 from benchmarks.bench_layout import bench_layout
 from benchmarks.bench_memory import bench_memory
-from benchmarks.provenance import finish, provenance
 from benchmarks.bench_overhead import bench_overhead
 from benchmarks.bench_speed import TARGETS, BenchConfig, bench_data
-from benchmarks.bench_time_to_accuracy import bench_time_to_accuracy, merge_results as merge_time_to_accuracy
+from benchmarks.bench_time_to_accuracy import bench_time_to_accuracy
+from benchmarks.bench_time_to_accuracy import merge_results as merge_time_to_accuracy
 from benchmarks.bench_tricks import bench_tricks
+from benchmarks.provenance import finish, provenance
+from cifar_lightning.data.synthetic import write_image_folder
+from cifar_lightning.report import write_report
 
 SECTIONS = ("data", "overhead", "memory", "time_to_accuracy", "tricks", "layout")
 
@@ -75,7 +76,10 @@ def run(cfg: BenchConfig, sections: list[str], save: Callable[[dict[str, Any]], 
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
     prov = provenance(None if cfg.quick else cfg.data_dir)
-    results: dict[str, Any] = {"provenance": prov, "meta": {"quick": cfg.quick, "sections": sections, "complete": False}}
+    results: dict[str, Any] = {
+        "provenance": prov,
+        "meta": {"quick": cfg.quick, "sections": sections, "complete": False},
+    }
     results["config"] = {k: v for k, v in asdict(cfg).items() if k not in ("data_dir", "work_dir")}
     results["targets"] = TARGETS
 
@@ -101,27 +105,41 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = []
     if "data" in results:
         d = results["data"]
-        rows.append((
-            f"data: tensor loader vs ImageFolder+PIL, 2 workers (batch {d['batch_size']})",
-            f"{d['tensor_loader']['images_per_s']:,.0f} vs {d['imagefolder_pil_2_workers']['images_per_s']:,.0f} img/s",
-            f"{d['speedup']:.1f}x", f">= {d['target_speedup']:.0f}x",
-        ))  # fmt: skip
-        rows.append((
-            "data: tensor loader vs decoded arrays + PIL transforms, 2 workers",
-            f"{d['array_pil_loader_2_workers']['images_per_s']:,.0f} img/s", f"{d['speedup_over_array_pil']:.1f}x", "",
-        ))  # fmt: skip
+        rows.append(
+            (
+                f"data: tensor loader vs ImageFolder+PIL, 2 workers (batch {d['batch_size']})",
+                f"{d['tensor_loader']['images_per_s']:,.0f} vs {d['imagefolder_pil_2_workers']['images_per_s']:,.0f} img/s",
+                f"{d['speedup']:.1f}x",
+                f">= {d['target_speedup']:.0f}x",
+            )
+        )
+        rows.append(
+            (
+                "data: tensor loader vs decoded arrays + PIL transforms, 2 workers",
+                f"{d['array_pil_loader_2_workers']['images_per_s']:,.0f} img/s",
+                f"{d['speedup_over_array_pil']:.1f}x",
+                "",
+            )
+        )
         p = d.get("presets")
         for name, r in (p or {}).get("presets", {}).items():
-            rows.append((
-                f"data: {name}, tensor loader vs per image in 2 workers (vs crop + flip: {r['tensor_over_standard_tensor']:.2f}x)",
-                f"{r['tensor_loader_images_per_s']:,.0f} vs {r['per_image_2_workers_images_per_s']:,.0f} img/s",
-                f"{r['tensor_over_per_image']:.1f}x", ">= 10x" if name == "trivialaugment" else "",
-            ))  # fmt: skip
+            rows.append(
+                (
+                    f"data: {name}, tensor loader vs per image in 2 workers (vs crop + flip: {r['tensor_over_standard_tensor']:.2f}x)",
+                    f"{r['tensor_loader_images_per_s']:,.0f} vs {r['per_image_2_workers_images_per_s']:,.0f} img/s",
+                    f"{r['tensor_over_per_image']:.1f}x",
+                    ">= 10x" if name == "trivialaugment" else "",
+                )
+            )
         if p:
-            rows.append((
-                f"data: trivialaugment on the tensor loader vs resnet20 training ({p['resnet20_training_images_per_s']:,.0f} img/s)",
-                "", f"{p['policy_over_resnet20_training']:.1f}x", ">= 5x",
-            ))  # fmt: skip
+            rows.append(
+                (
+                    f"data: trivialaugment on the tensor loader vs resnet20 training ({p['resnet20_training_images_per_s']:,.0f} img/s)",
+                    "",
+                    f"{p['policy_over_resnet20_training']:.1f}x",
+                    ">= 5x",
+                )
+            )
     if "overhead" in results:
         o = results["overhead"]
         labels = {
@@ -132,18 +150,30 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             "bare_trainer": "overhead: no logger, no callbacks",
             "lightning_floor": "overhead: Lightning alone (a minimal LightningModule, no callbacks)",
         }
-        target = f">= {o['target_ratio']:.2f}" + (f", <= {o['target_framework_ms']} ms" if o.get("target_framework_ms") else "")
+        target = f">= {o['target_ratio']:.2f}" + (
+            f", <= {o['target_framework_ms']} ms" if o.get("target_framework_ms") else ""
+        )
         for variant, label in labels.items():
             if variant not in o["framework_ms_per_step"]:  # results made before the variant existed
                 continue
-            rows.append((
-                label, f"{o['framework_ms_per_step'][variant]:+.2f} ms a step",
-                f"{o['ratio' if variant == 'defaults' else 'ratio_' + variant]:.3f}",
-                target if variant == "defaults" else "",
-            ))  # fmt: skip
+            rows.append(
+                (
+                    label,
+                    f"{o['framework_ms_per_step'][variant]:+.2f} ms a step",
+                    f"{o['ratio' if variant == 'defaults' else 'ratio_' + variant]:.3f}",
+                    target if variant == "defaults" else "",
+                )
+            )
         if "ours_ms_per_step" in o:
             ours_target = f"<= {o['target_ours_ms']} ms" if o.get("target_ours_ms") is not None else ""
-            rows.append(("overhead: this package above Lightning alone", f"{o['ours_ms_per_step']:+.2f} ms a step", "", ours_target))
+            rows.append(
+                (
+                    "overhead: this package above Lightning alone",
+                    f"{o['ours_ms_per_step']:+.2f} ms a step",
+                    "",
+                    ours_target,
+                )
+            )
     if "time_to_accuracy" in results:
         target = results.get("targets", TARGETS)["time_to_accuracy"]
         for runner, s in results["time_to_accuracy"]["summary"].items():
@@ -154,34 +184,55 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 tstd = f" ± {vs['time_ratio_std']:.3f}" if vs["time_ratio_std"] is not None else ""
                 astd = f" ± {vs['accuracy_difference_std']:.2f}" if vs["accuracy_difference_std"] is not None else ""
                 ratio = f"time {vs['time_ratio']:.3f}{tstd}, acc {vs['accuracy_difference_points']:+.2f}{astd} pts"
-            rows.append((
-                f"time to accuracy: {runner}, {s['n']} seed(s), {s['mean_images_seen']:,} images",
-                f"{100 * s['mean_test_acc']:.2f}%{spread} in {s['mean_seconds']:,.0f} s", ratio,
-                f"time <= {target['time_ratio']:.2f}x, acc >= {target['accuracy_difference_points']:+.1f} pts"
-                if vs else "(baseline)" if runner == "airbench94" else "",
-            ))  # fmt: skip
+            rows.append(
+                (
+                    f"time to accuracy: {runner}, {s['n']} seed(s), {s['mean_images_seen']:,} images",
+                    f"{100 * s['mean_test_acc']:.2f}%{spread} in {s['mean_seconds']:,.0f} s",
+                    ratio,
+                    f"time <= {target['time_ratio']:.2f}x, acc >= {target['accuracy_difference_points']:+.1f} pts"
+                    if vs
+                    else "(baseline)"
+                    if runner == "airbench94"
+                    else "",
+                )
+            )
     if "memory" in results:
         m = results["memory"]
         two, none = m["torchvision_2_workers"], m["torchvision_0_workers"]
-        rows.append((
-            f"memory: CPU fit, peak PSS of main + 2 workers vs no workers ({m['arch']}, dataset {m['dataset_mb']:.0f} MB)",
-            f"{two['pss_total_mb']:,.0f} vs {none['pss_total_mb']:,.0f} MB",
-            f"+{m['workers_extra_mb']:,.0f} MB", "",
-        ))  # fmt: skip
-        rows.append((
-            "memory: private copies of the dataset in the workers (pages they map: "
-            f"{m['dataset_mapped_by_workers_mb']:,.0f} MB)",
-            f"{two['dataset']['workers_private_mb']:,.1f} MB", f"{m['dataset_copies_in_workers']:.3f} copies", "0 (held once)",
-        ))  # fmt: skip
+        rows.append(
+            (
+                f"memory: CPU fit, peak PSS of main + 2 workers vs no workers ({m['arch']}, dataset {m['dataset_mb']:.0f} MB)",
+                f"{two['pss_total_mb']:,.0f} vs {none['pss_total_mb']:,.0f} MB",
+                f"+{m['workers_extra_mb']:,.0f} MB",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "memory: private copies of the dataset in the workers (pages they map: "
+                f"{m['dataset_mapped_by_workers_mb']:,.0f} MB)",
+                f"{two['dataset']['workers_private_mb']:,.1f} MB",
+                f"{m['dataset_copies_in_workers']:.3f} copies",
+                "0 (held once)",
+            )
+        )
         if m.get("tensor"):
             rows.append(("memory: CPU fit, tensor loader", f"{m['tensor']['pss_total_mb']:,.0f} MB", "", ""))
     if "tricks" in results:
         t = results["tricks"]
         for name, r in t["tricks"].items():
             # A ratio inside the run's own spread over rounds is not a measurement of the trick.
-            ratio = f"{r['over_standard']:.2f}x" if r.get("beyond_noise", True) or name == "standard" else "within noise"
-            rows.append((f"tricks: {name} ({t['arch']}, batch {t['batch_size']}, training images/s)",
-                         f"{r['images_per_s']:,.0f} img/s", ratio, ""))  # fmt: skip
+            ratio = (
+                f"{r['over_standard']:.2f}x" if r.get("beyond_noise", True) or name == "standard" else "within noise"
+            )
+            rows.append(
+                (
+                    f"tricks: {name} ({t['arch']}, batch {t['batch_size']}, training images/s)",
+                    f"{r['images_per_s']:,.0f} img/s",
+                    ratio,
+                    "",
+                )
+            )
     return rows
 
 
@@ -227,25 +278,41 @@ def _merge(parser: argparse.ArgumentParser, paths: list[str], output: str | None
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``scripts/bench.py``: parse arguments, run, print, save JSON."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="data,overhead,memory",
-                   help=f"comma-separated, of {', '.join(SECTIONS)} (default data,overhead,memory; "
-                        "time_to_accuracy takes tens of minutes on a CPU)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--sections",
+        default="data,overhead,memory",
+        help=f"comma-separated, of {', '.join(SECTIONS)} (default data,overhead,memory; "
+        "time_to_accuracy takes tens of minutes on a CPU)",
+    )
     p.add_argument("--quick", action="store_true", help="every section on tiny synthetic data, in seconds")
     p.add_argument("--output", help="write the results as JSON here, e.g. benchmarks/cpu.json")
     p.add_argument("--data-dir", default="data", help="image folder, archive or torchvision folder")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
-    p.add_argument("--runners", nargs="+", help="runners of the time_to_accuracy section, alternated per seed: airbench94 "
-                   "and recipe files (default airbench94 configs/fastnet.yaml configs/fastnet_muon.yaml)")
+    p.add_argument(
+        "--runners",
+        nargs="+",
+        help="runners of the time_to_accuracy section, alternated per seed: airbench94 "
+        "and recipe files (default airbench94 configs/fastnet.yaml configs/fastnet_muon.yaml)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the time_to_accuracy section")
     p.add_argument("--overhead-arch", help="network of the overhead section (default simple_cnn / fastnet on GPU)")
     p.add_argument("--overhead-batch-size", type=int, help="default 32 on a CPU, 1024 on a GPU")
     p.add_argument("--timed-steps", type=int, help="steps timed per overhead fit (default 250)")
     p.add_argument("--repeats", type=int, help="fits per overhead variant (default 4)")
-    p.add_argument("--tricks-rounds", type=int, help="rounds of the tricks section, each fit's fastest kept (default 3)")
+    p.add_argument(
+        "--tricks-rounds", type=int, help="rounds of the tricks section, each fit's fastest kept (default 3)"
+    )
     p.add_argument("--tricks-steps", type=int, help="timed steps of each tricks fit (default 20)")
-    p.add_argument("--merge", nargs="+", metavar="FILE", help="no run: merge time_to_accuracy results of separate "
-                   "runs (seeds run apart) into --output, the summary recomputed over all their seeds")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="FILE",
+        help="no run: merge time_to_accuracy results of separate "
+        "runs (seeds run apart) into --output, the summary recomputed over all their seeds",
+    )
     p.add_argument("fit_overrides", nargs="*", help="extra CLI arguments for the time_to_accuracy runs, after --")
     a = p.parse_args(argv)
     if a.merge:
@@ -254,8 +321,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.sections == "all":
         sections = list(SECTIONS)
     kw: dict[str, Any] = dict(accelerator=a.accelerator, seeds=a.seeds)
-    for name in ("runners", "overhead_arch", "overhead_batch_size", "timed_steps", "repeats", "tricks_rounds",
-                 "tricks_steps"):
+    for name in (
+        "runners",
+        "overhead_arch",
+        "overhead_batch_size",
+        "timed_steps",
+        "repeats",
+        "tricks_rounds",
+        "tricks_steps",
+    ):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
     with tempfile.TemporaryDirectory() as tmp:

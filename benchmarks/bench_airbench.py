@@ -64,13 +64,20 @@ def write_airbench_data(data_dir: str | os.PathLike, folder: Path, cache_dir: st
             order = np.random.default_rng(AIRBENCH_ORDER_SEED).permutation(len(images))
             images, labels = images[order], labels[order]
         torch.save(
-            {"images": torch.from_numpy(np.ascontiguousarray(images)),
-             "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)), "classes": list(source.class_names)},
+            {
+                "images": torch.from_numpy(np.ascontiguousarray(images)),
+                "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+                "classes": list(source.class_names),
+            },
             out / f"{split}.pt",
-        )  # fmt: skip
+        )
         counts[split] = len(labels)
-    return {"folder": str(folder), "images": counts, "classes": list(source.class_names),
-            "train_order": f"shuffled, numpy default_rng({AIRBENCH_ORDER_SEED}).permutation"}  # fmt: skip
+    return {
+        "folder": str(folder),
+        "images": counts,
+        "classes": list(source.class_names),
+        "train_order": f"shuffled, numpy default_rng({AIRBENCH_ORDER_SEED}).permutation",
+    }
 
 
 class _WallClockEvent:

@@ -74,8 +74,10 @@ def bench_layout(cfg: BenchConfig) -> dict[str, Any]:
     names = [n for n in QUICK_NETWORKS if n in list_models()] if cfg.quick else list_models()
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
-        steps = {layout: _step_timer(name, layout == "channels_last", cfg.layout_batch_size, device, autocast)
-                 for layout in ("nchw", "channels_last")}  # fmt: skip
+        steps = {
+            layout: _step_timer(name, layout == "channels_last", cfg.layout_batch_size, device, autocast)
+            for layout in ("nchw", "channels_last")
+        }
         for step in steps.values():  # warm-up: allocator, kernels picked, first-call costs
             step()
         times: dict[str, list[float]] = {"nchw": [], "channels_last": []}

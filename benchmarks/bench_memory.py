@@ -17,7 +17,6 @@ from typing import Any
 from benchmarks import child_env
 from cifar_lightning.report import write_report
 
-
 #: The CPU fits of the memory section: (loader, DataLoader workers).
 MEMORY_RUNS = {
     "torchvision_2_workers": ("torchvision", 2),
@@ -178,14 +177,25 @@ def _measure_fit_memory(cfg: Any, run_name: str, out: Path) -> dict[str, Any]:
     loader, workers = MEMORY_RUNS[run_name]
     probe = out / f"memory-{run_name}.json"
     args = [
-        sys.executable, "-c", "from benchmarks.bench_memory import memory_child; memory_child()", str(probe),
-        f"--data.data_dir={cfg.data_dir}", "--data.download=false", f"--data.loader={loader}",
-        f"--data.num_workers={workers}", f"--data.val_size={cfg.val_size}", f"--data.batch_size={cfg.data_batch_size}",
-        f"--model.arch={arch}", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
-        f"--trainer.limit_train_batches={cfg.memory_steps}", "--trainer.limit_val_batches=2",
-        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+        sys.executable,
+        "-c",
+        "from benchmarks.bench_memory import memory_child; memory_child()",
+        str(probe),
+        f"--data.data_dir={cfg.data_dir}",
+        "--data.download=false",
+        f"--data.loader={loader}",
+        f"--data.num_workers={workers}",
+        f"--data.val_size={cfg.val_size}",
+        f"--data.batch_size={cfg.data_batch_size}",
+        f"--model.arch={arch}",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_epochs=1",
+        f"--trainer.limit_train_batches={cfg.memory_steps}",
+        "--trainer.limit_val_batches=2",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
         "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+    ]
     log = out / f"memory-{run_name}.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=child_env())

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import cProfile
-from contextlib import contextmanager
 import pstats
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,13 +129,21 @@ def _flush_denormal():
 
 def _overhead_args(cfg: BenchConfig, arch: str, bs: int, steps: int, out: Path, variant: str) -> list[str]:
     args = [
-        f"--data.data_dir={cfg.data_dir}", "--data.download=false", "--data.loader=tensor",
+        f"--data.data_dir={cfg.data_dir}",
+        "--data.download=false",
+        "--data.loader=tensor",
         f"--data.val_size={cfg.val_size}",
-        f"--data.batch_size={bs}", f"--model.arch={arch}", f"--model.lr={OVERHEAD_LR}", "--trainer.max_epochs=1",
-        f"--trainer.limit_train_batches={steps}", "--trainer.limit_val_batches=0",
-        f"--trainer.accelerator={cfg.accelerator}", "--trainer.devices=1",
-        f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-    ]  # fmt: skip
+        f"--data.batch_size={bs}",
+        f"--model.arch={arch}",
+        f"--model.lr={OVERHEAD_LR}",
+        "--trainer.max_epochs=1",
+        f"--trainer.limit_train_batches={steps}",
+        "--trainer.limit_val_batches=0",
+        f"--trainer.accelerator={cfg.accelerator}",
+        "--trainer.devices=1",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+    ]
     if variant in ("no_progress_bar", "bare_trainer"):
         args += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
     if variant == "bare_trainer":
@@ -160,8 +168,12 @@ def _interleaved_fit(
             _floor_fit(cfg, arch, bs, steps, Path(out), [*extra_callbacks, interleaved])
             return _enough(timing, cfg, steps, bs)
         with _progress_as_on_a_terminal(variant == "terminal"):
-            cli = build_fit(overrides=_overhead_args(cfg, arch, bs, steps, Path(out), variant), checkpoints=True,
-                            cli_callbacks=variant != "bare_trainer", callbacks=[*extra_callbacks, interleaved])  # fmt: skip
+            cli = build_fit(
+                overrides=_overhead_args(cfg, arch, bs, steps, Path(out), variant),
+                checkpoints=True,
+                cli_callbacks=variant != "bare_trainer",
+                callbacks=[*extra_callbacks, interleaved],
+            )
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return _enough(timing, cfg, steps, bs)
 
@@ -179,7 +191,9 @@ def _progress_as_on_a_terminal(enabled: bool):
     from cifar_lightning.callbacks import QuietRichProgressBar
 
     console = {"file": io.StringIO(), "force_terminal": True, "width": 120}
-    with mock.patch("cifar_lightning.callbacks.progress_callback", lambda stream=None: QuietRichProgressBar(console_kwargs=console)):
+    with mock.patch(
+        "cifar_lightning.callbacks.progress_callback", lambda stream=None: QuietRichProgressBar(console_kwargs=console)
+    ):
         yield
 
 
@@ -213,10 +227,18 @@ def _floor_fit(cfg: BenchConfig, arch: str, bs: int, steps: int, out: Path, call
 
     dm = _datamodule(cfg, loader="tensor", augment="standard", batch_size=bs)
     trainer = pl.Trainer(
-        accelerator=cfg.accelerator, devices=1, max_epochs=1, limit_train_batches=steps, limit_val_batches=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=out, callbacks=callbacks,
-    )  # fmt: skip
+        accelerator=cfg.accelerator,
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        callbacks=callbacks,
+    )
     trainer.fit(_Minimal(dm), datamodule=dm)
 
 
@@ -275,8 +297,11 @@ def profile_fit(cfg: BenchConfig, arch: str, bs: int, variant: str = "defaults",
                 profiler.disable()
 
     with tempfile.TemporaryDirectory() as out, _flush_denormal():
-        cli = build_fit(overrides=_overhead_args(cfg, arch, bs, warmup + steps + 1, Path(out), variant),
-                        checkpoints=True, callbacks=[_Profile()])
+        cli = build_fit(
+            overrides=_overhead_args(cfg, arch, bs, warmup + steps + 1, Path(out), variant),
+            checkpoints=True,
+            callbacks=[_Profile()],
+        )
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for (path, _, name), (_, calls, own, _, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
@@ -284,7 +309,9 @@ def profile_fit(cfg: BenchConfig, arch: str, bs: int, variant: str = "defaults",
             group = "C++ (tensor operations and other built-ins)"
         else:
             path = path.replace("\\", "/")
-            group = next((label for key, label in PROFILE_GROUPS if key in path), "other Python (standard library, ...)")
+            group = next(
+                (label for key, label in PROFILE_GROUPS if key in path), "other Python (standard library, ...)"
+            )
         groups[group][0] += calls
         groups[group][1] += own
     total = sum(own for _, own in groups.values())
@@ -293,10 +320,13 @@ def profile_fit(cfg: BenchConfig, arch: str, bs: int, variant: str = "defaults",
         "steps": steps,
         "note": "cProfile's own time by file; it inflates Python time, so read the shares",
         "groups": {
-            g: {"calls_per_step": round(c / steps, 1), "profiled_ms_per_step": round(1e3 * t / steps, 3),
-                "share": round(t / total, 4)}
+            g: {
+                "calls_per_step": round(c / steps, 1),
+                "profiled_ms_per_step": round(1e3 * t / steps, 3),
+                "share": round(t / total, 4),
+            }
             for g, (c, t) in sorted(groups.items(), key=lambda kv: -kv[1][1])
-        },  # fmt: skip
+        },
     }
 
 
@@ -345,7 +375,9 @@ def bench_overhead(cfg: BenchConfig) -> dict[str, Any]:
     # so the standard error is that of the fits' means (over repeats), when there are several.
     n = cfg.timed_steps
     for v, p in pairs.items():
-        fits = [1e3 * (np.mean(p["fit"][i : i + n]) - np.mean(p["bare"][i : i + n])) for i in range(0, len(p["fit"]), n)]
+        fits = [
+            1e3 * (np.mean(p["fit"][i : i + n]) - np.mean(p["bare"][i : i + n])) for i in range(0, len(p["fit"]), n)
+        ]
         stats[v]["fit_means_ms"] = [round(float(f), 3) for f in fits]
         if len(fits) > 1:
             stats[v]["se_ms"] = max(stats[v]["se_ms"], float(np.std(fits, ddof=1) / np.sqrt(len(fits))))
@@ -362,8 +394,10 @@ def bench_overhead(cfg: BenchConfig) -> dict[str, Any]:
         "batch_size": bs,
         "device": str(device),
         "method": "one bare-loop step inside each Trainer.fit step; mean over all pairs of (fit step - bare step)",
-        "met": bool(stats["defaults"]["ratio"] >= target["ratio"]
-                    and (target.get("framework_ms") is None or ms["defaults"] <= target["framework_ms"])),  # fmt: skip
+        "met": bool(
+            stats["defaults"]["ratio"] >= target["ratio"]
+            and (target.get("framework_ms") is None or ms["defaults"] <= target["framework_ms"])
+        ),
         "ordered": bool(ordered),
         "variants": OVERHEAD_VARIANTS,
         "timed_steps": cfg.timed_steps,
@@ -373,8 +407,10 @@ def bench_overhead(cfg: BenchConfig) -> dict[str, Any]:
         "bare_step_ms": round(1e3 * bare_step, 3),
         # Paired: the bare step plus each variant's framework time (the fits ran at different
         # times, so their own step times also carry the machine's drift).
-        "paired_steps_per_s": {"bare_loop": round(1 / bare_step, 2),
-                        **{v: round(1e3 / (1e3 * bare_step + ms[v]), 2) for v in pairs}},  # fmt: skip
+        "paired_steps_per_s": {
+            "bare_loop": round(1 / bare_step, 2),
+            **{v: round(1e3 / (1e3 * bare_step + ms[v]), 2) for v in pairs},
+        },
         "framework_ms_per_step": {v: round(x, 3) for v, x in ms.items()},
         "framework_ms_standard_error": {v: round(s["se_ms"], 3) for v, s in stats.items()},
         "framework_ms_median": {v: round(s["median_ms"], 3) for v, s in stats.items()},
@@ -390,7 +426,9 @@ def bench_overhead(cfg: BenchConfig) -> dict[str, Any]:
         # CLI's callbacks and logger.
         "ours_ms_per_step": round(ms["defaults"] - ms["lightning_floor"], 3),
         "target_ours_ms": target.get("ours_ms"),
-        "ours_met": None if target.get("ours_ms") is None else bool(ms["defaults"] - ms["lightning_floor"] <= target["ours_ms"]),
+        "ours_met": None
+        if target.get("ours_ms") is None
+        else bool(ms["defaults"] - ms["lightning_floor"] <= target["ours_ms"]),
         # Whether the target lies under what Lightning's loop costs a stock module that does
         # nothing but the step.
         "target_below_lightning_floor": bool(

@@ -11,14 +11,18 @@ import torch
 
 from benchmarks.bench_memory import MEMORY_RUNS
 
-
 #: What each ratio should reach. Reported next to the measurement, never asserted.
 TARGETS: dict[str, dict[str, Any]] = {
     "data": {"speedup": 20.0, "where": "2-core CPU"},
     # Framework time must not show on a short step: at most 0.3 ms a step (simple_cnn, batch 32:
     # the bare step's time is in the results as bare_step_ms).
     # ours_ms: what this package adds above a stock LightningModule in Lightning's own loop.
-    "overhead_cpu": {"ratio": 0.95, "framework_ms": 0.3, "ours_ms": 0.25, "where": "CPU, simple_cnn, batch 32 (short steps)"},
+    "overhead_cpu": {
+        "ratio": 0.95,
+        "framework_ms": 0.3,
+        "ours_ms": 0.25,
+        "where": "CPU, simple_cnn, batch 32 (short steps)",
+    },
     "overhead_gpu": {"ratio": 0.90, "where": "GPU, fastnet, batch 1024"},
     # The tensor loader's trivialaugment is never the bottleneck: at least 5x the images/s that
     # resnet20 trains at, and at least 10x torchvision's per-image policy in 2 workers.
@@ -70,15 +74,30 @@ class BenchConfig:
     def quick_config(cls, **kw: Any) -> "BenchConfig":
         """Seconds-long settings on a synthetic image folder (``data_dir`` is replaced)."""
         defaults = dict(
-            quick=True, val_size=16, data_batch_size=32, baseline_batches=4, overhead_arch="simple_cnn",
-            overhead_batch_size=16, warmup_steps=1, timed_steps=3, repeats=1, memory_steps=3,
-            tricks_batch_size=16, tricks_warmup=1, tricks_steps=2, tricks_rounds=1, layout_batch_size=4, layout_rounds=4,
+            quick=True,
+            val_size=16,
+            data_batch_size=32,
+            baseline_batches=4,
+            overhead_arch="simple_cnn",
+            overhead_batch_size=16,
+            warmup_steps=1,
+            timed_steps=3,
+            repeats=1,
+            memory_steps=3,
+            tricks_batch_size=16,
+            tricks_warmup=1,
+            tricks_steps=2,
+            tricks_rounds=1,
+            layout_batch_size=4,
+            layout_rounds=4,
             memory_loaders=["torchvision_2_workers", "torchvision_0_workers"],
             fit_overrides=[
-                "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--data.batch_size=32",
+                "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=3",
+                "--data.batch_size=32",
                 '--model.arch_kwargs={"widths": [16, 32, 32]}',
             ],
-        )  # fmt: skip
+        )
         defaults.update(kw)
         return cls(**defaults)
 
@@ -97,8 +116,6 @@ def _device(accelerator: str) -> torch.device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
 
 
 def _datamodule(cfg: BenchConfig, **kw: Any):
@@ -159,9 +176,14 @@ def bench_data(cfg: BenchConfig) -> dict[str, Any]:
     ours_pil = _images_per_second(pil_dm.train_dataloader(), cfg.baseline_batches, torch.device("cpu"), prefetched)
 
     # The tutorial way: decode every JPEG/PNG with PIL every epoch.
-    tf = T.Compose([
-        T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD),
-    ])  # fmt: skip
+    tf = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        ]
+    )
     folder = torchvision.datasets.ImageFolder(str(tensor_dm.source.root / "train"), transform=tf)
     baseline_loader = DataLoader(folder, batch_size=bs, shuffle=True, num_workers=2)
     baseline = _images_per_second(baseline_loader, cfg.baseline_batches, torch.device("cpu"), prefetched)
@@ -231,6 +253,8 @@ def bench_presets(cfg: BenchConfig, device: torch.device, standard_tensor: float
         "resnet20_training_images_per_s": round(training, 1),
         "policy_over_resnet20_training": round(over_training, 2),
         "policy_over_per_image": rows[preset]["tensor_over_per_image"],
-        "met": bool(over_training >= TARGETS["policies"]["over_resnet20_training"]
-                    and rows[preset]["tensor_over_per_image"] >= TARGETS["policies"]["over_per_image_2_workers"]),
+        "met": bool(
+            over_training >= TARGETS["policies"]["over_resnet20_training"]
+            and rows[preset]["tensor_over_per_image"] >= TARGETS["policies"]["over_per_image_2_workers"]
+        ),
     }

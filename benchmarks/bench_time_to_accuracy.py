@@ -212,16 +212,31 @@ def merge_results(paths: list[str | Path]) -> dict[str, Any]:
             seen.add((run["runner"], run["seed"]))
         runs += section["runs"]
         config = result.get("config") or {}
-        sources.append({
-            "file": describe_path(path), "provenance": result["provenance"], "complete": result["meta"]["complete"],
-            "runners": section["runners"], "seeds": section["seeds"], "order": section.get("order"),
-            "device": section.get("device"), "quick": result["meta"].get("quick", False),
-            # "tta_overrides": the same list, as files written before the section's rename call it.
-            "fit_overrides": config.get("fit_overrides", config.get("tta_overrides", [])),
-        })  # fmt: skip
+        sources.append(
+            {
+                "file": describe_path(path),
+                "provenance": result["provenance"],
+                "complete": result["meta"]["complete"],
+                "runners": section["runners"],
+                "seeds": section["seeds"],
+                "order": section.get("order"),
+                "device": section.get("device"),
+                "quick": result["meta"].get("quick", False),
+                # "tta_overrides": the same list, as files written before the section's rename call it.
+                "fit_overrides": config.get("fit_overrides", config.get("tta_overrides", [])),
+            }
+        )
     # One comparison: the same runners, data copy, device, and settings in every file.
-    compared = [{"runners": sorted(s["runners"]), "data": s["provenance"].get("data"), "device": s["device"],
-                 "quick": s["quick"], "fit_overrides": s["fit_overrides"]} for s in sources]  # fmt: skip
+    compared = [
+        {
+            "runners": sorted(s["runners"]),
+            "data": s["provenance"].get("data"),
+            "device": s["device"],
+            "quick": s["quick"],
+            "fit_overrides": s["fit_overrides"],
+        }
+        for s in sources
+    ]
     for field in compared[0]:
         values = [c[field] for c in compared]
         if any(v != values[0] for v in values):
@@ -230,13 +245,19 @@ def merge_results(paths: list[str | Path]) -> dict[str, Any]:
     # The merge's own command and commit; machine and load are each source's (under sources).
     for key in [k for k in prov if k.startswith("load_average")]:
         prov[key] = None
-    prov |= {"data": sources[0]["provenance"].get("data"),
-             "machine_busy": any(s["provenance"].get("machine_busy") for s in sources)}  # fmt: skip
+    prov |= {
+        "data": sources[0]["provenance"].get("data"),
+        "machine_busy": any(s["provenance"].get("machine_busy") for s in sources),
+    }
     runs.sort(key=lambda r: r["seed"])  # within a seed the order each file ran them in
     return {
         "provenance": prov,
-        "meta": {"merged": True, "quick": sources[0]["quick"], "sections": ["time_to_accuracy"],
-                 "complete": all(s["complete"] for s in sources)},  # fmt: skip
+        "meta": {
+            "merged": True,
+            "quick": sources[0]["quick"],
+            "sections": ["time_to_accuracy"],
+            "complete": all(s["complete"] for s in sources),
+        },
         "sources": sources,
         "time_to_accuracy": {
             "runners": sources[0]["runners"],

@@ -42,17 +42,25 @@ class BatchClock(Callback):
 def _trick_fit(cfg: BenchConfig, overrides: list[str], out: Path) -> dict[str, Any]:
     args = [
         *quiet_args(cfg.data_dir, out, seed=0, accelerator=None if cfg.accelerator == "auto" else cfg.accelerator),
-        f"--model.arch={cfg.tricks_arch}", "--data.loader=tensor", f"--data.batch_size={cfg.tricks_batch_size}",
-        f"--data.val_size={cfg.val_size}", "--trainer.max_epochs=1", "--trainer.limit_val_batches=0",
-        f"--trainer.limit_train_batches={cfg.tricks_warmup + cfg.tricks_steps}", "--trainer.enable_model_summary=false",
+        f"--model.arch={cfg.tricks_arch}",
+        "--data.loader=tensor",
+        f"--data.batch_size={cfg.tricks_batch_size}",
+        f"--data.val_size={cfg.val_size}",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=0",
+        f"--trainer.limit_train_batches={cfg.tricks_warmup + cfg.tricks_steps}",
+        "--trainer.enable_model_summary=false",
         *overrides,
-    ]  # fmt: skip
+    ]
     clock = BatchClock(cfg.tricks_warmup)
     cli = build_fit(overrides=args, callbacks=[clock])
     prepare(cli)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return {"images_per_s": round(clock.images / clock.seconds, 1), "images": clock.images,
-            "seconds": round(clock.seconds, 3)}  # fmt: skip
+    return {
+        "images_per_s": round(clock.images / clock.seconds, 1),
+        "images": clock.images,
+        "seconds": round(clock.seconds, 3),
+    }
 
 
 def mark_noise(rows: dict[str, dict[str, Any]]) -> None:
@@ -82,8 +90,16 @@ def bench_tricks(cfg: BenchConfig) -> dict[str, Any]:
         for r in range(cfg.tricks_rounds):
             for name, overrides in TRICKS.items():
                 runs[name].append(_trick_fit(cfg, overrides, Path(out) / f"{name}-{r}"))
-    rows = {name: max(rs, key=lambda row: row["images_per_s"]) | {"rounds_images_per_s": [x["images_per_s"] for x in rs]}
-            for name, rs in runs.items()}  # fmt: skip
+    rows = {
+        name: max(rs, key=lambda row: row["images_per_s"]) | {"rounds_images_per_s": [x["images_per_s"] for x in rs]}
+        for name, rs in runs.items()
+    }
     mark_noise(rows)
-    return {"arch": cfg.tricks_arch, "batch_size": cfg.tricks_batch_size, "timed_steps": cfg.tricks_steps,
-            "rounds": cfg.tricks_rounds, "overrides": TRICKS, "tricks": rows}  # fmt: skip
+    return {
+        "arch": cfg.tricks_arch,
+        "batch_size": cfg.tricks_batch_size,
+        "timed_steps": cfg.tricks_steps,
+        "rounds": cfg.tricks_rounds,
+        "overrides": TRICKS,
+        "tricks": rows,
+    }

@@ -64,16 +64,21 @@ def build_fit(
     return cli
 
 
-def quiet_args(data_dir: str | Path, root_dir: str | Path, seed: int | None = None, accelerator: str | None = None) -> list[str]:
+def quiet_args(
+    data_dir: str | Path, root_dir: str | Path, seed: int | None = None, accelerator: str | None = None
+) -> list[str]:
     """The arguments a harness's fit starts from: its data, read as it is (no download), its
     scratch folder, no logger and no progress bar, and, when given, its seed and accelerator
     (one device)."""
     return [
-        f"--data.data_dir={data_dir}", "--data.download=false", f"--trainer.default_root_dir={root_dir}",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        f"--data.data_dir={data_dir}",
+        "--data.download=false",
+        f"--trainer.default_root_dir={root_dir}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
         *([f"--seed_everything={seed}"] if seed is not None else []),
         *([f"--trainer.accelerator={accelerator}", "--trainer.devices=1"] if accelerator else []),
-    ]  # fmt: skip
+    ]
 
 
 def prepare(cli: CifarCLI) -> None:

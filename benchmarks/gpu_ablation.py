@@ -18,7 +18,6 @@ import time
 from benchmarks.fitting import TRICKS
 from benchmarks.gpu_sections import Context, timed_fit
 
-
 #: Epochs of each ablation run (resnet18_fast's schedule laid over them).
 ABLATION_EPOCHS = 4
 
@@ -38,8 +37,12 @@ def section_ablation(ctx: Context) -> None:
     short = [f"--trainer.max_epochs={ABLATION_EPOCHS}", f"--trainer.check_val_every_n_epoch={ABLATION_EPOCHS}"]
     res.update(epochs=ABLATION_EPOCHS, recipe=config.name, overrides={k: [*short, *v] for k, v in VARIANTS.items()})
     if ctx.cuda:  # cuDNN autotuning off the clock
-        res["warmup"] = timed_fit(ctx, config, 0, ["--trainer.max_epochs=1", "--trainer.limit_train_batches=10",
-                                                   "--trainer.limit_test_batches=2"])  # fmt: skip
+        res["warmup"] = timed_fit(
+            ctx,
+            config,
+            0,
+            ["--trainer.max_epochs=1", "--trainer.limit_train_batches=10", "--trainer.limit_test_batches=2"],
+        )
     variants = {k: v for k, v in VARIANTS.items() if not ctx.quick or k in QUICK_VARIANTS}
     runs: dict[str, list] = {name: [] for name in variants}
     res["runs"], res["baseline"], last = runs, "standard", dict.fromkeys(variants, 0.0)

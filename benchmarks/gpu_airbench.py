@@ -82,8 +82,12 @@ def airbench_run(ctx: Context, name: str, seed: int) -> dict[str, Any]:
         torch.cuda.synchronize()
         wall = time.perf_counter() - wall
         print(printed.getvalue(), end="", flush=True)  # its table, into the log
-        result = {"seed": seed, "wall_seconds": round(wall, 2), "precision": "fp16 (airbench's own .half())",
-                  "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)} | parse_airbench_table(printed.getvalue())  # fmt: skip
+        result = {
+            "seed": seed,
+            "wall_seconds": round(wall, 2),
+            "precision": "fp16 (airbench's own .half())",
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        } | parse_airbench_table(printed.getvalue())
         if seed >= 0:
             test = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
             result["tta_acc"] = round(airbench.evaluate(net, test, tta_level=2), 5)

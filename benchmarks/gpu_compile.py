@@ -52,10 +52,18 @@ def compiled_fit(ctx: Context, arch: str, data: Path, backend: str) -> dict[str,
     start = time.perf_counter()
     model = ClassifierModule(arch=arch, num_classes=3, channels_last=True, compile=True, compile_backend=backend)
     dm = CIFAR10DataModule(str(data), download=False, val_size=6, batch_size=8, num_workers=0, loader="tensor")
-    trainer = pl.Trainer(accelerator="gpu" if ctx.cuda else "cpu", devices=1, precision=mixed_precision(),
-                         benchmark=ctx.cuda, fast_dev_run=True, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=str(ctx.work_dir))  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="gpu" if ctx.cuda else "cpu",
+        devices=1,
+        precision=mixed_precision(),
+        benchmark=ctx.cuda,
+        fast_dev_run=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(ctx.work_dir),
+    )
     trainer.fit(model, datamodule=dm)
     if ctx.cuda:
         torch.cuda.synchronize()
@@ -88,12 +96,20 @@ def section_compile_sweep(ctx: Context) -> None:
     data = write_image_folder(ctx.work_dir / "tiny", n_train=12, n_test=4)
     networks: dict[str, dict] = {}
     res = ctx.results
-    res.update(backend=backend, order=order, networks=networks, precision=mixed_precision(), channels_last=True,
-               run="fast_dev_run: one training and one validation step, batch 8")  # fmt: skip
+    res.update(
+        backend=backend,
+        order=order,
+        networks=networks,
+        precision=mixed_precision(),
+        channels_last=True,
+        run="fast_dev_run: one training and one validation step, batch 8",
+    )
     earlier = _earlier_networks(ctx)
     expected = FIRST_GUESS["gpu" if ctx.cuda else "cpu"]
-    ctx.command(f"ClassifierModule(arch=..., compile=True, compile_backend={backend!r}, channels_last=True); "
-                f"Trainer(fast_dev_run=True, precision={mixed_precision()!r}) for each network in turn")  # fmt: skip
+    ctx.command(
+        f"ClassifierModule(arch=..., compile=True, compile_backend={backend!r}, channels_last=True); "
+        f"Trainer(fast_dev_run=True, precision={mixed_precision()!r}) for each network in turn"
+    )
     for arch in order:
         if arch in earlier:
             networks[arch] = earlier[arch] | {"earlier_run": True}
@@ -104,8 +120,11 @@ def section_compile_sweep(ctx: Context) -> None:
             networks[arch] = {"status": "compiled", **compiled_fit(ctx, arch, data, backend)}
             expected = max(expected, networks[arch]["seconds"])
         except Exception as err:
-            networks[arch] = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:1000],
-                              "traceback": traceback.format_exc()[-2000:]}  # fmt: skip
+            networks[arch] = {
+                "status": "failed",
+                "error": f"{type(err).__name__}: {err}"[:1000],
+                "traceback": traceback.format_exc()[-2000:],
+            }
             torch._dynamo.reset()
         print(f"{arch}: {networks[arch]['status']} " + str(networks[arch].get("seconds", "")), flush=True)
         ctx.save()
@@ -116,5 +135,8 @@ def section_compile_sweep(ctx: Context) -> None:
         raise RuntimeError(f"{len(failed)} network(s) failed compiled with {backend}: {', '.join(failed)}")
     if res["not_reached"]:
         missed = len(res["not_reached"])
-        ctx.outcome("incomplete", f"{len(order) - missed} of {len(order)} networks compiled within the section's "
-                                  f"budget, {missed} not reached (--skip-done takes them up)")  # fmt: skip
+        ctx.outcome(
+            "incomplete",
+            f"{len(order) - missed} of {len(order)} networks compiled within the section's "
+            f"budget, {missed} not reached (--skip-done takes them up)",
+        )

@@ -55,9 +55,18 @@ from typing import Any
 
 from benchmarks import REPO, child_env
 from benchmarks.gpu_plan import (
-    DEFAULT_BUDGET, DEFAULT_SECTIONS, PREPARE_SECONDS, QUICK_PREPARE_SECONDS, SECTIONS, cuda_missing, describe,
-    make_plan, refusal, section_costs, target,
-)  # fmt: skip
+    DEFAULT_BUDGET,
+    DEFAULT_SECTIONS,
+    PREPARE_SECONDS,
+    QUICK_PREPARE_SECONDS,
+    SECTIONS,
+    cuda_missing,
+    describe,
+    make_plan,
+    refusal,
+    section_costs,
+    target,
+)
 from cifar_lightning.errors import UserError
 
 LOG_NAME, SUMMARY_NAME = "gpu_evidence.log", "summary.json"
@@ -93,9 +102,13 @@ def machine() -> dict[str, Any]:
     prov = finish(provenance())  # when the run started, and the load then
     m = prov["machine"]
     info: dict[str, Any] = {
-        "cpu": m["cpu"], "cpu_cores": m["cpu_cores"], "cpu_flags": m["cpu_flags"],
-        "gpu": m["gpu"]["name"] if m["gpu"] else None, **prov["versions"], "provenance": prov,
-    }  # fmt: skip
+        "cpu": m["cpu"],
+        "cpu_cores": m["cpu_cores"],
+        "cpu_flags": m["cpu_flags"],
+        "gpu": m["gpu"]["name"] if m["gpu"] else None,
+        **prov["versions"],
+        "provenance": prov,
+    }
     for name in ("jsonargparse",):
         try:
             info[name] = importlib.metadata.version(name)
@@ -104,8 +117,11 @@ def machine() -> dict[str, Any]:
     info["cuda"] = torch.version.cuda
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu_memory_gib=round(props.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count(),
-                    cudnn=torch.backends.cudnn.version())  # fmt: skip
+        info.update(
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_count=torch.cuda.device_count(),
+            cudnn=torch.backends.cudnn.version(),
+        )
     return info
 
 
@@ -127,8 +143,10 @@ def compare(runs: dict[str, list[dict[str, Any]]], baseline: str | None) -> dict
     """Per system: TTA accuracy, training and wall seconds (mean, std, n); ratios to ``baseline``."""
     out: dict[str, Any] = {}
     for name, rs in runs.items():
-        out[name] = {key: stats([r[key] for r in rs if r.get(key) is not None], digits)
-                     for key, digits in (("tta_acc", 5), ("train_seconds", 3), ("wall_seconds", 2))}  # fmt: skip
+        out[name] = {
+            key: stats([r[key] for r in rs if r.get(key) is not None], digits)
+            for key, digits in (("tta_acc", 5), ("train_seconds", 3), ("wall_seconds", 2))
+        }
     base = out.get(baseline)
     for name, s in out.items():
         if name == baseline or not base or not base["train_seconds"]["mean"] or s["train_seconds"]["mean"] is None:
@@ -157,29 +175,43 @@ def headline(results: dict[str, Any]) -> list[str]:
     if "pytest" in results:
         t = results["pytest"]
         counts = f"{t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('skipped', 0)} skipped"
-        lines.append(f"pytest -m gpu: {counts}" if "tests" in t else f"pytest -m gpu: no report (exit {t['exit_code']})")
+        lines.append(
+            f"pytest -m gpu: {counts}" if "tests" in t else f"pytest -m gpu: no report (exit {t['exit_code']})"
+        )
     if "compile" in results:
         c = results["compile"]
         why = c.get("skipped") or c.get("error")
-        lines.append(f"--model.compile {'true' if c.get('pays') else 'false'}" + (f" ({why})" if why else
-                     f": a step {c['eager_step_seconds']} s eager, {c['compiled_step_seconds']} s compiled, the "
-                     f"first compiled one {c['first_compiled_step_seconds']} s"))  # fmt: skip
+        lines.append(
+            f"--model.compile {'true' if c.get('pays') else 'false'}"
+            + (
+                f" ({why})"
+                if why
+                else f": a step {c['eager_step_seconds']} s eager, {c['compiled_step_seconds']} s compiled, the "
+                f"first compiled one {c['first_compiled_step_seconds']} s"
+            )
+        )
     if "networks" in results:
         nets = results["networks"]
         compiled = sum(r["status"] == "compiled" for r in nets.values())
         failed = [n for n, r in nets.items() if r["status"] == "failed"]
         missed = results.get("not_reached")
-        lines.append(f"compile sweep ({results['backend']}): {compiled} of {len(results['order'])} networks compiled"
-                     + (f", failed: {', '.join(failed)}" if failed else "")
-                     + (f", not reached: {', '.join(missed)}" if missed else ""))  # fmt: skip
+        lines.append(
+            f"compile sweep ({results['backend']}): {compiled} of {len(results['order'])} networks compiled"
+            + (f", failed: {', '.join(failed)}" if failed else "")
+            + (f", not reached: {', '.join(missed)}" if missed else "")
+        )
     if "overhead" in results:
         o = results["overhead"]
-        lines.append(f"overhead: Trainer.fit / bare loop {o['ratio']:.3f} ({o['arch']}, batch {o['batch_size']}, "
-                     f"{o['device']}; target >= {o['target_ratio']})")  # fmt: skip
+        lines.append(
+            f"overhead: Trainer.fit / bare loop {o['ratio']:.3f} ({o['arch']}, batch {o['batch_size']}, "
+            f"{o['device']}; target >= {o['target_ratio']})"
+        )
     if "data" in results:
         d, w = results["data"], results.get("data_all_cores")
-        line = (f"data: tensor loader {d['tensor_loader']['images_per_s']:,.0f} img/s ({d['device']}), "
-                f"x{d['speedup']:.1f} ImageFolder+PIL with 2 workers")  # fmt: skip
+        line = (
+            f"data: tensor loader {d['tensor_loader']['images_per_s']:,.0f} img/s ({d['device']}), "
+            f"x{d['speedup']:.1f} ImageFolder+PIL with 2 workers"
+        )
         lines.append(line + (f", x{w['speedup']:.1f} with {w['workers']} workers" if w else ""))
     for name in ("resnet20_paper", "resnet34_tutorial", "mynet_tutorial"):
         if name in results and "test_acc" in results[name]:
@@ -242,17 +274,39 @@ def run_section(
     --quick the section expects CUDA; ``earlier`` is its record from the --skip-done folder."""
     work, result = scratch / name, scratch / f"{name}.result.json"
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "benchmarks.gpu_evidence", "--section", name, "--data-dir", data_dir,
-           "--work-dir", str(work), "--result", str(result), "--deadline", f"{time.time() + target:.1f}",
-           "--configs", str(Path(a.configs).resolve()), *(["--quick"] if a.quick else ["--expect-cuda"]),
-           *([f"--earlier={earlier.resolve()}"] if earlier is not None else []),
-           *[f"--extra={e}" for e in a.extra_by_section.get(name, [])]]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_evidence",
+        "--section",
+        name,
+        "--data-dir",
+        data_dir,
+        "--work-dir",
+        str(work),
+        "--result",
+        str(result),
+        "--deadline",
+        f"{time.time() + target:.1f}",
+        "--configs",
+        str(Path(a.configs).resolve()),
+        *(["--quick"] if a.quick else ["--expect-cuda"]),
+        *([f"--earlier={earlier.resolve()}"] if earlier is not None else []),
+        *[f"--extra={e}" for e in a.extra_by_section.get(name, [])],
+    ]
     log(f"== {name}: aiming at {target:.0f} s, stopped at {timeout:.0f} s")
     log("+ " + shlex.join(cmd))
     env = child_env(PYTHONUNBUFFERED="1", TMPDIR=str(work))
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     tail: deque[str] = deque(maxlen=TAIL_LINES)
 
     def pump() -> None:
@@ -277,10 +331,17 @@ def run_section(
     # A section that ended well may say it did less: "skipped" (it ran nothing: pytest -m gpu
     # without CUDA) or "incomplete" (the compile sweep's budget ended first), with the reason.
     outcome = record.get("outcome") if status == "ok" else None
-    entry = {"status": outcome["status"] if outcome else status, "seconds": round(time.monotonic() - start, 1),
-             "target_seconds": round(target, 1), "timeout_seconds": round(timeout, 1), "exit_code": code,
-             "command": shlex.join(cmd), "machine": record.get("machine"), "commands": record.get("commands", []),
-             "results": record.get("results", {})}  # fmt: skip
+    entry = {
+        "status": outcome["status"] if outcome else status,
+        "seconds": round(time.monotonic() - start, 1),
+        "target_seconds": round(target, 1),
+        "timeout_seconds": round(timeout, 1),
+        "exit_code": code,
+        "command": shlex.join(cmd),
+        "machine": record.get("machine"),
+        "commands": record.get("commands", []),
+        "results": record.get("results", {}),
+    }
     if outcome:
         entry["reason"] = outcome["reason"]
     if status != "ok":
@@ -306,8 +367,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--data-dir", required=True, help="the CIFAR-10 image folder (or archive); ignored with --quick")
     p.add_argument("--output-dir", required=True, help="where the JSON files and the log go (flat)")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
-                   help=f"seconds the command may take (default {DEFAULT_BUDGET:.0f}: one command of ~8 minutes)")  # fmt: skip
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET,
+        help=f"seconds the command may take (default {DEFAULT_BUDGET:.0f}: one command of ~8 minutes)",
+    )
     p.add_argument("--skip-done", metavar="DIR", help="skip the sections whose JSON in DIR has status ok")
     p.add_argument("--quick", action="store_true", help="every section on the CPU with tiny synthetic data")
     p.add_argument("--configs", default=str(REPO / "configs"), help="the recipes folder (default: this clone's)")
@@ -319,13 +384,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SECTION=ARG",
         help="a CLI argument for every fit of SECTION, e.g. resnet18_fast=--trainer.max_epochs=20",
     )
-    p.add_argument("--cap", action="append", default=[], metavar="SECTION=SECONDS",
-                   help="another time cap for SECTION (its estimate and minimum at most that)")  # fmt: skip
+    p.add_argument(
+        "--cap",
+        action="append",
+        default=[],
+        metavar="SECTION=SECONDS",
+        help="another time cap for SECTION (its estimate and minimum at most that)",
+    )
     a = p.parse_args(argv)
     chosen = [s.strip() for s in a.sections.split(",")] if a.sections else list(DEFAULT_SECTIONS)
-    a.selected = list(SECTIONS) if chosen == ["all"] else [s for s in SECTIONS if s in chosen] + [
-        s for s in chosen if s not in SECTIONS
-    ]
+    a.selected = (
+        list(SECTIONS)
+        if chosen == ["all"]
+        else [s for s in SECTIONS if s in chosen] + [s for s in chosen if s not in SECTIONS]
+    )
     if unknown := [s for s in a.selected if s not in SECTIONS]:
         p.error(f"unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
     a.extra_by_section = _pairs(a.extra, "--extra")
@@ -380,8 +452,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / LOG_NAME)
-    summary: dict[str, Any] = {"budget_seconds": a.budget, "quick": a.quick,
-                               "argv": sys.argv[1:] if argv is None else argv, "plan": [asdict(row) for row in plan]}  # fmt: skip
+    summary: dict[str, Any] = {
+        "budget_seconds": a.budget,
+        "quick": a.quick,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "plan": [asdict(row) for row in plan],
+    }
     try:
         for line in plan_lines:
             log.file.write(line + "\n")  # printed above
@@ -398,15 +474,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 path, cost = out / _file(name), costs[name]
                 left = a.budget - (time.monotonic() - t0)
                 if left < cost.minimum:  # the earlier sections took longer than their estimates
-                    entry = {"status": "skipped", "reason": f"does not fit: needs at least {cost.minimum:.0f} s "
-                             f"(estimated), {max(left, 0):.0f} s of the budget left"}  # fmt: skip
+                    entry = {
+                        "status": "skipped",
+                        "reason": f"does not fit: needs at least {cost.minimum:.0f} s "
+                        f"(estimated), {max(left, 0):.0f} s of the budget left",
+                    }
                 else:
                     aim = target(cost, left, pending[k + 1 :], costs)
                     entry = run_section(name, data_dir, scratch, aim, min(left, cost.cap), a, log, recorded(name))
                     entry["machine"] = entry["machine"] or info
                     entry["headline"] = headline(entry["results"])
-                    base = {"section": name, "index": SECTIONS.index(name) + 1, "quick": a.quick,
-                            "cost": asdict(cost), "budget_left_seconds": round(left, 1), "machine": info}  # fmt: skip
+                    base = {
+                        "section": name,
+                        "index": SECTIONS.index(name) + 1,
+                        "quick": a.quick,
+                        "cost": asdict(cost),
+                        "budget_left_seconds": round(left, 1),
+                        "machine": info,
+                    }
                     _write(path, base | entry)
                 keys = ("status", "seconds", "reason", "error", "exit_code", "headline")
                 ran = "seconds" in entry
@@ -419,14 +504,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 _write(out / SUMMARY_NAME, summary)
         # The sections the plan left out are in the summary, in their place, with no file of their own.
         left_out = {"status": "skipped", "file": None}
-        summary["sections"] = {row.section: summary["sections"].get(row.section) or left_out | {"reason": row.reason}
-                               for row in plan}  # fmt: skip
+        summary["sections"] = {
+            row.section: summary["sections"].get(row.section) or left_out | {"reason": row.reason} for row in plan
+        }
         skipped = [(n, s) for n, s in summary["sections"].items() if s["status"] == "skipped"]
         summary["skipped"] = [{"section": n, "reason": s["reason"]} for n, s in skipped]
         summary["used_seconds"] = round(time.monotonic() - t0, 1)
         _write(out / SUMMARY_NAME, summary)
-        log(f"== done in {summary['used_seconds']:.0f} s of {a.budget:.0f}: "
-            + ", ".join(f"{n} {s['status']}" for n, s in summary["sections"].items()))  # fmt: skip
+        log(
+            f"== done in {summary['used_seconds']:.0f} s of {a.budget:.0f}: "
+            + ", ".join(f"{n} {s['status']}" for n, s in summary["sections"].items())
+        )
     finally:
         log.close()
     return summary
@@ -466,15 +554,27 @@ def section_main(argv: list[str] | None = None) -> None:
     p.add_argument("--earlier", type=Path, help="this section's record from an earlier run (--skip-done)")
     a = p.parse_args(argv)
     a.work_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(a.section, a.data_dir, a.work_dir.resolve(), a.result, a.deadline, a.quick, a.extra, a.configs,
-                  expect_cuda=a.expect_cuda, earlier=a.earlier)  # fmt: skip
+    ctx = Context(
+        a.section,
+        a.data_dir,
+        a.work_dir.resolve(),
+        a.result,
+        a.deadline,
+        a.quick,
+        a.extra,
+        a.configs,
+        expect_cuda=a.expect_cuda,
+        earlier=a.earlier,
+    )
     ctx.record["machine"] = machine()
     ctx.save()
     try:
         if ctx.expect_cuda and not ctx.cuda:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-            raise RuntimeError("CUDA was expected (the command runs without --quick), but this section's process "
-                               f"sees no CUDA device (CUDA_VISIBLE_DEVICES={visible})")  # fmt: skip
+            raise RuntimeError(
+                "CUDA was expected (the command runs without --quick), but this section's process "
+                f"sees no CUDA device (CUDA_VISIBLE_DEVICES={visible})"
+            )
         functions[a.section](ctx)
     except BaseException as err:
         ctx.record["error"] = f"{type(err).__name__}: {err}"

@@ -130,8 +130,14 @@ def make_plan(
     for k, name in enumerate(todo):
         cost, left = costs[name], budget - clock
         if left < cost.minimum:
-            rows.append(Planned(name, cost, reason=f"does not fit: needs at least {cost.minimum:.0f} s, "
-                                                   f"{max(left, 0):.0f} s of the budget left"))  # fmt: skip
+            rows.append(
+                Planned(
+                    name,
+                    cost,
+                    reason=f"does not fit: needs at least {cost.minimum:.0f} s, "
+                    f"{max(left, 0):.0f} s of the budget left",
+                )
+            )
             continue
         seconds = target(cost, left, todo[k + 1 :], costs)
         clock += seconds
@@ -147,19 +153,25 @@ def refusal(plan: list[Planned], budget: float, prepare: float) -> str | None:
     short = [row.section for row in todo if row.reason is not None]
     if short:
         need = prepare + sum(row.cost.minimum for row in todo)
-        return (f"the plan does not fit the budget of {budget:.0f} s: {', '.join(short)} would not run. Its "
-                f"{len(todo)} sections need at least {need:.0f} s (preparation {prepare:.0f} s and each section's "
-                f"minimum): pass --budget {need:.0f} or more, or fewer --sections.")  # fmt: skip
+        return (
+            f"the plan does not fit the budget of {budget:.0f} s: {', '.join(short)} would not run. Its "
+            f"{len(todo)} sections need at least {need:.0f} s (preparation {prepare:.0f} s and each section's "
+            f"minimum): pass --budget {need:.0f} or more, or fewer --sections."
+        )
     if len(todo) > MAX_SECTIONS_A_RUN:
-        return (f"{len(todo)} sections in one run: the output folder brings back at most 8 files, "
-                f"{MAX_SECTIONS_A_RUN} sections and the summary and log. Pass fewer --sections, and run "
-                "the others later with --skip-done.")  # fmt: skip
+        return (
+            f"{len(todo)} sections in one run: the output folder brings back at most 8 files, "
+            f"{MAX_SECTIONS_A_RUN} sections and the summary and log. Pass fewer --sections, and run "
+            "the others later with --skip-done."
+        )
     return None
 
 
 def describe(plan: list[Planned], budget: float, prepare: float) -> list[str]:
     """The plan as printed before the run: one line per section, then the total."""
-    lines = [f"   {'prepare':<14} {prepare:>5.0f} s  ends at {prepare:>4.0f} s  (imports, the machine, the data decoded)"]
+    lines = [
+        f"   {'prepare':<14} {prepare:>5.0f} s  ends at {prepare:>4.0f} s  (imports, the machine, the data decoded)"
+    ]
     for row in plan:
         c = row.cost
         costs = f"(minimum {c.minimum:.0f}, estimate {c.estimate:.0f}, cap {c.cap:.0f})"
@@ -179,7 +191,9 @@ def cuda_missing() -> str | None:
     if torch.cuda.is_available():
         return None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
-    return (f"no CUDA device is visible to this process (torch {torch.__version__}, built for CUDA "
-            f"{torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES={visible}): the GPU command measures a GPU. "
-            "Check nvidia-smi and the torch build, or pass --quick to run its sections on the CPU with tiny "
-            "synthetic data.")  # fmt: skip
+    return (
+        f"no CUDA device is visible to this process (torch {torch.__version__}, built for CUDA "
+        f"{torch.version.cuda or 'none'}; CUDA_VISIBLE_DEVICES={visible}): the GPU command measures a GPU. "
+        "Check nvidia-smi and the torch build, or pass --quick to run its sections on the CPU with tiny "
+        "synthetic data."
+    )

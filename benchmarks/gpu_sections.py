@@ -24,7 +24,11 @@ import torch
 
 from benchmarks import REPO
 from benchmarks.gpu_airbench import (  # noqa: F401 (part of this module's interface)
-    _free_memory, airbench_data, airbench_run, airbench_unavailable, parse_airbench_table,
+    _free_memory,
+    airbench_data,
+    airbench_run,
+    airbench_unavailable,
+    parse_airbench_table,
 )
 
 
@@ -40,13 +44,23 @@ def fast_path() -> list[str]:
     """Every fit of ours on a GPU takes the fast path: mixed precision, cuDNN autotuning (set
     explicitly, as it is for airbench), NHWC, batches made on the GPU by the tensor loader. On a
     CPU (``--quick``) the same flags run, so their code paths are exercised there."""
-    return [f"--trainer.precision={mixed_precision()}", "--trainer.benchmark=true", "--model.channels_last=true",
-            "--data.loader=tensor"]  # fmt: skip
+    return [
+        f"--trainer.precision={mixed_precision()}",
+        "--trainer.benchmark=true",
+        "--model.channels_last=true",
+        "--data.loader=tensor",
+    ]
 
 
 #: ``--quick``: two steps of tiny batches, one batch of each evaluation, on the CPU.
-QUICK_FIT = ["--trainer.max_epochs=1", "--trainer.max_steps=2", "--trainer.limit_train_batches=2",
-             "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--data.batch_size=4"]  # fmt: skip
+QUICK_FIT = [
+    "--trainer.max_epochs=1",
+    "--trainer.max_steps=2",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--data.batch_size=4",
+]
 
 #: The recipes set beside airbench94, trained on all 50,000 images as airbench trains. fastnet
 #: keeps its own 484 steps of 1,024 (11 epochs of 45k; 9.9 epochs of 50k like airbench94's 476
@@ -197,7 +211,9 @@ def timed_fit(ctx: Context, config: Path, seed: int, overrides: list[str]) -> di
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as out:
         accelerator = "gpu" if ctx.cuda else "cpu"
         args = [*quiet_args(ctx.data_dir, out, seed, accelerator), "--data.val_size=0", *ctx.fit_args(overrides)]
-        ctx.command(f"python -m cifar_lightning fit --config={config} {shlex.join(args)}  # in-process, training steps timed")
+        ctx.command(
+            f"python -m cifar_lightning fit --config={config} {shlex.join(args)}  # in-process, training steps timed"
+        )
         clock = train_clock(ctx.device)
         cli = build_fit(config, args, callbacks=[clock])
         trainer, model, dm = cli.trainer, cli.model, cli.datamodule
@@ -207,13 +223,22 @@ def timed_fit(ctx: Context, config: Path, seed: int, overrides: list[str]) -> di
         fit_seconds = time.perf_counter() - start
         (metrics,) = trainer.test(model, datamodule=dm, verbose=False)
         seconds = clock.seconds()
-        result = {"seed": seed, "tta_acc": round(float(metrics["test/acc"]), 5), "tta": model.hparams.tta,
-                  "train_seconds": None if seconds is None else round(seconds, 3),
-                  "whiten_seconds": round(clock.whiten_seconds, 4), "precision": str(trainer.precision),
-                  "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "steps": trainer.global_step,
-                  "epochs": trainer.current_epoch, "fit_seconds": round(fit_seconds, 2),
-                  "wall_seconds": round(time.perf_counter() - wall, 2), "train_images": len(dm.train_set),
-                  "test_images": len(dm.test_set), "compile": bool(model.hparams.compile)}  # fmt: skip
+        result = {
+            "seed": seed,
+            "tta_acc": round(float(metrics["test/acc"]), 5),
+            "tta": model.hparams.tta,
+            "train_seconds": None if seconds is None else round(seconds, 3),
+            "whiten_seconds": round(clock.whiten_seconds, 4),
+            "precision": str(trainer.precision),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "steps": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "fit_seconds": round(fit_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - wall, 2),
+            "train_images": len(dm.train_set),
+            "test_images": len(dm.test_set),
+            "compile": bool(model.hparams.compile),
+        }
     del cli, trainer, model, dm
     _free_memory()
     print(f"{config.stem} seed {seed}: " + json.dumps(result), flush=True)
@@ -227,15 +252,36 @@ def fit_recipe(ctx: Context, config: Path, overrides: list[str]) -> dict[str, An
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as out:
         argv = [
-            "--config", str(config), "--data-dir", ctx.data_dir, "--no-download", "--seed", "0",
-            "--output-dir", out, "--accelerator", "gpu" if ctx.cuda else "cpu", "--devices", "1",
+            "--config",
+            str(config),
+            "--data-dir",
+            ctx.data_dir,
+            "--no-download",
+            "--seed",
+            "0",
+            "--output-dir",
+            out,
+            "--accelerator",
+            "gpu" if ctx.cuda else "cpu",
+            "--devices",
+            "1",
             *ctx.fit_args(overrides),
-        ]  # fmt: skip
+        ]
         ctx.command(shlex.join(["python", "scripts/fit.py", *argv]))
         report = fit_main(argv)
     _free_memory()
-    keep = ("test_acc", "test_loss", "fit_seconds", "test_seconds", "epochs", "global_step", "train_images",
-            "val_images", "test_images", "seed")  # fmt: skip
+    keep = (
+        "test_acc",
+        "test_loss",
+        "fit_seconds",
+        "test_seconds",
+        "epochs",
+        "global_step",
+        "train_images",
+        "val_images",
+        "test_images",
+        "seed",
+    )
     return {k: report.get(k) for k in keep} | {"wall_seconds": round(time.perf_counter() - wall, 2)}
 
 
@@ -289,11 +335,20 @@ def compile_check(ctx: Context, config: Path, batch: int, planned_images: int, c
     fast = seconds_per_step(compiled)
     saved = (eager - fast) / batch * planned_images
     pays = ctx.cuda and fast < 0.95 * eager and saved > compiles * first
-    return {"network": spec["arch"], "batch_size": batch, "backend": backend, "timed_steps": steps,
-            "eager_step_seconds": round(eager, 5), "compiled_step_seconds": round(fast, 5),
-            "first_compiled_step_seconds": round(first, 2), "planned_images": planned_images,
-            "seconds_saved_over_plan": round(saved, 2), "compilations": compiles, "pays": bool(pays),
-            "rule": "a compiled step >= 5% faster, and seconds saved > compilations x first compiled step"}  # fmt: skip
+    return {
+        "network": spec["arch"],
+        "batch_size": batch,
+        "backend": backend,
+        "timed_steps": steps,
+        "eager_step_seconds": round(eager, 5),
+        "compiled_step_seconds": round(fast, 5),
+        "first_compiled_step_seconds": round(first, 2),
+        "planned_images": planned_images,
+        "seconds_saved_over_plan": round(saved, 2),
+        "compilations": compiles,
+        "pays": bool(pays),
+        "rule": "a compiled step >= 5% faster, and seconds saved > compilations x first compiled step",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,8 +365,18 @@ def section_gpu_tests(ctx: Context) -> None:
     report = ctx.work_dir / "gpu_tests.xml"
     # tests/test_gpu.py holds the gpu tests; collecting only it keeps a module that imports a
     # package the GPU machine lacks (wandb) from failing the run.
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-           "tests/test_gpu.py"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={report}",
+        "tests/test_gpu.py",
+    ]
     ctx.command(shlex.join(["python", *cmd[1:-2], "--junitxml=<work>/gpu_tests.xml", "tests/test_gpu.py"]))
     start = time.perf_counter()
     # No limit of its own: a test run stopped half-way leaves no report; the section's cap stops it.
@@ -325,12 +390,21 @@ def section_gpu_tests(ctx: Context) -> None:
         failed = [c for c in cases if c.find("failure") is not None or c.find("error") is not None]
         skipped = [c for c in cases if c.find("skipped") is not None]
         res.update(
-            tests=len(cases), failed=len(failed), skipped=len(skipped), passed=len(cases) - len(failed) - len(skipped),
-            failures=[{"test": f"{c.get('classname')}::{c.get('name')}",
-                       "message": ((c.find("failure") if c.find("failure") is not None else c.find("error")).get("message") or "")[:500]}
-                      for c in failed],
+            tests=len(cases),
+            failed=len(failed),
+            skipped=len(skipped),
+            passed=len(cases) - len(failed) - len(skipped),
+            failures=[
+                {
+                    "test": f"{c.get('classname')}::{c.get('name')}",
+                    "message": (
+                        (c.find("failure") if c.find("failure") is not None else c.find("error")).get("message") or ""
+                    )[:500],
+                }
+                for c in failed
+            ],
             skip_reasons=sorted({(c.find("skipped").get("message") or "")[:200] for c in skipped}),
-        )  # fmt: skip
+        )
     ctx.results["pytest"] = res
     ctx.save()
     if res.get("failed", 1) or res.get("tests") is None:
@@ -360,8 +434,16 @@ def section_airbench(ctx: Context) -> None:
         res["compile"] = {"pays": False, "skipped": f"{spare:.0f} s to spare, the check takes ~{need:.0f} s"}
     else:
         batch = 16 if ctx.quick else 1024
-        checked = guarded(ctx, "compile", compile_check, ctx, ctx.configs / "fastnet.yaml", batch,
-                          MAX_SEEDS * round_images, len(AIRBENCH94_PAIRS))  # fmt: skip
+        checked = guarded(
+            ctx,
+            "compile",
+            compile_check,
+            ctx,
+            ctx.configs / "fastnet.yaml",
+            batch,
+            MAX_SEEDS * round_images,
+            len(AIRBENCH94_PAIRS),
+        )
         res["compile"] = checked or res["compile"]
     compile_on = res["compile"].setdefault("pays", False)
     compiled = [f"--model.compile={str(compile_on).lower()}"]
@@ -373,8 +455,10 @@ def section_airbench(ctx: Context) -> None:
     ctx.save()
     if ctx.cuda or ctx.quick:  # cuDNN autotuning, compilation (before and after FreezeAfter) off the clock
         warmup = ["--trainer.max_steps=-1", f"--trainer.max_epochs={4 if compile_on else 1}"]
-        res["warmup"] = {name: timed_fit(ctx, ctx.configs / config, 0, overrides[name] + warmup)
-                         for name, (config, _) in AIRBENCH94_PAIRS.items()}  # fmt: skip
+        res["warmup"] = {
+            name: timed_fit(ctx, ctx.configs / config, 0, overrides[name] + warmup)
+            for name, (config, _) in AIRBENCH94_PAIRS.items()
+        }
     ok = not skip and "airbench94" not in res  # not skipped, its warm-up did not fail
     runs: dict[str, list] = ({"airbench94": []} if ok else {}) | {name: [] for name in AIRBENCH94_PAIRS}
     res["runs"], res["baseline"], round_seconds = runs, "airbench94", 0.0
@@ -403,11 +487,19 @@ def section_overhead_data(ctx: Context) -> None:
         cfg = BenchConfig.quick_config(data_dir=ctx.data_dir)
     else:
         # 3 alternating blocks of 50 steps per variant: short enough for the section's cap.
-        cfg = BenchConfig(data_dir=ctx.data_dir, accelerator="gpu" if ctx.cuda else "cpu", overhead_arch="fastnet",
-                          overhead_batch_size=1024, timed_steps=50, repeats=3)  # fmt: skip
-    ctx.command(f"python scripts/bench.py --sections overhead,data --data-dir {ctx.data_dir} "
-                f"--accelerator {cfg.accelerator} --overhead-arch {cfg.overhead_arch} "
-                f"--overhead-batch-size {cfg.overhead_batch_size} --timed-steps 50 --repeats 3")  # fmt: skip
+        cfg = BenchConfig(
+            data_dir=ctx.data_dir,
+            accelerator="gpu" if ctx.cuda else "cpu",
+            overhead_arch="fastnet",
+            overhead_batch_size=1024,
+            timed_steps=50,
+            repeats=3,
+        )
+    ctx.command(
+        f"python scripts/bench.py --sections overhead,data --data-dir {ctx.data_dir} "
+        f"--accelerator {cfg.accelerator} --overhead-arch {cfg.overhead_arch} "
+        f"--overhead-batch-size {cfg.overhead_batch_size} --timed-steps 50 --repeats 3"
+    )
     res = ctx.results
     res["overhead"] = bench_overhead(cfg)
     ctx.save()
@@ -423,19 +515,26 @@ def per_image_loaders(cfg: Any, workers: int, ours: float) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
 
-    from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
     from benchmarks.bench_speed import _datamodule, _images_per_second
+    from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
 
     cpu, skip, bs, n = torch.device("cpu"), 1 + 2 * workers, cfg.data_batch_size, cfg.baseline_batches
     dm = _datamodule(cfg, loader="torchvision", augment="standard", batch_size=bs, num_workers=workers)
     arrays = _images_per_second(dm.train_dataloader(), n, cpu, skip)  # skips start-up and prefetched batches
-    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])  # fmt: skip
+    tf = T.Compose(
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    )
     folder = torchvision.datasets.ImageFolder(str(dm.source.root / "train"), transform=tf)
     files = _images_per_second(DataLoader(folder, batch_size=bs, shuffle=True, num_workers=workers), n, cpu, skip)
     row = lambda r: {"images_per_s": round(r[0], 1), "images": r[1], "seconds": round(r[2], 3)}
-    return {"workers": workers, "batch_size": bs, "array_pil_loader": row(arrays), "imagefolder_pil_loader": row(files),
-            "speedup": round(ours / files[0], 2), "speedup_over_array_pil": round(ours / arrays[0], 2)}  # fmt: skip
+    return {
+        "workers": workers,
+        "batch_size": bs,
+        "array_pil_loader": row(arrays),
+        "imagefolder_pil_loader": row(files),
+        "speedup": round(ours / files[0], 2),
+        "speedup_over_array_pil": round(ours / arrays[0], 2),
+    }
 
 
 def section_resnet18_fast(ctx: Context) -> None:
@@ -479,8 +578,10 @@ def section_recipes(ctx: Context) -> None:
     quick = ["--data.val_size=16"] if ctx.quick else []
     for name in ("resnet34_tutorial", "mynet_tutorial", "resnet20_paper"):
         if name == "resnet20_paper" and not ctx.quick and ctx.left() < RESNET20_PAPER_SECONDS:
-            ctx.results[name] = {"status": "skipped", "reason": f"{ctx.left():.0f} s left, it needs about "
-                                 f"{RESNET20_PAPER_SECONDS:.0f} s"}  # fmt: skip
+            ctx.results[name] = {
+                "status": "skipped",
+                "reason": f"{ctx.left():.0f} s left, it needs about {RESNET20_PAPER_SECONDS:.0f} s",
+            }
             continue
         ctx.results[name] = fit_recipe(ctx, ctx.configs / f"{name}.yaml", quick)
         ctx.save()

@@ -38,28 +38,51 @@ EXTRA = "dev"
 
 #: Lower bounds this check raised, from what, and why (the result repeats them).
 RAISED = {
-    "torch": (">=2.3", "cifar_lightning/export.py passes external_data and dynamic_shapes to torch.onnx.export, "
-              "arguments new in torch 2.5; benchmarks/gpu_sections.py's "
-              "torch.cuda.is_bf16_supported(including_emulation=False) needs 2.4"),
+    "torch": (
+        ">=2.3",
+        "cifar_lightning/export.py passes external_data and dynamic_shapes to torch.onnx.export, "
+        "arguments new in torch 2.5; benchmarks/gpu_sections.py's "
+        "torch.cuda.is_bf16_supported(including_emulation=False) needs 2.4",
+    ),
     "torchvision": (">=0.18", "the release paired with torch 2.5 (each torchvision requires its own torch)"),
     "lightning": (">=2.4", "callbacks/averaging.py imports EMAWeightAveraging, new in Lightning 2.6.0"),
-    "torchmetrics": (">=1.4", "module.py's MeanMetric(nan_strategy=\"disable\") is new in torchmetrics 1.6.2"),
-    "jsonargparse": (">=4.27", "Lightning 2.6's CLI calls jsonargparse's instantiators with "
-                     "applied_instantiation_links, which 4.27.7 does not take; 4.39 is what Lightning 2.6's "
-                     "own extras ask for"),
-    "numpy": ("any", "unbounded, the lowest release does not build on Python 3.11; 1.23.2, the first with wheels "
-              "for it, holds ml_dtypes (under onnxscript) at 0.0.1, which onnxscript cannot import, and that "
-              "fails `import torch._dynamo`; ml_dtypes 0.2 and later need numpy 1.23.3 on Python 3.11"),
-    "pillow": ("any", "unbounded, the lowest release does not build on Python 3.11; 9.2.0 is the first with wheels for it"),
-    "matplotlib": ("any", "unbounded, the lowest release (0.86) does not build on Python 3; 3.6.0 is the first with "
-                   "wheels for Python 3.11"),
-    "filelock": ("any", "data/archives.py locks a file in a folder not made yet, and FileLock makes missing folders "
-                 "from 3.12.3 on (3.0.6, the oldest wheel, raises FileNotFoundError)"),
-    "pyyaml": ("not declared", "the package imports yaml (sweep specs, checkpoints); 6.0 is the first release with "
-               "wheels for Python 3.11"),
-    "onnxscript": ("any", "under torch 2.5, exporting a network with a dynamic batch (export.py) fails in aten.view "
-                   "with onnxscript 0.1.0 to 0.4.0; 0.5.0 converts it"),
-}  # fmt: skip
+    "torchmetrics": (">=1.4", 'module.py\'s MeanMetric(nan_strategy="disable") is new in torchmetrics 1.6.2'),
+    "jsonargparse": (
+        ">=4.27",
+        "Lightning 2.6's CLI calls jsonargparse's instantiators with "
+        "applied_instantiation_links, which 4.27.7 does not take; 4.39 is what Lightning 2.6's "
+        "own extras ask for",
+    ),
+    "numpy": (
+        "any",
+        "unbounded, the lowest release does not build on Python 3.11; 1.23.2, the first with wheels "
+        "for it, holds ml_dtypes (under onnxscript) at 0.0.1, which onnxscript cannot import, and that "
+        "fails `import torch._dynamo`; ml_dtypes 0.2 and later need numpy 1.23.3 on Python 3.11",
+    ),
+    "pillow": (
+        "any",
+        "unbounded, the lowest release does not build on Python 3.11; 9.2.0 is the first with wheels for it",
+    ),
+    "matplotlib": (
+        "any",
+        "unbounded, the lowest release (0.86) does not build on Python 3; 3.6.0 is the first with "
+        "wheels for Python 3.11",
+    ),
+    "filelock": (
+        "any",
+        "data/archives.py locks a file in a folder not made yet, and FileLock makes missing folders "
+        "from 3.12.3 on (3.0.6, the oldest wheel, raises FileNotFoundError)",
+    ),
+    "pyyaml": (
+        "not declared",
+        "the package imports yaml (sweep specs, checkpoints); 6.0 is the first release with wheels for Python 3.11",
+    ),
+    "onnxscript": (
+        "any",
+        "under torch 2.5, exporting a network with a dynamic batch (export.py) fails in aten.view "
+        "with onnxscript 0.1.0 to 0.4.0; 0.5.0 converts it",
+    ),
+}
 
 #: The test that checks this check's result against setup.cfg: it reads the file this run writes.
 OWN_TEST = "tests/test_metadata.py::test_every_lower_bound_is_a_version_the_tests_passed_with"
@@ -122,8 +145,9 @@ def _run(cmd: list[str], log: Path, **kwargs: Any) -> subprocess.CompletedProces
     return done
 
 
-def run_tests(python: str, workers: int, cache: Path, log: Path, env: dict[str, str] | None,
-              args: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+def run_tests(
+    python: str, workers: int, cache: Path, log: Path, env: dict[str, str] | None, args: Sequence[str]
+) -> dict[str, Any]:
     """Run pytest from the clone with ``python`` (output appended to ``log``): its command (paths
     named by role), exit code, counts, summary, -ra's lines, and the ids of the tests that failed
     or errored (pytest's last-failed record, kept in ``cache`` outside the clone)."""
@@ -172,8 +196,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--python", default=sys.executable, help="the interpreter to base it on (default: this one)")
     p.add_argument("--uv", default="uv", help="the uv executable (default: uv on PATH)")
     p.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (default 2)")
-    p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "lowest_versions.json",
-                   help="the result (default: benchmarks/lowest_versions.json)")  # fmt: skip
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=REPO / "benchmarks" / "lowest_versions.json",
+        help="the result (default: benchmarks/lowest_versions.json)",
+    )
     args = p.parse_args(argv)
     uv = shutil.which(args.uv)
     if uv is None:
@@ -186,13 +214,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _run([uv, "venv", "--python", args.python, str(venv)], log)
     install = [uv, "pip", "install", "--python", python, "--resolution", "lowest-direct", "-e", f".[{EXTRA}]"]
     _run(install, log, cwd=REPO)
-    listed = subprocess.run([uv, "pip", "list", "--python", python, "--format", "json"],
-                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    listed = subprocess.run(
+        [uv, "pip", "list", "--python", python, "--format", "json"], capture_output=True, text=True, check=True
+    ).stdout
     installed = {canonicalize_name(p["name"]): p["version"] for p in json.loads(listed)}
     installed.pop("cifar-lightning", None)
     probe = "import json; from benchmarks.provenance import versions; print(json.dumps(versions()))"
-    tested_versions = json.loads(subprocess.run([python, "-c", probe], cwd=REPO, capture_output=True,
-                                                text=True, check=True).stdout)  # fmt: skip
+    tested_versions = json.loads(
+        subprocess.run([python, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    )
 
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])

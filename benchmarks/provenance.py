@@ -235,7 +235,9 @@ def finish(prov: dict[str, Any], final: bool = True) -> dict[str, Any]:
     marks a busy machine. ``final=False`` (a partial save) keeps sampling."""
     end = load_average()
     sampler = _SAMPLERS.pop(prov["started"], None) if final else _SAMPLERS.get(prov["started"])
-    samples = ((sampler.stop() if final else list(sampler.samples)) if sampler else []) + ([end] if end is not None else [])
+    samples = ((sampler.stop() if final else list(sampler.samples)) if sampler else []) + (
+        [end] if end is not None else []
+    )
     cores = prov["machine"]["cpu_cores"] or 1
     peak = max(samples, default=None)
     return prov | {

@@ -34,8 +34,13 @@ from benchmarks import REPO
 from benchmarks.reproduce import recipe_header, resolve_recipe
 from cifar_lightning.errors import UserError, exit_on_user_error, positive
 from cifar_lightning.models.pretrained import (
-    MANIFEST, MANIFEST_FORMAT, PACKAGE_WEIGHTS, read_manifest, weights_dir, write_weights,
-)  # fmt: skip
+    MANIFEST,
+    MANIFEST_FORMAT,
+    PACKAGE_WEIGHTS,
+    read_manifest,
+    weights_dir,
+    write_weights,
+)
 from cifar_lightning.report import write_report
 
 #: How the shipped seed is chosen among a recipe's runs.
@@ -63,8 +68,11 @@ INPUT = (
 def kept_runs(recipe: str, results: Path, seeds: Sequence[int] | None = None) -> dict[int, dict[str, Any]]:
     """The reports of ``recipe``'s kept runs by seed (all of them, or ``seeds``)."""
     pattern = re.compile(rf"{re.escape(recipe)}-seed(\d+)\.json")
-    reports = {int(m.group(1)): json.loads(p.read_text()) for p in sorted(results.glob(f"{recipe}-seed*.json"))
-               if (m := pattern.fullmatch(p.name))}  # fmt: skip
+    reports = {
+        int(m.group(1)): json.loads(p.read_text())
+        for p in sorted(results.glob(f"{recipe}-seed*.json"))
+        if (m := pattern.fullmatch(p.name))
+    }
     hint = f"Run python scripts/reproduce.py {recipe} --seeds 0 1 2 --keep-checkpoints first."
     if seeds:
         missing = [s for s in seeds if s not in reports]
@@ -112,7 +120,8 @@ def _training(reports: dict[int, dict[str, Any]], seed: int, ckpt: dict[str, Any
         "global_step": report.get("global_step"),
         "train_images": report.get("train_images"),
         "val_size": (ckpt.get("datamodule_hyper_parameters") or {}).get("val_size", 0.1),
-        "machine": {k: machine.get(k) for k in ("cpu", "cpu_cores", "gpu", "torch_threads")} if machine
+        "machine": {k: machine.get(k) for k in ("cpu", "cpu_cores", "gpu", "torch_threads")}
+        if machine
         else {"hardware": report.get("hardware")},
         "machine_busy": prov.get("machine_busy"),
         "date": report.get("date"),
@@ -201,39 +210,58 @@ def publish(
         from cifar_lightning.evaluation import fair_subset
 
         sub_images, sub_labels = fair_subset(images, np.asarray(labels), corruption_images)
-        full = corruption_report(fresh, sub_images, sub_labels, cache_dir=default_cache_dir() / "corruptions",
-                                 batch_size=EVAL_BATCH)  # fmt: skip
-        keep = ("images", "seed", "severities", "clean_accuracy", "mean_accuracy", "mean_by_severity",
-                "mean_by_corruption", "relative_drop")  # fmt: skip
+        full = corruption_report(
+            fresh, sub_images, sub_labels, cache_dir=default_cache_dir() / "corruptions", batch_size=EVAL_BATCH
+        )
+        keep = (
+            "images",
+            "seed",
+            "severities",
+            "clean_accuracy",
+            "mean_accuracy",
+            "mean_by_severity",
+            "mean_by_corruption",
+            "relative_drop",
+        )
         corruptions = {k: full[k] for k in keep}
 
     runs = {s: (r.get("provenance") or {}) for s, r in reports.items()}
     commits = sorted({p.get("commit") for p in runs.values() if p.get("commit")})
     entry = {
-        "arch": arch, **fields, "url": None, **entry,
-        "recipe": name, "recipe_file": describe_path(recipe_path), "target": recipe_header(recipe_path).get("expected"),
+        "arch": arch,
+        **fields,
+        "url": None,
+        **entry,
+        "recipe": name,
+        "recipe_file": describe_path(recipe_path),
+        "target": recipe_header(recipe_path).get("expected"),
         "commit": commits[0] if len(commits) == 1 else commits or None,
         "uncommitted_changes": any(p.get("uncommitted_changes") for p in runs.values()),
         "data": {**(data or {}), "label": reports[seed].get("data")},
         "seeds": sorted(reports),
         "test_acc": {
-            **_stats(list(accuracy.values())), "per_seed": {str(s): accuracy[s] for s in sorted(accuracy)},
-            "measure": "trainer.test at the end of each run, " + (f"with the recipe's TTA ({tta})" if tta != "none"
-                                                                 else "plain forward"),
+            **_stats(list(accuracy.values())),
+            "per_seed": {str(s): accuracy[s] for s in sorted(accuracy)},
+            "measure": "trainer.test at the end of each run, "
+            + (f"with the recipe's TTA ({tta})" if tta != "none" else "plain forward"),
         },
         "selection_rule": SELECTION_RULE,
         "shipped_seed": seed,
         "shipped": {
-            "seed": seed, "checkpoint": describe_path(ckpt_path), **_figures(shipped), "tta": tta,
+            "seed": seed,
+            "checkpoint": describe_path(ckpt_path),
+            **_figures(shipped),
+            "tta": tta,
             "run_test_acc": accuracy[seed],
-            "test_images": len(labels), "batch_size": EVAL_BATCH,
+            "test_images": len(labels),
+            "batch_size": EVAL_BATCH,
             "measure": "the weight file loaded afresh, as create_model(pretrained=True) and scripts/evaluate.py do",
         },
         "storage": {"rule": STORAGE_RULE, "changed_predictions": checks, "test_images": len(labels)},
         "corruptions": corruptions,
         "training": _training(reports, seed, ckpt),
         "provenance": finish(prov),
-    }  # fmt: skip
+    }
     entry = scrub(entry)
     _write_entry(Path(weights), entry)
     return entry
@@ -256,10 +284,15 @@ def _describe(module) -> dict[str, Any]:
     """What a loader needs to rebuild and feed the network: the manifest fields of the checkpoint."""
     hp = module.hparams
     return {
-        "arch_kwargs": dict(hp.arch_kwargs or {}), "num_classes": int(hp.num_classes),
-        "class_names": list(module.class_names), "mean": list(hp.norm_mean), "std": list(hp.norm_std),
-        "image_size": int(hp.get("image_size", 32)), "tta": hp.get("tta", "none"), "input": INPUT,
-    }  # fmt: skip
+        "arch_kwargs": dict(hp.arch_kwargs or {}),
+        "num_classes": int(hp.num_classes),
+        "class_names": list(module.class_names),
+        "mean": list(hp.norm_mean),
+        "std": list(hp.norm_std),
+        "image_size": int(hp.get("image_size", 32)),
+        "tta": hp.get("tta", "none"),
+        "input": INPUT,
+    }
 
 
 def _fits_float16(state: dict[str, Any]) -> bool:
@@ -301,13 +334,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description="Ship the median seed of each recipe's kept runs as trained weights.")
     p.add_argument("recipes", nargs="+", help="recipe names in --configs (resnet20_short) or recipe files")
     p.add_argument("--data-dir", required=True, help="the data copy the runs trained on; its test set is evaluated")
-    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "reproduce",
-                   help="kept runs of scripts/reproduce.py (default: benchmarks/reproduce)")  # fmt: skip
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=REPO / "benchmarks" / "reproduce",
+        help="kept runs of scripts/reproduce.py (default: benchmarks/reproduce)",
+    )
     p.add_argument("--weights-dir", type=Path, help="where the weights go (default: cifar_lightning/weights)")
     p.add_argument("--configs", type=Path, default=REPO / "configs", help="the recipes folder (default: this clone's)")
     p.add_argument("--seeds", type=int, nargs="+", help="the runs to use (default: every kept run of the recipe)")
-    p.add_argument("--corruptions", type=int, default=1000, metavar="N",
-                   help="test images measured under 15 corruptions x 5 severities (default 1000; 0: none)")  # fmt: skip
+    p.add_argument(
+        "--corruptions",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="test images measured under 15 corruptions x 5 severities (default 1000; 0: none)",
+    )
     p.add_argument("--card", type=Path, help="model card to write (default: docs/models.md for the package's weights)")
     p.add_argument("--threads", type=positive(int), help="torch threads (default: torch's)")
     args = p.parse_args(argv)
@@ -319,8 +361,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     card = args.card or (REPO / "docs" / "models.md" if weights.resolve() == PACKAGE_WEIGHTS else None)
     entries = []
     for recipe in args.recipes:
-        entries.append(publish(recipe, data_dir=args.data_dir, results=args.results, weights=weights,
-                               configs=args.configs, seeds=args.seeds, corruption_images=args.corruptions))  # fmt: skip
+        entries.append(
+            publish(
+                recipe,
+                data_dir=args.data_dir,
+                results=args.results,
+                weights=weights,
+                configs=args.configs,
+                seeds=args.seeds,
+                corruption_images=args.corruptions,
+            )
+        )
         print(summary(entries[-1]))
     if card is not None:
         from cifar_lightning.models.card import model_card_markdown, model_card_rows

@@ -189,8 +189,12 @@ class SmokeResult:
             "seconds": round(self.seconds, 1),
         }
         if self.batch_losses:
-            row |= {"batch_steps": len(self.batch_losses), "batch_loss": round(self.batch_loss, 4),
-                    "batch_floor": round(self.batch_floor, 4), "batch_acc": round(self.batch_acc, 4)}  # fmt: skip
+            row |= {
+                "batch_steps": len(self.batch_losses),
+                "batch_loss": round(self.batch_loss, 4),
+                "batch_floor": round(self.batch_floor, 4),
+                "batch_acc": round(self.batch_acc, 4),
+            }
         return row
 
 
@@ -232,13 +236,17 @@ def _recipe_cli(recipe: str | Path, data_dir, steps: int | None, root_dir, seed:
     """The CLI's objects for ``recipe`` as written, laid over ``steps`` steps (None: its own length),
     built but not run. It validates once, after training (``_validate``)."""
     args = [
-        *quiet_args(data_dir, root_dir, seed), "--data.num_workers=0", f"--data.val_size={VAL_IMAGES}",
+        *quiet_args(data_dir, root_dir, seed),
+        "--data.num_workers=0",
+        f"--data.val_size={VAL_IMAGES}",
         # Channels-last convolutions: the same arithmetic, about a quarter cheaper on a CPU.
         "--model.channels_last=true",
-        *([f"--trainer.max_steps={steps}"] if steps else []), "--trainer.num_sanity_val_steps=0",
-        "--trainer.limit_val_batches=0", "--trainer.enable_model_summary=false",
+        *([f"--trainer.max_steps={steps}"] if steps else []),
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_model_summary=false",
         *overrides,
-    ]  # fmt: skip
+    ]
     # The check judges a lost loss itself, from every step's loss, and goes on to its verdict.
     return build_fit(recipe, args, checkpoints=True, loss_guard=False)
 
@@ -246,9 +254,14 @@ def _recipe_cli(recipe: str | Path, data_dir, steps: int | None, root_dir, seed:
 def _validate(trainer: pl.Trainer, model, root_dir, **loaders) -> dict[str, float]:
     # A fresh trainer for validation: the fit's one has limit_val_batches 0.
     (metrics,) = pl.Trainer(
-        accelerator=trainer.accelerator, devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root_dir),
-    ).validate(model, verbose=False, **loaders)  # fmt: skip
+        accelerator=trainer.accelerator,
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(root_dir),
+    ).validate(model, verbose=False, **loaders)
     return metrics
 
 
@@ -284,7 +297,11 @@ def fit_one_batch(
 
 
 def check_recipe(
-    recipe: str | Path, data_dir: str | Path, spec: SmokeSpec | int, root_dir: str | Path, seed: int = 0,
+    recipe: str | Path,
+    data_dir: str | Path,
+    spec: SmokeSpec | int,
+    root_dir: str | Path,
+    seed: int = 0,
     overrides: Sequence[str] = (),
 ) -> SmokeResult:
     """The smoke run of ``recipe`` on ``data_dir``: ``spec.steps`` steps on the data, validated on
@@ -309,7 +326,9 @@ def check_recipe(
         seconds=0.0,
     )
     if spec.kind == "overfit":
-        result.batch_losses, result.batch_acc, result.batch_floor = fit_one_batch(recipe, data_dir, spec, root_dir, seed, overrides)
+        result.batch_losses, result.batch_acc, result.batch_floor = fit_one_batch(
+            recipe, data_dir, spec, root_dir, seed, overrides
+        )
     result.seconds = time.perf_counter() - start
     return result
 
@@ -389,9 +408,12 @@ def run_all(
 def smoke_markdown(rows: list[dict[str, Any]], prov: dict[str, Any]) -> str:
     """The smoke results as a markdown page: measured figures beside each recipe's thresholds."""
     m = prov["machine"]
-    busy = " The machine was busy with other work during the run (load average up to " \
-        f"{prov['load_average_1min_max']} on {m['cpu_cores']} cores), so the seconds are upper bounds." \
-        if prov.get("machine_busy") else ""
+    busy = (
+        " The machine was busy with other work during the run (load average up to "
+        f"{prov['load_average_1min_max']} on {m['cpu_cores']} cores), so the seconds are upper bounds."
+        if prov.get("machine_busy")
+        else ""
+    )
     lines = [
         "# Recipe smoke checks",
         "",
@@ -431,8 +453,10 @@ def smoke_markdown(rows: list[dict[str, Any]], prov: dict[str, Any]) -> str:
         floor = f"{100 * r['min_acc']:.0f}%" if learns else "-"
         one = "-"
         if "batch_loss" in r:
-            one = (f"{r['batch_steps']}, x{r['batch_lr_scale']:g}, {r['batch_loss']:.3f} ({r['batch_floor']:.2f}), "
-                   f"{100 * r['batch_acc']:.0f}% (> {100 * r['min_batch_acc']:.0f}%)")  # fmt: skip
+            one = (
+                f"{r['batch_steps']}, x{r['batch_lr_scale']:g}, {r['batch_loss']:.3f} ({r['batch_floor']:.2f}), "
+                f"{100 * r['batch_acc']:.0f}% (> {100 * r['min_batch_acc']:.0f}%)"
+            )
         lines.append(
             f"| {r['recipe']} | {r.get('kind', 'learns')} | {r['steps']} | {r['batch_size']} | {r['first_loss']:.3f} "
             f"| {r['early_loss']:.3f} / {r['late_loss']:.3f} | {ceiling} | {100 * r['val_acc']:.1f}% | {floor} "
@@ -454,8 +478,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("recipes", nargs="*", help="recipe names (default: every recipe in --configs)")
     p.add_argument("--data-dir", required=True, help="image folder or archive of CIFAR-10 (real images)")
     p.add_argument("--configs", type=Path, default=REPO / "configs", help="the recipes folder (default: this clone's)")
-    p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "recipe_smoke.json",
-                   help="JSON of the results; a .md beside it (default: benchmarks/recipe_smoke.json)")  # fmt: skip
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=REPO / "benchmarks" / "recipe_smoke.json",
+        help="JSON of the results; a .md beside it (default: benchmarks/recipe_smoke.json)",
+    )
     p.add_argument("--steps", type=int, help="steps for every recipe instead of each one's own (calibration)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as each test worker uses)")
     args = p.parse_args(argv)

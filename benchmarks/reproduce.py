@@ -72,8 +72,11 @@ def restamp(results: Path) -> list[Path]:
             if new_report != report and "provenance" not in report:
                 new_report["provenance"] = {
                     "recorded": False,
-                    "restamped": {"commit": git_state()["commit"], "date": date.today().isoformat(),
-                                  "command": command_line()},  # fmt: skip
+                    "restamped": {
+                        "commit": git_state()["commit"],
+                        "date": date.today().isoformat(),
+                        "command": command_line(),
+                    },
                     "note": "run made before results recorded their commit and machine; its absolute paths "
                     "were named by role by this command, its numbers are as the run wrote them",
                 }
@@ -92,7 +95,9 @@ def data_label(data_dir: str) -> str:
     return name
 
 
-def run_recipe(recipe: Path, seed: int, data_dir: str, results: Path, extra: list[str], keep_checkpoint: bool = False) -> dict:
+def run_recipe(
+    recipe: Path, seed: int, data_dir: str, results: Path, extra: list[str], keep_checkpoint: bool = False
+) -> dict:
     """Run one recipe with one seed; keep its log and report under ``results``; return the report.
 
     The run's folder (``results/runs/<recipe>-seed<seed>``, checkpoints included) is removed at the
@@ -105,11 +110,28 @@ def run_recipe(recipe: Path, seed: int, data_dir: str, results: Path, extra: lis
     tag = f"{recipe.stem}-seed{seed}"
     results.mkdir(parents=True, exist_ok=True)
     log = results / f"{tag}.log"
-    cmd = [sys.executable, "-m", "cifar_lightning.fit", "--config", str(recipe), "--seed", str(seed),
-           "--data-dir", data_dir, "--output-dir", str(results / "runs"), "--name", tag, *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifar_lightning.fit",
+        "--config",
+        str(recipe),
+        "--seed",
+        str(seed),
+        "--data-dir",
+        data_dir,
+        "--output-dir",
+        str(results / "runs"),
+        "--name",
+        tag,
+        *extra,
+    ]
     prov = provenance(data_dir)
     # The log is kept in the repository: every path in it is named by its role as it is written.
-    with open(log, "w") as f, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with (
+        open(log, "w") as f,
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
+    ):
         f.write("$ " + shlex.join(["python", *(scrub_paths(c) for c in cmd[1:])]) + "\n")
         for line in proc.stdout:
             f.write(scrub_paths(line))
@@ -125,8 +147,14 @@ def run_recipe(recipe: Path, seed: int, data_dir: str, results: Path, extra: lis
     shutil.rmtree(results / "runs" / tag, ignore_errors=True)
     with contextlib.suppress(OSError):  # left while another invocation's run is in it
         (results / "runs").rmdir()
-    report.update(recipe=recipe.stem, seed=seed, hardware=hardware(), data=data_label(data_dir),
-                  date=date.today().isoformat(), extra_args=extra)  # fmt: skip
+    report.update(
+        recipe=recipe.stem,
+        seed=seed,
+        hardware=hardware(),
+        data=data_label(data_dir),
+        date=date.today().isoformat(),
+        extra_args=extra,
+    )
     report = scrub(report) | {"provenance": finish(prov)}
     write_report(report, results / f"{tag}.json")
     return report
@@ -214,7 +242,9 @@ def draw_reference_curves(recipes: list[Path], results: Path) -> list[Path]:
         for csv_path in csvs:
             history = read_history(csv_path)
             if "val/acc" in history:
-                runs[f"ours, {csv_path.stem.removesuffix('-metrics').split('-')[-1]}: validation accuracy"] = history["val/acc"]
+                runs[f"ours, {csv_path.stem.removesuffix('-metrics').split('-')[-1]}: validation accuracy"] = history[
+                    "val/acc"
+                ]
         fig = reference_curve_figure(runs, curve, f"{recipe.stem}: ours (JPEG copy) and the reference")
         written.append(save_figure(fig, results / f"{recipe.stem}-curve.png"))
     return written
@@ -252,22 +282,34 @@ def main(argv: list[str] | None = None) -> str:
     """``scripts/reproduce.py``: run recipes over seeds, then write the markdown table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "recipes", nargs="*", type=Path,
+        "recipes",
+        nargs="*",
+        type=Path,
         help="recipe files or names in --configs (mynet_tutorial); none: only rebuild the table",
-    )  # fmt: skip
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--data-dir", default="data")
     p.add_argument("--configs", type=Path, default=REPO / "configs", help="the recipes folder (default: this clone's)")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "reproduce")
     p.add_argument("--table", type=Path, default=REPO / "benchmarks" / "reproduce.md")
-    p.add_argument("--smoke", type=Path, default=REPO / "benchmarks" / "recipe_smoke.json",
-                   help="smoke-check results (scripts/check_recipes.py) for rows without a measured run")  # fmt: skip
+    p.add_argument(
+        "--smoke",
+        type=Path,
+        default=REPO / "benchmarks" / "recipe_smoke.json",
+        help="smoke-check results (scripts/check_recipes.py) for rows without a measured run",
+    )
     p.add_argument("--note", default=None, help="a remark stored with each run, e.g. that the machine was shared")
-    p.add_argument("--restamp", action="store_true",
-                   help="name the absolute paths in the kept logs and reports by role (runs made before "
-                        "results recorded their provenance), then rebuild the table")  # fmt: skip
-    p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep each run's tested checkpoint as <results>/<recipe>-seed<N>.ckpt (git-ignored)")  # fmt: skip
+    p.add_argument(
+        "--restamp",
+        action="store_true",
+        help="name the absolute paths in the kept logs and reports by role (runs made before "
+        "results recorded their provenance), then rebuild the table",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each run's tested checkpoint as <results>/<recipe>-seed<N>.ckpt (git-ignored)",
+    )
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more fit.py arguments for every run")
     args = p.parse_args(argv)
     if args.restamp:

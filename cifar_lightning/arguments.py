@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Iterable
 
+
 @dataclass(frozen=True)
 class Arg:
     """One flag with its value as written (``--f=v`` or ``--f v``), or one bare token (``flag`` None)."""
@@ -93,7 +94,9 @@ FIT_ALIASES: dict[str, tuple[str, ...]] = {
     "--output-dir": ("--trainer.default_root_dir",),
     # A target holding {value} takes the value there; the others get "=value".
     "--ema": ('--trainer.callbacks+={"class_path": "cifar_lightning.callbacks.EMA", "init_args": {"decay": {value}}}',),
-    "--swa": ('--trainer.callbacks+={"class_path": "cifar_lightning.callbacks.SWA", "init_args": {"swa_lrs": {value}}}',),
+    "--swa": (
+        '--trainer.callbacks+={"class_path": "cifar_lightning.callbacks.SWA", "init_args": {"swa_lrs": {value}}}',
+    ),
 }
 
 

@@ -74,13 +74,15 @@ def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, temperature: fl
     for b in range(N_BINS):
         mask = index == b
         count = int(mask.sum())
-        bins.append({
-            "low": float(edges[b]),
-            "high": float(edges[b + 1]),
-            "count": count,
-            "accuracy": float(correct[mask].mean()) if count else None,
-            "confidence": float(confidence[mask].mean()) if count else None,
-        })  # fmt: skip
+        bins.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "count": count,
+                "accuracy": float(correct[mask].mean()) if count else None,
+                "confidence": float(confidence[mask].mean()) if count else None,
+            }
+        )
     return bins
 
 

@@ -89,10 +89,15 @@ def pretrained_checkpoint(name: str, folder: str | os.PathLike | None = None) ->
     file fails the sha256 check."""
     entry = weights_entry(name, folder)
     hparams = {
-        "arch": name, "arch_kwargs": entry.get("arch_kwargs") or None, "num_classes": int(entry["num_classes"]),
-        "class_names": list(entry["class_names"]), "norm_mean": tuple(entry["mean"]), "norm_std": tuple(entry["std"]),
-        "image_size": int(entry["image_size"]), "tta": entry.get("tta", "none"),
-    }  # fmt: skip
+        "arch": name,
+        "arch_kwargs": entry.get("arch_kwargs") or None,
+        "num_classes": int(entry["num_classes"]),
+        "class_names": list(entry["class_names"]),
+        "norm_mean": tuple(entry["mean"]),
+        "norm_std": tuple(entry["std"]),
+        "image_size": int(entry["image_size"]),
+        "tta": entry.get("tta", "none"),
+    }
     # The images the network was trained on: a calibration refuses a validation split drawn from them.
     data = {"val_size": entry["training"]["val_size"]} if "val_size" in entry.get("training", {}) else {}
     state = {f"model.{k}": v for k, v in read_weights(name, folder).items()}
@@ -422,7 +427,10 @@ def check_resumable(stored: dict[str, Any], path: str | os.PathLike, hparams: di
             raise UserError(
                 f"cannot resume from {path}: the checkpoint has {key}={a!r}, but this run builds "
                 f"{key}={b!r}. Resume with the same --arch and data"
-                + (f" (--data.mean {list(stored['norm_mean'])} --data.std {list(stored['norm_std'])} give the checkpoint's)"
-                   if key in ("norm_mean", "norm_std") and stored.get("norm_mean") and stored.get("norm_std") else "")
+                + (
+                    f" (--data.mean {list(stored['norm_mean'])} --data.std {list(stored['norm_std'])} give the checkpoint's)"
+                    if key in ("norm_mean", "norm_std") and stored.get("norm_mean") and stored.get("norm_std")
+                    else ""
+                )
                 + ", or start a new run without --resume."
             )

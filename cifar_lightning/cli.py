@@ -120,7 +120,9 @@ def quiet_lightning_notes() -> None:
     )
     # Our metrics are logged once an epoch; the step-level logging this interval paces is the
     # learning rate's alone, so a run with fewer batches than the interval loses nothing.
-    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+    warnings.filterwarnings(
+        "ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval"
+    )
 
 
 class ArgumentsError(UserError):
@@ -195,9 +197,11 @@ class CifarCLI(LightningCLI):
         if not add_subcommands:
             # scripts/fit.py builds without subcommands and calls fit itself; --resume sets this.
             self.parser.add_argument(
-                "--ckpt_path", type=Optional[str], default=None,
+                "--ckpt_path",
+                type=Optional[str],
+                default=None,
                 help="Resume from this checkpoint: a .ckpt file, a run directory, or 'last'.",
-            )  # fmt: skip
+            )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -226,7 +230,12 @@ class CifarCLI(LightningCLI):
         cfg = self._subconfig()
         ckpt = cfg.get("ckpt_path")
         subcommand = self.config.get("subcommand", "fit")
-        if ckpt and subcommand != "fit" and ckpt not in (*LIGHTNING_CKPT_NAMES, "last") and not str(ckpt).startswith("registry"):
+        if (
+            ckpt
+            and subcommand != "fit"
+            and ckpt not in (*LIGHTNING_CKPT_NAMES, "last")
+            and not str(ckpt).startswith("registry")
+        ):
             self.eval_checkpoint = (str(ckpt), read_checkpoint(ckpt))  # 'last': Lightning's own meaning
         stored_arch = self.eval_checkpoint[1]["hyper_parameters"].get("arch") if self.eval_checkpoint else None
         _name_runs(cfg, self.argv, stored_arch)
@@ -368,7 +377,9 @@ def adopt_checkpoint_data(data: Namespace, path: str, ckpt: dict[str, Any]) -> N
     mean, std = [float(v) for v in mean], [float(v) for v in std]
     identity = mean == [0.0] * 3 and std == [1.0] * 3
     if data.get("normalize", True) is False and not identity:
-        raise UserError(f"{name} was trained on images normalised with mean {mean} and std {std}: drop --data.normalize false.")
+        raise UserError(
+            f"{name} was trained on images normalised with mean {mean} and std {std}: drop --data.normalize false."
+        )
     given = data.get("mean"), data.get("std")
     if given == (None, None):
         data.mean, data.std, data.normalize = mean, std, True

@@ -47,8 +47,11 @@ SEVERITIES: dict[str, tuple] = {
     "motion_blur": ((6, 1), (6, 1.5), (6, 2), (8, 2.25), (9, 2.5)),
     "zoom_blur": (7, 12, 16, 21, 26),  # zoom factors 1.00, 1.01, ... (how many)
     "snow": (
-        (0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
-        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
+        (0.1, 0.2, 1, 0.6, 8, 3, 0.95),
+        (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+        (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+        (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
     ),  # flake mean, std, zoom, threshold, blur radius, blur sigma, image blend
     "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),  # strength, roughness decay
     "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),  # added to HSV value
@@ -60,11 +63,15 @@ SEVERITIES: dict[str, tuple] = {
     # much they change the images, which reverses them (the published affine jitter, which moves
     # pixels most at 32 px, shrinks as the elastic part grows)
     "elastic_transform": (
-        (3.2, 0.96, 0.96), (3.2, 1.28, 1.6), (2.56, 1.92, 1.92), (1.6, 6.4, 2.24), (0, 0, 2.56),
+        (3.2, 0.96, 0.96),
+        (3.2, 1.28, 1.6),
+        (2.56, 1.92, 1.92),
+        (1.6, 6.4, 2.24),
+        (0, 0, 2.56),
     ),
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),  # down-scaling factor
     "jpeg_compression": (80, 65, 58, 50, 40),  # JPEG quality
-}  # fmt: skip
+}
 CORRUPTIONS = tuple(SEVERITIES)
 LEFT_OUT = {"frost": "blends in photographs of frost that ship with the original generator; none can be made here"}
 #: Part of the cache key: a change to any corruption makes older caches invisible.

@@ -191,8 +191,8 @@ def evaluate(
         raise UserError(f"unknown TTA mode {tta!r}. Valid modes: {', '.join(TTA_MODES)}")
     start = time.perf_counter()
     logits = predict_logits(module, images, batch_size=batch_size, device=device)
-    tta_logits = None if tta == "none" else predict_logits(
-        module, images, batch_size=batch_size, device=device, tta=tta
+    tta_logits = (
+        None if tta == "none" else predict_logits(module, images, batch_size=batch_size, device=device, tta=tta)
     )
     superclasses = module.hparams.get("superclasses")
     return Evaluation(
@@ -250,8 +250,9 @@ def write_evaluation_plots(evaluation: Evaluation, report: dict[str, Any], out_d
     names = evaluation.class_names
     tta = report.get("tta") or {}
     figures = {
-        "confusion_matrix": plots.confusion_matrix_figure(report["confusion_matrix"], names,
-                                                          groups=evaluation.superclasses),  # fmt: skip
+        "confusion_matrix": plots.confusion_matrix_figure(
+            report["confusion_matrix"], names, groups=evaluation.superclasses
+        ),
         "confused_pairs": plots.confused_pairs_figure(report["confused_pairs"]),
         "per_class_accuracy": plots.per_class_accuracy_figure(
             {n: m["accuracy"] for n, m in report["per_class"].items()},
@@ -303,23 +304,31 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive(int), default=256)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     parser.add_argument(
-        "--calibration", action="store_true",
+        "--calibration",
+        action="store_true",
         help="ECE (15 bins), NLL and Brier score before and after temperature scaling fitted on the validation "
         "split; writes reliability.png and the temperature that predict.py --calibrated uses",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--corruptions", action="store_true",
+        "--corruptions",
+        action="store_true",
         help="accuracy under 15 CIFAR-10-C-style corruptions x 5 severities, computed locally; writes corruptions.png",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--corruptions-subset", type=int, default=DEFAULT_CORRUPTION_IMAGES, metavar="N",
+        "--corruptions-subset",
+        type=int,
+        default=DEFAULT_CORRUPTION_IMAGES,
+        metavar="N",
         help=f"test images to corrupt, a fair sample (default {DEFAULT_CORRUPTION_IMAGES}; 0 = all)",
-    )  # fmt: skip
+    )
     parser.add_argument("--corruption-seed", type=int, default=0, help="seed of the corruptions (default 0)")
     parser.add_argument(
-        "--logger", action="append", choices=("tensorboard", "wandb"), default=[],
+        "--logger",
+        action="append",
+        choices=("tensorboard", "wandb"),
+        default=[],
         help="also send the figures and numbers to the run's TensorBoard folder or to W&B (repeatable)",
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -339,8 +348,15 @@ def _validation_arrays(ckpt: dict[str, Any], data_dir: str, batch_size: int) -> 
             "--calibration fits its temperature on the validation split, and this checkpoint was trained with "
             "--val-size 0 (no validation images). Use a checkpoint trained with held-out validation images."
         )
-    dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0, batch_size=batch_size,
-                           val_size=val_size, split_seed=split_seed, **stored_dataset(ckpt))  # fmt: skip
+    dm = CIFAR10DataModule(
+        data_dir=data_dir,
+        download=False,
+        num_workers=0,
+        batch_size=batch_size,
+        val_size=val_size,
+        split_seed=split_seed,
+        **stored_dataset(ckpt),
+    )
     return dm.split_arrays("val")
 
 
@@ -358,8 +374,12 @@ def fair_subset(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndar
 def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     """``scripts/evaluate.py``: evaluate, write report.json and the plots, print the table."""
     from cifar_lightning.checkpoint import (
-        build_classifier, check_compatible, read_checkpoint, stored_data_dir, stored_dataset,
-    )  # fmt: skip
+        build_classifier,
+        check_compatible,
+        read_checkpoint,
+        stored_data_dir,
+        stored_dataset,
+    )
     from cifar_lightning.data import CIFAR10DataModule
 
     args = evaluate_parser().parse_args(argv)
@@ -367,8 +387,9 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     ckpt = read_checkpoint(args.checkpoint)
     module = build_classifier(ckpt, args.checkpoint)
     data_dir = args.data_dir or stored_data_dir(ckpt, args.checkpoint) or "data"
-    dm = CIFAR10DataModule(data_dir=data_dir, download=False, num_workers=0, batch_size=args.batch_size,
-                           **stored_dataset(ckpt))  # fmt: skip
+    dm = CIFAR10DataModule(
+        data_dir=data_dir, download=False, num_workers=0, batch_size=args.batch_size, **stored_dataset(ckpt)
+    )
     check_compatible(module, class_names=dm.class_names, checkpoint=args.checkpoint, against=f"the data in {data_dir}")
     images, labels = dm.split_arrays("test")
     tta = args.tta or module.hparams.get("tta", "none")
@@ -382,8 +403,9 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
 
         val_images, val_labels = _validation_arrays(ckpt, data_dir, args.batch_size)
         val_logits = predict_logits(module, val_images, batch_size=args.batch_size, device=device)
-        report["calibration"] = calibration_report(val_logits, torch.as_tensor(val_labels), evaluation.logits,
-                                                   evaluation.labels)  # fmt: skip
+        report["calibration"] = calibration_report(
+            val_logits, torch.as_tensor(val_labels), evaluation.logits, evaluation.labels
+        )
         figures["reliability"] = plots.reliability_figure(report["calibration"])
     if args.corruptions:
         from cifar_lightning.corruptions import corruption_report
@@ -392,9 +414,14 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         sub_images, sub_labels = fair_subset(images, np.asarray(labels), args.corruptions_subset)
         report["corruptions"] = corruption_report(
-            module, sub_images, sub_labels, seed=args.corruption_seed, cache_dir=default_cache_dir() / "corruptions",
-            batch_size=args.batch_size, device=device,
-        )  # fmt: skip
+            module,
+            sub_images,
+            sub_labels,
+            seed=args.corruption_seed,
+            cache_dir=default_cache_dir() / "corruptions",
+            batch_size=args.batch_size,
+            device=device,
+        )
         report["corruptions"]["seconds"] = round(time.perf_counter() - start, 1)
         figures["corruptions"] = plots.corruptions_figure(report["corruptions"])
     for name, fig in figures.items():

@@ -17,13 +17,12 @@ from typing import Any, Sequence
 
 from lightning.pytorch.callbacks import Callback
 
-from cifar_lightning.callbacks import fit_or_exit
 from cifar_lightning.arguments import FIT_ALIASES, FIT_SWITCHES, in_fit_terms, scan_args, value_of, without_flag
+from cifar_lightning.callbacks import fit_or_exit
 from cifar_lightning.cli import TRAINER_DEFAULTS, CifarCLI
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.loggers import LOGGERS
 from cifar_lightning.report import build_report, print_report, write_report
-
 
 #: ``--resume [PATH]``: ``--ckpt_path PATH``, or ``--ckpt_path last`` (the run's latest last.ckpt).
 RESUME_FLAG = "--resume"
@@ -61,7 +60,9 @@ def logger_spec(opts: dict[str, list[str]], save_dir: str, name: str) -> list[di
         if logger == "csv":
             args.update(version=version)
         if logger == "tensorboard":
-            args.update(version=version, sub_dir="tensorboard", default_hp_metric=False, log_graph="--log-graph" in opts)
+            args.update(
+                version=version, sub_dir="tensorboard", default_hp_metric=False, log_graph="--log-graph" in opts
+            )
         if logger == "wandb":
             args.update(
                 project=opts.get("--wandb-project", ["cifar-lightning"])[-1],
@@ -100,7 +101,9 @@ def expand_aliases(argv: list[str]) -> list[str]:
         else:
             out += arg.tokens
     config = value_of(out, "--config")
-    name = (opts.get("--name") or [None])[-1] or value_of(out, "--model.arch") or (Path(config).stem if config else None)
+    name = (
+        (opts.get("--name") or [None])[-1] or value_of(out, "--model.arch") or (Path(config).stem if config else None)
+    )
     save_dir = (opts.get("--output-dir") or [None])[-1]
     if any(f in opts for f in LOGGER_FLAGS + LOGGER_SWITCHES if f != "--name"):
         specs = logger_spec(opts, save_dir or TRAINER_DEFAULTS["default_root_dir"], name or "cifar10")
@@ -113,9 +116,15 @@ def expand_aliases(argv: list[str]) -> list[str]:
 
 
 _ALIAS_EXAMPLES = {
-    "--arch": "resnet18", "--epochs": "30", "--batch-size": "128", "--lr": "0.1",
-    "--logger": "tensorboard", "--watch": "gradients", "--ema": "0.999", "--swa": "0.01",
-}  # fmt: skip
+    "--arch": "resnet18",
+    "--epochs": "30",
+    "--batch-size": "128",
+    "--lr": "0.1",
+    "--logger": "tensorboard",
+    "--watch": "gradients",
+    "--ema": "0.999",
+    "--swa": "0.01",
+}
 
 
 def fit_help() -> str:
@@ -145,7 +154,9 @@ def fit_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     return fit_run(argv)
 
 
-def fit_run(argv: list[str] | None = None, *, test: bool = True, callbacks: Sequence[Callback] = ()) -> dict[str, Any] | None:
+def fit_run(
+    argv: list[str] | None = None, *, test: bool = True, callbacks: Sequence[Callback] = ()
+) -> dict[str, Any] | None:
     """What ``fit_main`` does, without the exit on a user error: fit with ``fit.py``'s arguments
     ``argv`` and ``callbacks`` added to the CLI's, then, with ``test``, test and report.
 
@@ -191,12 +202,20 @@ def _fit_test_report(argv: list[str] | None, test: bool, callbacks: Sequence[Cal
     if not test:
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP: every rank
         score = ckpt_cb.best_model_score if ckpt_cb else None
-        return {
-            "run_dir": run_dir, "checkpoint": tested or None,
-            "last_checkpoint": last, "monitor": ckpt_cb.monitor if ckpt_cb else None,
-            "best_score": None if score is None else float(score), "fit_seconds": round(fit_seconds, 2),
-            "epochs": trainer.current_epoch, "global_step": trainer.global_step,
-        } if trainer.is_global_zero else None  # fmt: skip
+        return (
+            {
+                "run_dir": run_dir,
+                "checkpoint": tested or None,
+                "last_checkpoint": last,
+                "monitor": ckpt_cb.monitor if ckpt_cb else None,
+                "best_score": None if score is None else float(score),
+                "fit_seconds": round(fit_seconds, 2),
+                "epochs": trainer.current_epoch,
+                "global_step": trainer.global_step,
+            }
+            if trainer.is_global_zero
+            else None
+        )
     start = time.perf_counter()
     trainer.test(model, datamodule=datamodule, ckpt_path=tested or None, verbose=False)
     test_seconds = time.perf_counter() - start

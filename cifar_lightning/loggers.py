@@ -135,10 +135,18 @@ class WandbLogger(_LightningWandbLogger):
         self.watch_mode = watch
         self.watch_log_freq = watch_log_freq
         super().__init__(
-            name=name, save_dir=save_dir, version=version, offline=offline, project=project,
-            entity=entity, group=group, tags=tags, log_model=log_model and not offline,
-            settings=self._settings(init_timeout), **kwargs,
-        )  # fmt: skip
+            name=name,
+            save_dir=save_dir,
+            version=version,
+            offline=offline,
+            project=project,
+            entity=entity,
+            group=group,
+            tags=tags,
+            log_model=log_model and not offline,
+            settings=self._settings(init_timeout),
+            **kwargs,
+        )
         if self._wandb_init.get("anonymous") is None:
             # Lightning always passes anonymous (None when not asked for), and W&B then warns on every
             # run that "the anonymous setting has no effect": left out, it is W&B's own default.
@@ -152,9 +160,7 @@ class WandbLogger(_LightningWandbLogger):
 
     @staticmethod
     def _announce_offline(reason: str, save_dir: str) -> None:
-        rank_zero_info(
-            f"W&B: {reason}; logging offline. Sync later with: wandb sync {save_dir}/wandb/offline-run-*"
-        )
+        rank_zero_info(f"W&B: {reason}; logging offline. Sync later with: wandb sync {save_dir}/wandb/offline-run-*")
 
     @property
     def experiment(self):
@@ -210,12 +216,16 @@ def evaluation_numbers(report: dict[str, Any]) -> dict[str, float]:
             numbers.update({f"eval/{k}_{when}_scaling": v for k, v in cal[when].items() if k != "accuracy"})
     if "corruptions" in report:
         cor = report["corruptions"]
-        numbers.update({"eval/corruption_mean_acc": cor["mean_accuracy"], "eval/corruption_relative_drop": cor["relative_drop"]})
+        numbers.update(
+            {"eval/corruption_mean_acc": cor["mean_accuracy"], "eval/corruption_relative_drop": cor["relative_drop"]}
+        )
         numbers.update({f"eval/corruption_acc/{name}": acc for name, acc in cor["mean_by_corruption"].items()})
     return numbers
 
 
-def log_evaluation(loggers: list[str], report: dict[str, Any], figures: dict[str, Any], checkpoint: str | os.PathLike) -> None:
+def log_evaluation(
+    loggers: list[str], report: dict[str, Any], figures: dict[str, Any], checkpoint: str | os.PathLike
+) -> None:
     """Send an evaluation's figures and numbers to the checkpoint's run: its TensorBoard folder
     (``<run dir>/tensorboard``) and/or W&B (an ``evaluation`` run beside the run's own, offline
     without an account). ``figures``: name -> matplotlib figure."""
@@ -235,7 +245,8 @@ def log_evaluation(loggers: list[str], report: dict[str, Any], figures: dict[str
     if "wandb" in loggers:
         import wandb
 
-        logger = WandbLogger(name=f"eval-{report['arch']}-{ckpt.stem}", save_dir=str(run_dir), job_type="evaluation",
-                             log_model=False)  # fmt: skip
+        logger = WandbLogger(
+            name=f"eval-{report['arch']}-{ckpt.stem}", save_dir=str(run_dir), job_type="evaluation", log_model=False
+        )
         logger.experiment.log({**numbers, **{f"eval/{name}": wandb.Image(fig) for name, fig in figures.items()}})
         logger.experiment.finish()

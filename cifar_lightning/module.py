@@ -5,25 +5,33 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from lightning.pytorch.utilities import rank_zero_info
 
 from cifar_lightning.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE
 from cifar_lightning.data.transforms import normalize
 from cifar_lightning.errors import UserError
+from cifar_lightning.metrics import evaluation_metrics
 from cifar_lightning.models import check_input_size, create_model, model_info
 from cifar_lightning.models.pretrained import fresh_head_note, load_weights, weights_entry
 from cifar_lightning.optim import (
-    OPTIMIZERS, SAM, SAM_BASES, SCHEDULERS, OptimizerName, SamBase, SchedulerName, build_optimizer, build_scheduler,
-    check_sam_trainer, fit_schedules, steps_left,
-)  # fmt: skip
+    OPTIMIZERS,
+    SAM,
+    SAM_BASES,
+    SCHEDULERS,
+    OptimizerName,
+    SamBase,
+    SchedulerName,
+    build_optimizer,
+    build_scheduler,
+    check_sam_trainer,
+    fit_schedules,
+    steps_left,
+)
 from cifar_lightning.tta import TTA_MODES, TTAMode, tta_logits
 
 STAGES = ("train", "val", "test")
-EVAL_STAGES = ("val", "test")
 
 
 def _as_list(value: Any) -> Any:  # tuples and lists compare alike (checkpoints hold lists)
@@ -175,17 +183,14 @@ class ClassifierModule(pl.LightningModule):
         # command times); a smaller last batch gets its own graph, once, instead of turning every
         # later step into a dynamic-shape one.
         object.__setattr__(
-            self, "_forward", torch.compile(self.model, dynamic=False, backend=compile_backend) if compile else self.model
+            self,
+            "_forward",
+            torch.compile(self.model, dynamic=False, backend=compile_backend) if compile else self.model,
         )
 
-        # One metric object per evaluation stage (a shared MetricCollection would mix states between
-        # stages). ModuleDict keys get a suffix because "train" is already an nn.Module attribute.
-        # Their input checks are off: each one (MeanMetric's NaN filter, the accuracy's label-range
-        # check) reads a tensor back from the GPU, which stalls a fast loop. Labels are checked when
-        # the data is read, and a NaN loss shows up in the logged mean instead of being dropped.
-        self.loss_metrics = torch.nn.ModuleDict({f"{s}_": MeanMetric(nan_strategy="disable") for s in EVAL_STAGES})
-        self.acc_metrics = torch.nn.ModuleDict(
-            {f"{s}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False) for s in EVAL_STAGES}
+        # One metric object per evaluation stage and figure (``metrics.evaluation_metrics``).
+        self.loss_metrics, self.acc_metrics, self.class_acc_metrics, self.top5_metrics, self.super_acc_metrics = (
+            evaluation_metrics(num_classes, len(superclass_names) if superclasses is not None else 0)
         )
         # Training: the epoch's loss sum and correct predictions on the device, one in-place add a
         # step, and the image count on the host; summed over the ranks once, at the epoch's end
@@ -197,21 +202,11 @@ class ClassifierModule(pl.LightningModule):
         self._fit_schedules_at_first_batch = False
         self._planned_steps: int | None = None
         self._sam: SAM | None = None
-        self.class_acc_metrics = torch.nn.ModuleDict(
-            {f"{s}_": MulticlassAccuracy(num_classes, average=None, validate_args=False) for s in ("val", "test")}
-        )
-        # Top-5 is the second figure every CIFAR-100 table quotes; with 10 classes or fewer it says little.
-        self.top5_metrics = torch.nn.ModuleDict(
-            {f"{s}_": MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False) for s in ("val", "test")}
-            if num_classes > 10 else {}
-        )  # fmt: skip
-        self.super_acc_metrics = torch.nn.ModuleDict(
-            {f"{s}_": MulticlassAccuracy(len(superclass_names), average="micro", validate_args=False) for s in ("val", "test")}
-            if superclasses is not None else {}
-        )  # fmt: skip
         # Not in the state dict: the hyperparameters hold it, and old checkpoints lack the key.
         self.register_buffer(
-            "_group_of", torch.tensor(superclasses if superclasses is not None else [], dtype=torch.long), persistent=False
+            "_group_of",
+            torch.tensor(superclasses if superclasses is not None else [], dtype=torch.long),
+            persistent=False,
         )
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -346,9 +341,14 @@ class ClassifierModule(pl.LightningModule):
             return {"train/loss": loss_sum / self._train_count, "train/acc": correct / self._train_count}
         loss = self.loss_metrics[f"{stage}_"].metric_state
         acc = self.acc_metrics[f"{stage}_"].metric_state
-        total, count, correct, seen = torch.stack([
-            loss["mean_value"].float(), loss["weight"].float(), acc["tp"].sum().float(), (acc["tp"] + acc["fn"]).sum().float(),
-        ]).tolist()  # fmt: skip
+        total, count, correct, seen = torch.stack(
+            [
+                loss["mean_value"].float(),
+                loss["weight"].float(),
+                acc["tp"].sum().float(),
+                (acc["tp"] + acc["fn"]).sum().float(),
+            ]
+        ).tolist()
         if count == 0 or seen == 0:
             return {}
         return {f"{stage}/loss": total / count, f"{stage}/acc": correct / seen}
@@ -423,7 +423,9 @@ class ClassifierModule(pl.LightningModule):
         self._adopt_data_normalisation(getattr(self.trainer, "datamodule", None))
         # Networks with data-dependent initialisation (fastnet's whitening layer) get it here, from
         # the same deterministic images on every rank; the network ignores repeated calls.
-        if not callable(getattr(self.model, "init_from_data", None)) or bool(getattr(self.model, "whiten_initialized", False)):
+        if not callable(getattr(self.model, "init_from_data", None)) or bool(
+            getattr(self.model, "whiten_initialized", False)
+        ):
             return
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "sample_train_images"):
@@ -452,10 +454,11 @@ class ClassifierModule(pl.LightningModule):
                 "num_classes=dm.num_classes, class_names=dm.class_names (the CLI links them itself)."
             )
         data = {
-            "norm_mean": tuple(dm.norm_mean), "norm_std": tuple(dm.norm_std),
+            "norm_mean": tuple(dm.norm_mean),
+            "norm_std": tuple(dm.norm_std),
             "image_size": getattr(dm, "image_size", hp.get("image_size", IMAGE_SIZE)),
             "class_names": list(getattr(dm, "class_names", self.class_names)),
-        }  # fmt: skip
+        }
         for key, value in data.items():
             ours = hp.get(key, IMAGE_SIZE if key == "image_size" else None)
             if _as_list(ours) != _as_list(value):

@@ -93,9 +93,14 @@ class MuonSGD(torch.optim.Optimizer):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
         defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-            ns_steps=ns_steps, normalize=normalize, muon=False,
-        )  # fmt: skip
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            normalize=normalize,
+            muon=False,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.ndim < 2 for p in group["params"]):
@@ -132,7 +137,10 @@ class MuonSGD(torch.optim.Optimizer):
                 if group["normalize"]:
                     for p in params:
                         p.mul_(p.shape[0] ** 0.5 / p.norm().clamp_min(1e-12))
-                grads = [orthogonalize(g.reshape(p.shape[0], -1), group["ns_steps"]).view_as(p) for p, g in zip(params, grads)]
+                grads = [
+                    orthogonalize(g.reshape(p.shape[0], -1), group["ns_steps"]).view_as(p)
+                    for p, g in zip(params, grads)
+                ]
             torch._foreach_add_(params, grads, alpha=-lr)
         return loss
 
@@ -155,8 +163,13 @@ class SAM(torch.optim.Optimizer):
       state in a checkpoint is the base optimizer's: ``e`` lives only within a step.
     """
 
-    def __init__(self, base: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = False,
-                 norm_modules: Sequence[torch.nn.Module] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base: torch.optim.Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        norm_modules: Sequence[torch.nn.Module] = (),
+    ) -> None:
         if not rho > 0:
             raise UserError(f"sam_rho must be positive, got {rho}. Try 0.05 (SAM) or 2.0 (ASAM).")
         # The base optimizer's defaults too: a schedule that cycles momentum looks for them there.
@@ -220,8 +233,7 @@ def muon_param_groups(module: torch.nn.Module, muon_lr: float, muon_momentum: fl
 
 
 class PiecewiseConstant:
-    """LR multiplier ``factors[i]`` from ``milestones[i]`` on (``initial`` before the first one).
-    """
+    """LR multiplier ``factors[i]`` from ``milestones[i]`` on (``initial`` before the first one)."""
 
     def __init__(self, milestones: Sequence[int], factors: Sequence[float], initial: float = 1.0) -> None:
         self.milestones = list(milestones)
@@ -294,7 +306,9 @@ class WarmupPiecewise(Resizable, PiecewiseConstant):
     what is left of the schedule over them, as the per-step schedules do (an epoch-counted
     multistep without warm-up would keep its milestones' epochs)."""
 
-    def __init__(self, milestones: Sequence[int], factors: Sequence[float], initial: float, warmup: int, total: int) -> None:
+    def __init__(
+        self, milestones: Sequence[int], factors: Sequence[float], initial: float, warmup: int, total: int
+    ) -> None:
         PiecewiseConstant.__init__(self, milestones, factors, initial)
         self.warmup, self.total = warmup, max(total, 1)
 
@@ -368,7 +382,9 @@ def build_optimizer(model: torch.nn.Module, hp: Mapping[str, Any]) -> torch.opti
         )
     if name == "muon":
         groups = muon_param_groups(model, hp["muon_lr"], hp["muon_momentum"])
-        return MuonSGD(groups, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"], weight_decay=hp["weight_decay"])
+        return MuonSGD(
+            groups, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"], weight_decay=hp["weight_decay"]
+        )
     if name == "adam":
         return torch.optim.Adam(params, lr=hp["lr"], betas=tuple(hp["betas"]), weight_decay=hp["weight_decay"])
     if name == "adamw":
@@ -413,7 +429,9 @@ def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: 
             per_epoch = _steps_per_epoch(trainer)
             steps = milestones if unit == "step" else [round(m * per_epoch) for m in milestones]
             warmup = max(1, round(hp["warmup_epochs"] * per_epoch))
-            rule = WarmupPiecewise(steps, gammas, hp["initial_lr_factor"], warmup, int(trainer.estimated_stepping_batches))
+            rule = WarmupPiecewise(
+                steps, gammas, hp["initial_lr_factor"], warmup, int(trainer.estimated_stepping_batches)
+            )
             unit = "step"
         else:
             rule = PiecewiseConstant(milestones, gammas, hp["initial_lr_factor"])
@@ -433,9 +451,13 @@ def build_scheduler(opt: torch.optim.Optimizer, hp: Mapping[str, Any], trainer: 
         base = [g["momentum"] if m else 0.85 for g, m in zip(opt.param_groups, muon)]
         peak = [g["momentum"] if m else 0.95 for g, m in zip(opt.param_groups, muon)]
         sched = ResizableOneCycleLR(
-            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=pct_start,
-            base_momentum=base, max_momentum=peak,
-        )  # fmt: skip
+            opt,
+            max_lr=[g["lr"] for g in opt.param_groups],
+            total_steps=total,
+            pct_start=pct_start,
+            base_momentum=base,
+            max_momentum=peak,
+        )
     elif name in ("cosine", "linear"):
         warmup = int(round(hp["warmup_epochs"] * _steps_per_epoch(trainer)))
         shape = WarmupLinear if name == "linear" else WarmupCosine

@@ -95,8 +95,15 @@ def confusion_matrix_figure(
         ax.set_yticklabels(names)
         for i in range(c):
             for j in range(c):
-                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    str(m[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
         return fig
     # The axes get about 70% of the side; a label needs some 5 pt of it to stay legible.
     row_pt = 0.7 * size * 72 / c
@@ -158,8 +165,9 @@ def per_class_accuracy_figure(
     fig = new_figure(7, max(3.0, 0.45 * (len(names) + bool(left_out)) + 1.5))
     ax = fig.add_subplot()
     if left_out:
-        ax.text(1, BARS_AT_EACH_END, f"... {left_out} classes between", ha="left", va="center", fontsize=8,
-                color="#555555")  # fmt: skip
+        ax.text(
+            1, BARS_AT_EACH_END, f"... {left_out} classes between", ha="left", va="center", fontsize=8, color="#555555"
+        )
     height = 0.4 if tta else 0.7
     bars = ax.barh(y, [100 * accuracy[n] for n in names], height=height, color="#4c72b0", label="plain")
     ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8)
@@ -248,13 +256,25 @@ def reliability_figure(calibration: Mapping[str, Any]) -> Figure:
         acc = [b["accuracy"] if b["count"] else 0 for b in bins]
         conf = [b["confidence"] if b["count"] else c for b, c in zip(bins, centres)]
         ax.bar(centres, acc, width=width * 0.95, color="#4c72b0", label="accuracy")
-        ax.bar(centres, [c - a if b["count"] else 0 for b, a, c in zip(bins, acc, conf)], bottom=acc,
-               width=width * 0.95, color=WRONG, alpha=0.35, label="gap to confidence")  # fmt: skip
+        ax.bar(
+            centres,
+            [c - a if b["count"] else 0 for b, a, c in zip(bins, acc, conf)],
+            bottom=acc,
+            width=width * 0.95,
+            color=WRONG,
+            alpha=0.35,
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
         m = calibration[when]
         label = "before scaling" if when == "before" else f"after scaling (T = {calibration['temperature']:.2f})"
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)", ylabel="accuracy",
-               title=f"{label}: ECE {100 * m['ece']:.2f}%, NLL {m['nll']:.3f}")  # fmt: skip
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1),
+            xlabel="confidence (top-class probability)",
+            ylabel="accuracy",
+            title=f"{label}: ECE {100 * m['ece']:.2f}%, NLL {m['nll']:.3f}",
+        )
         ax.legend(loc="upper left", fontsize=8)
     return fig
 
@@ -273,16 +293,17 @@ def corruptions_figure(report: Mapping[str, Any]) -> Figure:
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8)
-    ax.set(xlabel="severity", title=(
-        f"Accuracy under corruption on {report['images']:,} test images: clean {100 * report['clean_accuracy']:.1f}%, "
-        f"mean {100 * report['mean_accuracy']:.1f}% ({100 * report['relative_drop']:.1f}% lower)"
-    ))  # fmt: skip
+    ax.set(
+        xlabel="severity",
+        title=(
+            f"Accuracy under corruption on {report['images']:,} test images: clean {100 * report['clean_accuracy']:.1f}%, "
+            f"mean {100 * report['mean_accuracy']:.1f}% ({100 * report['relative_drop']:.1f}% lower)"
+        ),
+    )
     return fig
 
 
-def corrupted_examples_figure(
-    examples: Sequence[tuple[str, np.ndarray, str, str]], ncols: int = 5
-) -> Figure:
+def corrupted_examples_figure(examples: Sequence[tuple[str, np.ndarray, str, str]], ncols: int = 5) -> Figure:
     """Corrupted images with what the model predicts: (title, uint8 image, prediction, truth)."""
     titles = [f"{t}\n{pred} (true: {true})" for t, _, pred, true in examples]
     colors = [RIGHT if pred == true else WRONG for _, _, pred, true in examples]
@@ -383,8 +404,14 @@ def reference_curve_figure(
     0) beside a reference's accuracy per epoch (in %, first epoch first)."""
     fig = new_figure(7, 4.5)
     ax = fig.add_subplot()
-    ax.plot(np.arange(1, len(reference) + 1), reference, "-o", markersize=3, color="#555555",
-            label="reference: test accuracy per epoch")  # fmt: skip
+    ax.plot(
+        np.arange(1, len(reference) + 1),
+        reference,
+        "-o",
+        markersize=3,
+        color="#555555",
+        label="reference: test accuracy per epoch",
+    )
     for label, (epochs, acc) in runs.items():
         ax.plot(epochs + 1, 100 * acc, "-s", markersize=3, label=label)
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title=title)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import glob
+import json
 import socket
 import sys
 import time
@@ -228,7 +228,9 @@ def predict_inputs(
                     loaded.append((pred, result))
             if loaded:
                 images = np.stack([image for _, image in loaded])  # (B, S, S, 3)
-                for (pred, _), top in zip(loaded, top_k(module, images, k, temperature, batch_size=batch_size, device=device)):
+                for (pred, _), top in zip(
+                    loaded, top_k(module, images, k, temperature, batch_size=batch_size, device=device)
+                ):
                     pred.top = top
             yield from chunk
 
@@ -279,17 +281,22 @@ def predict_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder, glob pattern or URL")
     parser.add_argument(
-        "--top-k", type=positive(int), default=3,
+        "--top-k",
+        type=positive(int),
+        default=3,
         help="classes per input (default: 3); more than the checkpoint has lists all of them",
-    )  # fmt: skip
+    )
     parser.add_argument("--format", choices=FORMATS, help="default: from --output's suffix (.csv, .json), else table")
     parser.add_argument("--output", help="write the predictions to this file instead of the terminal")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
-        "--calibrated", nargs="?", const="auto", metavar="REPORT",
+        "--calibrated",
+        nargs="?",
+        const="auto",
+        metavar="REPORT",
         help="divide the logits by the temperature of scripts/evaluate.py --calibration (read from REPORT, "
         "default <run dir>/eval/<checkpoint name>/report.json)",
-    )  # fmt: skip
+    )
     parser.add_argument("--batch-size", type=positive(int), default=256)
     parser.add_argument("--timeout", type=positive(float), default=DEFAULT_TIMEOUT_S, help="seconds per URL download")
     parser.add_argument("--max-bytes", type=positive(int), default=DEFAULT_MAX_BYTES, help="largest file or download")
@@ -305,7 +312,9 @@ def calibrated_temperature(checkpoint: str, report: str) -> float:
     path = default_output_dir(checkpoint) / "report.json" if report == "auto" else Path(report)
     hint = f"Run python scripts/evaluate.py {checkpoint} --calibration first, or pass --calibrated REPORT.json."
     if not path.is_file():
-        raise UserError(f"--calibrated needs the evaluation report with a temperature, and {path} does not exist. {hint}")
+        raise UserError(
+            f"--calibrated needs the evaluation report with a temperature, and {path} does not exist. {hint}"
+        )
     try:
         return float(json.loads(path.read_text())["calibration"]["temperature"])
     except (ValueError, KeyError, TypeError):
@@ -325,8 +334,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     k = min(args.top_k, module.hparams.num_classes)  # --top-k 5 of a 3-class model: all 3, as top_k does
     temperature = calibrated_temperature(args.checkpoint, args.calibrated) if args.calibrated else 1.0
     predictions = []
-    run = predict_inputs(module, args.inputs, k=k, batch_size=args.batch_size, device=device, limits=limits,
-                         temperature=temperature)  # fmt: skip
+    run = predict_inputs(
+        module, args.inputs, k=k, batch_size=args.batch_size, device=device, limits=limits, temperature=temperature
+    )
     for pred in run:
         if pred.error:
             print(f"error: {pred.input}: {pred.error}", file=sys.stderr, flush=True)

@@ -96,7 +96,11 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
     subset = f"{seen:,} of {total:,} test images" if seen is not None and seen < total else f"{total:,} test images"
     console.print(f"[bold]Test results: {report['arch']} on {subset}[/bold]", soft_wrap=True)
     table = Table()
-    columns = ["class", "accuracy"] + (["precision", "recall", "images"] if detail else []) + (["TTA accuracy"] if tta else [])
+    columns = (
+        ["class", "accuracy"]
+        + (["precision", "recall", "images"] if detail else [])
+        + (["TTA accuracy"] if tta else [])
+    )
     for name in columns:
         table.add_column(name, justify="left" if name == "class" else "right")
     per_class = report["per_class_acc"]

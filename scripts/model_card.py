@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Write the model card: parameters and MACs of every registered network, as markdown.
 
-    python scripts/model_card.py                            # print it
-    python scripts/model_card.py --output docs/models.md    # regenerate the committed card
+python scripts/model_card.py                            # print it
+python scripts/model_card.py --output docs/models.md    # regenerate the committed card
 """
 
 from cifar_lightning.models.card import main

@@ -29,8 +29,7 @@ def arch_params() -> list:
     """``list_models()`` as pytest params, the heavy networks marked slow (counted, not listed)."""
     import torch
 
-    from cifar_lightning.models import create_model, list_models
-    from cifar_lightning.models import count_macs
+    from cifar_lightning.models import count_macs, create_model, list_models
 
     params = []
     for name in list_models():

@@ -10,12 +10,13 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import labelled_image
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DistributedSampler
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DistributedSampler
 
 from cifar_lightning import ClassifierModule
-from cifar_lightning.fit import fit_main
+from cifar_lightning.callbacks import FreezeAfter, Lookahead, ScaleGradients
 from cifar_lightning.data import (
     AUGMENT_PRESETS,
     CIFAR10_MEAN,
@@ -29,8 +30,7 @@ from cifar_lightning.data import (
 )
 from cifar_lightning.data.transforms import random_erasing_
 from cifar_lightning.errors import UserError
-from cifar_lightning.callbacks import FreezeAfter, Lookahead, ScaleGradients
-from conftest import labelled_image
+from cifar_lightning.fit import fit_main
 
 MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
@@ -116,7 +116,7 @@ def test_alternating_flip_mirrors_each_image_every_other_epoch():
     raw, _ = labelled_arrays(256)
     states = []
     for epoch in range(3):
-        (x, _), = _batches_of_epoch(loader, epoch)
+        ((x, _),) = _batches_of_epoch(loader, epoch)
         order = loader.indices[loader.sampler.positions(epoch)]
         original = (raw[order].permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
         mirrored = ~torch.isclose(x, original, atol=1e-5).flatten(1).all(1)
@@ -159,8 +159,16 @@ def test_channels_last_batches_reach_the_network_without_a_copy(tiny_folder, tmp
             seen.append(("batch", batch[0].data_ptr(), batch[0].is_contiguous(memory_format=torch.channels_last)))
 
     model.model.register_forward_pre_hook(lambda m, args: seen.append(("network", args[0].data_ptr(), None)))
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[Watch()])  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[Watch()],
+    )
     trainer.fit(model, datamodule=make_dm(tiny_folder, loader="tensor", batch_size=8))
     batches = [s for s in seen if s[0] == "batch"]
     assert batches and all(s[2] for s in batches)
@@ -202,9 +210,11 @@ def test_two_ranks_get_disjoint_batches_and_different_augmentation():
     images = torch.from_numpy(labelled_image(1, np.random.default_rng(0))).repeat(64, 1, 1, 1)
     labels = torch.arange(64)
     ranks = [
-        TensorLoader(images, labels, torch.arange(64), 32, train=True, augment="standard", num_replicas=2, rank=r, seed=4)
+        TensorLoader(
+            images, labels, torch.arange(64), 32, train=True, augment="standard", num_replicas=2, rank=r, seed=4
+        )
         for r in range(2)
-    ]  # fmt: skip
+    ]
     assert len(ranks[0]) == len(ranks[1]) == 1
     (x0, y0), (x1, y1) = next(iter(ranks[0])), next(iter(ranks[1]))
     assert set(y0.tolist()).isdisjoint(y1.tolist()) and len(set(y0.tolist()) | set(y1.tolist())) == 64
@@ -259,11 +269,29 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 
 def test_tensor_path_fit(tiny_folder, tmp_path):
-    report = fit_main([
-        "--data-dir", str(tiny_folder), "--output-dir", str(tmp_path), "--arch", "simple_cnn",
-        "--batch-size", "8", "--val-size", "6", "--epochs", "2", "--data.loader=tensor",
-        "--augment", "translate", "--data.flip_mode=alternating", "--data.cutout=8", "--model.tta=flip", *QUIET,
-    ])  # fmt: skip
+    report = fit_main(
+        [
+            "--data-dir",
+            str(tiny_folder),
+            "--output-dir",
+            str(tmp_path),
+            "--arch",
+            "simple_cnn",
+            "--batch-size",
+            "8",
+            "--val-size",
+            "6",
+            "--epochs",
+            "2",
+            "--data.loader=tensor",
+            "--augment",
+            "translate",
+            "--data.flip_mode=alternating",
+            "--data.cutout=8",
+            "--model.tta=flip",
+            *QUIET,
+        ]
+    )
     # 30 training images in batches of 8: 4 steps an epoch, as len(loader) told the trainer
     assert report["global_step"] == 8 and report["epochs"] == 2
     assert 0.0 <= report["test_acc"] <= 1.0 and Path(report["checkpoint"]).is_file()
@@ -274,9 +302,14 @@ def test_tensor_path_resumes_from_a_checkpoint(tiny_folder, tmp_path):
         dm = make_dm(tiny_folder, loader="tensor", batch_size=8)
         model = ClassifierModule(arch="simple_cnn", num_classes=3, lr=0.01, tta="flip_translate")
         trainer = pl.Trainer(
-            max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[Lookahead(every=2)],
-        )  # fmt: skip
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+            callbacks=[Lookahead(every=2)],
+        )
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
         return trainer
 
@@ -381,11 +414,33 @@ def test_tensor_path_under_ddp_matches_one_process(tmp_path):
     data = write_image_folder(tmp_path / "data", n_train=10, n_test=5)
     out = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "fit.py"), "--data-dir", str(data), "--output-dir", str(out),
-         "--arch", "simple_cnn", "--batch-size", "4", "--val-size", "6", "--epochs", "1", "--devices", "2",
-         "--accelerator", "cpu", "--data.loader=tensor", *QUIET],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "fit.py"),
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--arch",
+            "simple_cnn",
+            "--batch-size",
+            "4",
+            "--val-size",
+            "6",
+            "--epochs",
+            "1",
+            "--devices",
+            "2",
+            "--accelerator",
+            "cpu",
+            "--data.loader=tensor",
+            *QUIET,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next(out.rglob("test_report.json")).read_text())
     # 24 training images, 2 ranks x 12, batches of 4: 3 steps
@@ -497,9 +552,10 @@ def _black_corners(batch: torch.Tensor) -> np.ndarray:
 
 def _rotated_by_tensor_loader(n: int, rotate: float) -> torch.Tensor:
     white = torch.full((n, 32, 32, 3), 255, dtype=torch.uint8)
-    loader = TensorLoader(white, torch.zeros(n, dtype=torch.long), torch.arange(n), n, train=True, augment="none",
-                          rotate=rotate, seed=1)  # fmt: skip
-    (x, _), = list(loader)
+    loader = TensorLoader(
+        white, torch.zeros(n, dtype=torch.long), torch.arange(n), n, train=True, augment="none", rotate=rotate, seed=1
+    )
+    ((x, _),) = list(loader)
     return x
 
 

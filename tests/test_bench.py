@@ -9,17 +9,21 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, write_image_folder
 
 from benchmarks.bench import main, summary_rows
 from benchmarks.bench_airbench import write_airbench_data
 from benchmarks.bench_memory import MemorySampler
 from benchmarks.bench_speed import BenchConfig
-from conftest import REPO, write_image_folder
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), *args], capture_output=True, text=True, timeout=300, cwd=REPO
+        [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
 
 
@@ -87,9 +91,15 @@ def check_overhead(overhead):
     # every timed step of every fit has a bare step beside it
     assert overhead["pairs"] == overhead["timed_steps"] * overhead["repeats"]
     ms, se = overhead["framework_ms_per_step"], overhead["framework_ms_standard_error"]
-    ordered = all(ms[b] <= ms[a] + 2 * (se[a] + se[b]) + 2e-3
-                  for a, b in [("terminal", "defaults"), ("defaults", "no_progress_bar"), ("no_progress_bar", "bare_trainer"),
-                               ("bare_trainer", "lightning_floor")])  # fmt: skip
+    ordered = all(
+        ms[b] <= ms[a] + 2 * (se[a] + se[b]) + 2e-3
+        for a, b in [
+            ("terminal", "defaults"),
+            ("defaults", "no_progress_bar"),
+            ("no_progress_bar", "bare_trainer"),
+            ("bare_trainer", "lightning_floor"),
+        ]
+    )
     assert overhead["ordered"] is ordered or abs(ms["defaults"] - ms["no_progress_bar"]) < 2e-3
     assert overhead["ours_ms_per_step"] == pytest.approx(ms["defaults"] - ms["lightning_floor"], abs=2e-3)
     assert overhead["ours_met"] is (overhead["ours_ms_per_step"] <= overhead["target_ours_ms"] == 0.25)
@@ -188,7 +198,12 @@ def test_compare_to_baseline_pairs_seeds():
     def run(runner, seed, acc, secs):
         return {"runner": runner, "seed": seed, "test_acc": acc, "seconds": secs, "images_seen": 1000}
 
-    runs = [run("airbench94", 0, 0.90, 100), run("a", 0, 0.91, 80), run("airbench94", 1, 0.92, 200), run("a", 1, 0.91, 180)]
+    runs = [
+        run("airbench94", 0, 0.90, 100),
+        run("a", 0, 0.91, 80),
+        run("airbench94", 1, 0.92, 200),
+        run("a", 1, 0.91, 180),
+    ]
     out = compare_to_baseline(runs)
     vs = out["a"]["against_airbench94"]
     assert vs["seeds"] == [0, 1] and vs["time_ratio"] == pytest.approx((0.8 + 0.9) / 2)
@@ -234,12 +249,26 @@ def test_seeds_run_apart_merge_into_one_comparison(tmp_path, capsys):
 
 def test_summary_rows_and_configs():
     assert summary_rows({"meta": {}}) == []
-    row = {"tensor_loader_images_per_s": 9000.0, "per_image_2_workers_images_per_s": 3000.0,
-           "tensor_over_per_image": 3.0, "tensor_over_standard_tensor": 0.2}  # fmt: skip
-    data = {"batch_size": 512, "tensor_loader": {"images_per_s": 45000.0}, "imagefolder_pil_2_workers": {"images_per_s": 2000.0},
-            "array_pil_loader_2_workers": {"images_per_s": 4000.0}, "speedup": 22.5, "speedup_over_array_pil": 11.25,
-            "target_speedup": 20.0, "presets": {"presets": {"trivialaugment": row}, "resnet20_training_images_per_s": 600.0,
-                                                "policy_over_resnet20_training": 15.0}}  # fmt: skip
+    row = {
+        "tensor_loader_images_per_s": 9000.0,
+        "per_image_2_workers_images_per_s": 3000.0,
+        "tensor_over_per_image": 3.0,
+        "tensor_over_standard_tensor": 0.2,
+    }
+    data = {
+        "batch_size": 512,
+        "tensor_loader": {"images_per_s": 45000.0},
+        "imagefolder_pil_2_workers": {"images_per_s": 2000.0},
+        "array_pil_loader_2_workers": {"images_per_s": 4000.0},
+        "speedup": 22.5,
+        "speedup_over_array_pil": 11.25,
+        "target_speedup": 20.0,
+        "presets": {
+            "presets": {"trivialaugment": row},
+            "resnet20_training_images_per_s": 600.0,
+            "policy_over_resnet20_training": 15.0,
+        },
+    }
     rows = summary_rows({"data": data})
     policy = next(r for r in rows if r[0].startswith("data: trivialaugment, tensor loader"))
     assert policy[1:] == ("9,000 vs 3,000 img/s", "3.0x", ">= 10x") and "0.20x" in policy[0]
@@ -260,8 +289,8 @@ def test_overhead_method_sees_a_known_cost(tmp_path):
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from cifar_lightning.data.synthetic import write_image_folder
     from benchmarks.bench_overhead import _interleaved_fit, _interleaved_null
+    from cifar_lightning.data.synthetic import write_image_folder
 
     class Spend(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -327,7 +356,9 @@ def test_a_tricks_ratio_inside_the_runs_own_spread_reads_as_noise():
     mark_noise(rows)
     assert rows["cutout"]["noise"] == 0.25 and not rows["cutout"]["beyond_noise"]
     assert rows["sam"]["beyond_noise"] and rows["sam"]["over_standard"] == 0.5
-    printed = {r[0].split()[1]: r[2] for r in summary_rows({"tricks": {"arch": "resnet20", "batch_size": 128, "tricks": rows}})}
+    printed = {
+        r[0].split()[1]: r[2] for r in summary_rows({"tricks": {"arch": "resnet20", "batch_size": 128, "tricks": rows}})
+    }
     assert printed == {"standard": "1.00x", "cutout": "within noise", "sam": "0.50x"}
 
 
@@ -337,16 +368,20 @@ def test_lightning_floor_fits_nothing_of_this_package(tmp_path):
     import torch
     from lightning.pytorch.callbacks import Callback
 
+    from benchmarks.bench_overhead import BareLoop, _interleaved_fit
     from cifar_lightning.data.synthetic import write_image_folder
     from cifar_lightning.module import ClassifierModule
-    from benchmarks.bench_overhead import BareLoop, _interleaved_fit
 
     seen = {}
 
     class Look(Callback):
         def on_train_start(self, trainer, pl_module):
-            seen.update(module=pl_module, logger=trainer.logger, callbacks=list(trainer.callbacks),
-                        weights=[p.detach().clone() for p in pl_module.parameters()])  # fmt: skip
+            seen.update(
+                module=pl_module,
+                logger=trainer.logger,
+                callbacks=list(trainer.callbacks),
+                weights=[p.detach().clone() for p in pl_module.parameters()],
+            )
 
     data = write_image_folder(tmp_path / "data", n_train=80, n_test=4)
     cfg = BenchConfig.quick_config(data_dir=str(data), val_size=16, warmup_steps=1, timed_steps=4)

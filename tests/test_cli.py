@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO
 
 from cifar_lightning.cli import cli_main
 from cifar_lightning.fit import fit_main
-from conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -19,18 +19,28 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 def tiny_overrides(data_dir: Path, out: Path) -> list[str]:
     return [
-        f"--data.data_dir={data_dir}", "--data.download=false", "--data.num_workers=0",
-        "--data.batch_size=4", "--data.val_size=6", f"--trainer.default_root_dir={out}",
-        f"--trainer.logger.init_args.save_dir={out}", *QUIET,
-    ]  # fmt: skip
+        f"--data.data_dir={data_dir}",
+        "--data.download=false",
+        "--data.num_workers=0",
+        "--data.batch_size=4",
+        "--data.val_size=6",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger.init_args.save_dir={out}",
+        *QUIET,
+    ]
 
 
 def test_configs_exist():
     names = {p.stem for p in CONFIGS}
     expected = {
-        "mynet_tutorial", "resnet34_tutorial", "simple_cnn_tutorial", "dainet7_tutorial",
-        "resnet50_tutorial", "resnet18", *(f"resnet{d}_paper" for d in (20, 32, 44, 56, 110)),
-    }  # fmt: skip
+        "mynet_tutorial",
+        "resnet34_tutorial",
+        "simple_cnn_tutorial",
+        "dainet7_tutorial",
+        "resnet50_tutorial",
+        "resnet18",
+        *(f"resnet{d}_paper" for d in (20, 32, 44, 56, 110)),
+    }
     assert expected <= names
 
 
@@ -85,24 +95,60 @@ def _hparams(ckpt: str) -> tuple[dict, dict]:
 
 
 def test_alias_flags_and_yaml_give_the_same_checkpoint_hparams(tiny_folder, tmp_path):
-    common = ["--output-dir", str(tmp_path), "--data-dir", str(tiny_folder), "--num-workers", "0",
-              "--val-size", "6", "--trainer.limit_train_batches=2", *QUIET]  # fmt: skip
+    common = [
+        "--output-dir",
+        str(tmp_path),
+        "--data-dir",
+        str(tiny_folder),
+        "--num-workers",
+        "0",
+        "--val-size",
+        "6",
+        "--trainer.limit_train_batches=2",
+        *QUIET,
+    ]
     by_flags = fit_main(
-        ["--arch", "simple_cnn", "--optimizer", "adam", "--lr", "0.003", "--weight-decay", "0.001",
-         "--scheduler", "onecycle", "--batch-size", "8", "--augment", "none", "--epochs", "1",
-         "--label-smoothing", "0.1", "--name", "flags", *common]
-    )  # fmt: skip
+        [
+            "--arch",
+            "simple_cnn",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.003",
+            "--weight-decay",
+            "0.001",
+            "--scheduler",
+            "onecycle",
+            "--batch-size",
+            "8",
+            "--augment",
+            "none",
+            "--epochs",
+            "1",
+            "--label-smoothing",
+            "0.1",
+            "--name",
+            "flags",
+            *common,
+        ]
+    )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(
             {
-                "model": {"arch": "simple_cnn", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.001,
-                          "scheduler": "onecycle", "label_smoothing": 0.1},
+                "model": {
+                    "arch": "simple_cnn",
+                    "optimizer": "adam",
+                    "lr": 0.003,
+                    "weight_decay": 0.001,
+                    "scheduler": "onecycle",
+                    "label_smoothing": 0.1,
+                },
                 "data": {"batch_size": 8, "augment": "none"},
                 "trainer": {"max_epochs": 1},
             }
         )
-    )  # fmt: skip
+    )
     by_yaml = fit_main(["--config", str(recipe), "--name", "yaml", *common])
     assert _hparams(by_flags["checkpoint"]) == _hparams(by_yaml["checkpoint"])
     assert _hparams(by_flags["checkpoint"])[0]["optimizer"] == "adam"
@@ -113,7 +159,10 @@ def test_alias_flags_and_yaml_give_the_same_checkpoint_hparams(tiny_folder, tmp_
     "content, pattern",
     [
         ("model:\n  arch: simple_cnn\n  lrr: 0.1\n", r"bad\.yaml: unknown key model\.lrr\. Did you mean model\.lr\?"),
-        ("model:\n  weight_decey: 0.1\n", r"bad\.yaml: unknown key model\.weight_decey\. Did you mean model\.weight_decay\?"),
+        (
+            "model:\n  weight_decey: 0.1\n",
+            r"bad\.yaml: unknown key model\.weight_decey\. Did you mean model\.weight_decay\?",
+        ),
         ("model:\n  lr: fast\n", r"bad\.yaml: model\.lr: expected a float, got 'fast'"),
         ("data:\n  augment: sideways\n", r"bad\.yaml: data\.augment: expected one of none, standard, .*got 'sideways'"),
         ("model:\n  arch: [unclosed\n", r"bad\.yaml: not valid YAML"),
@@ -155,11 +204,26 @@ def test_cli_messages_name_cli_arguments(tmp_path, capsys):
 
 
 def test_test_subcommand_rebuilds_from_checkpoint(tiny_folder, tmp_path):
-    report = fit_main(["--arch", "lenet5", "--epochs", "1", "--output-dir", str(tmp_path), "--data-dir",
-                       str(tiny_folder), "--num-workers", "0", "--val-size", "6", "--batch-size", "8", *QUIET])  # fmt: skip
-    cli = cli_main(
-        ["test", f"--ckpt_path={report['checkpoint']}", *tiny_overrides(tiny_folder, tmp_path / "t")]
+    report = fit_main(
+        [
+            "--arch",
+            "lenet5",
+            "--epochs",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+            "--data-dir",
+            str(tiny_folder),
+            "--num-workers",
+            "0",
+            "--val-size",
+            "6",
+            "--batch-size",
+            "8",
+            *QUIET,
+        ]
     )
+    cli = cli_main(["test", f"--ckpt_path={report['checkpoint']}", *tiny_overrides(tiny_folder, tmp_path / "t")])
     # the architecture comes from the checkpoint, not from the CLI default (resnet18)
     assert cli.model.hparams.arch == "lenet5"
     assert cli.trainer.callback_metrics["test/acc"].item() == pytest.approx(report["test_acc"])
@@ -167,9 +231,31 @@ def test_test_subcommand_rebuilds_from_checkpoint(tiny_folder, tmp_path):
 
 def nonstandard_checkpoint(tiny_folder, tmp_path) -> str:
     """A checkpoint trained with a normalisation other than the data module's default."""
-    report = fit_main(["--arch", "simple_cnn", "--epochs", "2", "--output-dir", str(tmp_path / "fit"), "--data-dir",
-                       str(tiny_folder), "--num-workers", "0", "--val-size", "6", "--batch-size", "4", "--lr", "0.05",
-                       "--data.mean", "[0.5,0.5,0.5]", "--data.std", "[0.5,0.5,0.5]", *QUIET])  # fmt: skip
+    report = fit_main(
+        [
+            "--arch",
+            "simple_cnn",
+            "--epochs",
+            "2",
+            "--output-dir",
+            str(tmp_path / "fit"),
+            "--data-dir",
+            str(tiny_folder),
+            "--num-workers",
+            "0",
+            "--val-size",
+            "6",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.05",
+            "--data.mean",
+            "[0.5,0.5,0.5]",
+            "--data.std",
+            "[0.5,0.5,0.5]",
+            *QUIET,
+        ]
+    )
     return report["checkpoint"]
 
 
@@ -178,9 +264,17 @@ def test_test_subcommand_reads_the_data_as_the_checkpoint_did(tiny_folder, tmp_p
 
     ckpt = nonstandard_checkpoint(tiny_folder, tmp_path)
     # no data arguments at all: the folder, normalisation and classes come from the checkpoint
-    cli = cli_main(["test", f"--ckpt_path={ckpt}", "--data.num_workers=0", "--data.batch_size=5",
-                    f"--trainer.default_root_dir={tmp_path / 't'}", f"--trainer.logger.init_args.save_dir={tmp_path / 't'}",
-                    *QUIET])  # fmt: skip
+    cli = cli_main(
+        [
+            "test",
+            f"--ckpt_path={ckpt}",
+            "--data.num_workers=0",
+            "--data.batch_size=5",
+            f"--trainer.default_root_dir={tmp_path / 't'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 't'}",
+            *QUIET,
+        ]
+    )
     assert list(cli.datamodule.norm_mean) == [0.5] * 3 and list(cli.datamodule.norm_std) == [0.5] * 3
     got = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     report = evaluate_main([ckpt, "--output-dir", str(tmp_path / "eval")])
@@ -195,7 +289,10 @@ def test_data_that_contradicts_the_checkpoint_is_refused(tiny_folder, tmp_path, 
     ckpt = nonstandard_checkpoint(tiny_folder, tmp_path)
     other = write_image_folder(tmp_path / "other", classes=("apple", "pear", "plum"), n_train=2, n_test=2)
     for args, said in (
-        (["--data.mean=[0.4,0.4,0.4]", "--data.std=[0.2,0.2,0.2]"], "trained on images normalised with mean [0.5, 0.5, 0.5]"),
+        (
+            ["--data.mean=[0.4,0.4,0.4]", "--data.std=[0.2,0.2,0.2]"],
+            "trained on images normalised with mean [0.5, 0.5, 0.5]",
+        ),
         ([f"--data.data_dir={other}"], "was trained on 3 classes"),
         (["--data.image_size=64"], "trained on 32 px images"),
     ):
@@ -206,14 +303,24 @@ def test_data_that_contradicts_the_checkpoint_is_refused(tiny_folder, tmp_path, 
 
 
 def test_cli_names_runs_as_fit_py_does_and_prints_where_they_are(tiny_folder, tmp_path, capsys):
-    args = ["fit", f"--data.data_dir={tiny_folder}", "--data.num_workers=0", "--data.batch_size=8", "--data.val_size=6",
-            "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET]  # fmt: skip
+    args = [
+        "fit",
+        f"--data.data_dir={tiny_folder}",
+        "--data.num_workers=0",
+        "--data.batch_size=8",
+        "--data.val_size=6",
+        "--trainer.max_epochs=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        *QUIET,
+    ]
     cli = cli_main([*args, "--model.arch=simple_cnn"])
     assert Path(cli.trainer.log_dir) == tmp_path / "simple_cnn" / "version_0"
     out = capsys.readouterr().out
     assert f"run: {tmp_path / 'simple_cnn' / 'version_0'}" in out
-    assert re.search(rf"checkpoint: {re.escape(str(tmp_path / 'simple_cnn' / 'version_0' / 'checkpoints'))}/best-\S+\.ckpt", out)
+    assert re.search(
+        rf"checkpoint: {re.escape(str(tmp_path / 'simple_cnn' / 'version_0' / 'checkpoints'))}/best-\S+\.ckpt", out
+    )
     recipe = tmp_path / "my_recipe.yaml"
     recipe.write_text("model:\n  arch: simple_cnn\n")
     cli = cli_main([*args, "--config", str(recipe)])
@@ -228,4 +335,7 @@ def test_print_config_shows_the_precision_that_will_be_used(capsys, monkeypatch)
         cfg = print_config(["--trainer.accelerator=cpu"], capsys)
         assert cfg["trainer"]["precision"] == expected
         # an explicit precision is kept as given
-        assert print_config(["--trainer.accelerator=cpu", "--trainer.precision=16-mixed"], capsys)["trainer"]["precision"] == "16-mixed"
+        assert (
+            print_config(["--trainer.accelerator=cpu", "--trainer.precision=16-mixed"], capsys)["trainer"]["precision"]
+            == "16-mixed"
+        )

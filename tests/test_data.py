@@ -12,18 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from PIL import Image
 
-from cifar_lightning.data import archives, sources
 from cifar_lightning.data import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
     CIFAR10DataModule,
+    archives,
     load_image_folder_split,
     safe_extract,
+    sources,
 )
 from cifar_lightning.errors import UserError
-from conftest import write_image_folder
 
 
 def make_dm(data_dir, **kw) -> CIFAR10DataModule:
@@ -331,7 +332,9 @@ def test_processes_that_find_no_cache_together_decode_once(tiny_folder, tmp_path
 
     log = tmp_path / "decodes.txt"
     procs = [
-        subprocess.Popen([sys.executable, "-c", _COUNTED_LOAD, str(tiny_folder), str(log), str(i)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _COUNTED_LOAD, str(tiny_folder), str(log), str(i)], stdout=subprocess.PIPE, text=True
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=120)[0].strip() for p in procs]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import labelled_image, write_image_folder
 from PIL import Image
 
 from cifar_lightning.checkpoint import load_classifier
@@ -28,7 +29,6 @@ from cifar_lightning.export import export_main
 from cifar_lightning.fit import fit_main
 from cifar_lightning.inference import predict_logits
 from cifar_lightning.predict import predict_main
-from conftest import labelled_image, write_image_folder
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 #: The superclass of each fine class, from the table (what the files' coarse_labels must agree with).
@@ -46,10 +46,12 @@ def write_cifar100(root: Path, n_train: int = 3, n_test: int = 1, seed: int = 0,
         # labelled_image encodes labels 0-9: the superclass modulo 10 keeps images of one group alike.
         images = np.stack([labelled_image(int(coarse_of[f]) % 10, rng) for f in fine])  # (N, 32, 32, 3)
         entry = {
-            "filenames": [f"img_{i}.png" for i in range(len(fine))], "batch_label": f"{split} batch",
-            "fine_labels": [int(f) for f in fine], "coarse_labels": [int(coarse_of[f]) for f in fine],
+            "filenames": [f"img_{i}.png" for i in range(len(fine))],
+            "batch_label": f"{split} batch",
+            "fine_labels": [int(f) for f in fine],
+            "coarse_labels": [int(coarse_of[f]) for f in fine],
             "data": images.transpose(0, 3, 1, 2).reshape(len(fine), 3072),  # rows of R, G, B planes
-        }  # fmt: skip
+        }
         with open(folder / split, "wb") as f:
             pickle.dump(entry, f)
     with open(folder / "meta", "wb") as f:
@@ -98,8 +100,11 @@ def test_cifar100_files_whose_coarse_labels_disagree_are_refused(tmp_path, no_ch
 
 
 def test_dataset_and_data_that_disagree_get_one_clear_error(tiny_folder, cifar100_files, tmp_path):
-    with pytest.raises(UserError, match=r"--dataset cifar10 expects the 10 class folders of CIFAR-10, but .* has 3 "
-                                        r"\(cat, dog, frog\).*Pass --dataset folder"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"--dataset cifar10 expects the 10 class folders of CIFAR-10, but .* has 3 "
+        r"\(cat, dog, frog\).*Pass --dataset folder",
+    ):
         CIFAR10DataModule(data_dir=str(tiny_folder), dataset="cifar10", download=False)
     with pytest.raises(UserError, match="holds CIFAR-100 .* not CIFAR-10. Pass --dataset cifar100"):
         CIFAR10DataModule(data_dir=str(cifar100_files), dataset="cifar10", download=False)
@@ -113,7 +118,9 @@ def test_dataset_and_data_that_disagree_get_one_clear_error(tiny_folder, cifar10
 
 def test_the_cli_refuses_a_dataset_mismatch_with_exit_2(tiny_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        fit_main(["--data-dir", str(tiny_folder), "--dataset", "cifar100", "--output-dir", str(tmp_path), "--fast-dev-run"])
+        fit_main(
+            ["--data-dir", str(tiny_folder), "--dataset", "cifar100", "--output-dir", str(tmp_path), "--fast-dev-run"]
+        )
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "expects the 100 class folders of CIFAR-100" in err and "Traceback" not in err
 
@@ -168,7 +175,11 @@ def write_mixed_folder(root: Path, n_train: int = 10, n_test: int = 4) -> Path:
     """3 classes of images that are not 32x32 RGB: a JPEG 64x48, a greyscale PNG 20x20, a palette or
     RGBA PNG 40x40, each encoding its class."""
     rng = np.random.default_rng(1)
-    kinds = {"apples": ((64, 48), "RGB", ".jpg"), "grey_things": ((20, 20), "L", ".png"), "icons": ((40, 40), "RGBA", ".png")}
+    kinds = {
+        "apples": ((64, 48), "RGB", ".jpg"),
+        "grey_things": ((20, 20), "L", ".png"),
+        "icons": ((40, 40), "RGBA", ".png"),
+    }
     for split, n in (("train", n_train), ("test", n_test)):
         for label, (name, (size, mode, suffix)) in enumerate(kinds.items()):
             (root / split / name).mkdir(parents=True)
@@ -181,10 +192,26 @@ def write_mixed_folder(root: Path, n_train: int = 10, n_test: int = 4) -> Path:
 
 
 def _fit(data: Path, out: Path, *extra: str) -> dict:
-    return fit_main([
-        "--data-dir", str(data), "--output-dir", str(out), "--num-workers", "0", "--arch", "simple_cnn",
-        "--batch-size", "16", "--epochs", "2", "--lr", "0.02", *QUIET, *extra,
-    ])  # fmt: skip
+    return fit_main(
+        [
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--num-workers",
+            "0",
+            "--arch",
+            "simple_cnn",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.02",
+            *QUIET,
+            *extra,
+        ]
+    )
 
 
 def _downstream(ckpt: Path, data: Path, out: Path, classes: list[str], image: Path) -> list[dict]:
@@ -196,7 +223,9 @@ def _downstream(ckpt: Path, data: Path, out: Path, classes: list[str], image: Pa
     assert predict_main([str(ckpt), str(image), "--top-k", "3", "--output", str(out / "pred.csv")]) == 0
     rows = list(csv.DictReader(open(out / "pred.csv")))
     ranked = [k for k in rows[0] if k.startswith("class_")]
-    assert len(rows) == 1 and ranked == ["class_1", "class_2", "class_3"] and {rows[0][k] for k in ranked} <= set(classes)
+    assert (
+        len(rows) == 1 and ranked == ["class_1", "class_2", "class_3"] and {rows[0][k] for k in ranked} <= set(classes)
+    )
     assert export_main([str(ckpt), "--format", "onnx", "--output", str(out / "m.onnx"), "--data-dir", str(data)]) == 0
     import onnx
 
@@ -280,16 +309,40 @@ def test_image_size_reads_every_source_at_that_size(tmp_path, cifar100_files):
 
 def test_a_network_that_cannot_take_the_size_is_refused(tiny_folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        fit_main(["--data-dir", str(tiny_folder), "--output-dir", str(tmp_path), "--arch", "simple_cnn",
-                  "--image-size", "48", "--fast-dev-run", *QUIET])  # fmt: skip
+        fit_main(
+            [
+                "--data-dir",
+                str(tiny_folder),
+                "--output-dir",
+                str(tmp_path),
+                "--arch",
+                "simple_cnn",
+                "--image-size",
+                "48",
+                "--fast-dev-run",
+                *QUIET,
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "simple_cnn cannot take 48x48 images" in err and "Traceback" not in err
 
 
 def test_a_run_at_another_image_size_is_evaluated_predicted_and_exported_at_it(tmp_path):
     data = write_mixed_folder(tmp_path / "mixed", n_train=6, n_test=2)
-    report = _fit(data, tmp_path / "runs", "--dataset", "folder", "--val-size", "3", "--arch", "resnet20",
-                  "--image-size", "40", "--epochs", "1")  # fmt: skip
+    report = _fit(
+        data,
+        tmp_path / "runs",
+        "--dataset",
+        "folder",
+        "--val-size",
+        "3",
+        "--arch",
+        "resnet20",
+        "--image-size",
+        "40",
+        "--epochs",
+        "1",
+    )
     ckpt = Path(report["checkpoint"])
     assert load_classifier(ckpt).hparams.image_size == 40
     first = sorted((data / "test" / "apples").iterdir())[0]
@@ -316,7 +369,10 @@ def test_the_real_copy_as_a_folder_gets_its_own_statistics(real_cifar10):
     from cifar_lightning.constants import CIFAR10_STD
 
     as_cifar10 = CIFAR10DataModule(data_dir=str(real_cifar10), download=False)
-    assert as_cifar10.dataset_name == "cifar10" and (as_cifar10.norm_mean, as_cifar10.norm_std) == (CIFAR10_MEAN, CIFAR10_STD)
+    assert as_cifar10.dataset_name == "cifar10" and (as_cifar10.norm_mean, as_cifar10.norm_std) == (
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+    )
     as_folder = CIFAR10DataModule(data_dir=str(real_cifar10), dataset="folder", download=False)
     assert as_folder.class_names == as_cifar10.class_names
     assert as_folder.norm_mean == (0.4913, 0.4821, 0.4465) and as_folder.norm_std == (0.2452, 0.2428, 0.2606)
@@ -332,16 +388,24 @@ def test_a_model_built_by_hand_takes_the_data_modules_description(tmp_path):
     data = write_mixed_folder(tmp_path / "mixed", n_train=4, n_test=2)
     dm = CIFAR10DataModule(data_dir=str(data), download=False, image_size=40, val_size=3, batch_size=4, num_workers=0)
     model = ClassifierModule(arch="resnet20", num_classes=3)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
     trainer.fit(model, datamodule=dm)
     trainer.save_checkpoint(tmp_path / "hand.ckpt")
     saved = load_classifier(tmp_path / "hand.ckpt").hparams
     assert tuple(saved.norm_mean) == dm.norm_mean != CIFAR10_MEAN and tuple(saved.norm_std) == dm.norm_std
     assert saved.image_size == 40 and list(saved.class_names) == ["apples", "grey_things", "icons"]
     with pytest.raises(UserError, match="built for 10 classes, but the data has 3"):
-        pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   default_root_dir=tmp_path).fit(ClassifierModule(arch="resnet20"), datamodule=dm)  # fmt: skip
+        pl.Trainer(
+            max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
+        ).fit(ClassifierModule(arch="resnet20"), datamodule=dm)
 
 
 def test_a_folder_with_both_torchvision_datasets_needs_a_name(cifar100_files, monkeypatch):
@@ -350,8 +414,11 @@ def test_a_folder_with_both_torchvision_datasets_needs_a_name(cifar100_files, mo
 
     _write_torchvision_format(cifar100_files)  # torchvision's usual data/ holds both
     monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
-    with pytest.raises(UserError, match="holds both cifar-10-batches-py and cifar-100-python: say which to read "
-                                        "with --dataset cifar10 or --dataset cifar100"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match="holds both cifar-10-batches-py and cifar-100-python: say which to read "
+        "with --dataset cifar10 or --dataset cifar100",
+    ):
         CIFAR10DataModule(data_dir=str(cifar100_files), download=False)
     for name, classes in (("cifar10", 10), ("cifar100", 100)):
         dm = CIFAR10DataModule(data_dir=str(cifar100_files), dataset=name, download=True, num_workers=0)
@@ -381,8 +448,10 @@ def test_a_checkpoint_that_let_the_data_say_its_dataset_is_read_as_its_class_nam
     from cifar_lightning.checkpoint import stored_dataset
 
     def ckpt(names, dataset=None, size=None):
-        return {"hyper_parameters": {"class_names": list(names), **({"image_size": size} if size else {})},
-                "datamodule_hyper_parameters": {"dataset": dataset}}  # fmt: skip
+        return {
+            "hyper_parameters": {"class_names": list(names), **({"image_size": size} if size else {})},
+            "datamodule_hyper_parameters": {"dataset": dataset},
+        }
 
     assert stored_dataset(ckpt(CIFAR100_CLASSES)) == {"dataset": "cifar100"}
     assert stored_dataset(ckpt(["a", "b"], size=40)) == {"dataset": "folder", "image_size": 40}

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cifar_lightning.constants import CIFAR10_CLASSES
 from conftest import REPO, labelled_image, write_image_folder
 from doc_commands import (
     PAGES,
@@ -36,6 +34,8 @@ from doc_commands import (
     relative_links,
     substitute,
 )
+
+from cifar_lightning.constants import CIFAR10_CLASSES
 
 #: What README.md and .ci/run both hold: the install-and-test command a new user and CI run.
 CI_COMMAND = "pip install -r requirements.txt -e . && pytest -n auto"
@@ -67,10 +67,23 @@ def documented_run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("documented-run")
     data = write_image_folder(root / "tiny")
-    fit_main([
-        "--arch", "simple_cnn", "--epochs", "1", "--data-dir", str(data), "--output-dir", str(root / "runs"),
-        "--batch-size", "8", "--num-workers", "0", "--trainer.enable_progress_bar=false",
-    ])  # fmt: skip
+    fit_main(
+        [
+            "--arch",
+            "simple_cnn",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(root / "runs"),
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     return root / "runs" / "simple_cnn" / "version_0"
 
 
@@ -188,7 +201,9 @@ def run_command(line: str, block: Block, subs: dict[str, str], work: Path, capfd
         segments.append([]) if t == "&&" else segments[-1].append(t)
     if not all(_python_target(_without_env(s)[1]) for s in segments):
         # Not Python: through bash, as written (a redirection or a pipe included).
-        proc = subprocess.run(["bash", "-c", substitute(line, subs)], cwd=work, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            ["bash", "-c", substitute(line, subs)], cwd=work, capture_output=True, text=True, timeout=300
+        )
         return proc.returncode, proc.stdout + proc.stderr, False
     output = ""
     for segment in segments:
@@ -204,9 +219,17 @@ def run_command(line: str, block: Block, subs: dict[str, str], work: Path, capfd
             argv, redirect = argv[:at], work / argv[at + 1]
         if block.directives.slow:
             proc = subprocess.run(
-                [sys.executable, *argv[1:]], cwd=work, capture_output=True, text=True, timeout=900,
-                env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
-            )  # fmt: skip
+                [sys.executable, *argv[1:]],
+                cwd=work,
+                capture_output=True,
+                text=True,
+                timeout=900,
+                env={
+                    **os.environ,
+                    **env,
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                },
+            )
             code, out, err = proc.returncode, proc.stdout, proc.stderr
         else:
             capfd.readouterr()
@@ -240,7 +263,9 @@ def run_block(block: Block, resources, work: Path, capfd) -> None:
         tail = "\n".join(output.splitlines()[-25:])
         assert code == want, f"{block.id}: `{command.line}` exited with {code}, not {want}:\n{tail}"
         for line in command.expected:
-            assert output_shows(output, line), f"{block.id}: `{command.line}` did not print\n  {line}\nIt printed:\n{tail}"
+            assert output_shows(output, line), (
+                f"{block.id}: `{command.line}` did not print\n  {line}\nIt printed:\n{tail}"
+            )
 
 
 def check_requirements(block: Block) -> str | None:
@@ -268,7 +293,9 @@ def test_every_page_marks_its_blocks_in_the_known_words():
 
 
 def test_a_command_that_cannot_run_says_so_to_the_reader():
-    hidden = [b.id for b in BLOCKS if b.directives.skip and b.directives.skip.lower() not in (b.text + " " + b.above).lower()]
+    hidden = [
+        b.id for b in BLOCKS if b.directives.skip and b.directives.skip.lower() not in (b.text + " " + b.above).lower()
+    ]
     assert hidden == [], "these skipped blocks do not show their reason in the block or just above it"
 
 

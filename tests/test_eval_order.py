@@ -6,11 +6,11 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 
 from cifar_lightning.data import CIFAR10DataModule, TensorLoader, evaluation_order
 from cifar_lightning.evaluation import evaluate
 from cifar_lightning.module import ClassifierModule
-from conftest import write_image_folder
 
 CLASSES = tuple(f"c{i}" for i in range(6))
 
@@ -22,8 +22,9 @@ def ordered_folder(tmp_path_factory):
 
 
 def make_dm(folder, loader: str, **kw) -> CIFAR10DataModule:
-    return CIFAR10DataModule(data_dir=str(folder), download=False, num_workers=0, batch_size=12, loader=loader,
-                             val_size=0.25, **kw)  # fmt: skip
+    return CIFAR10DataModule(
+        data_dir=str(folder), download=False, num_workers=0, batch_size=12, loader=loader, val_size=0.25, **kw
+    )
 
 
 @pytest.mark.parametrize("loader", ["torchvision", "tensor"])
@@ -63,8 +64,14 @@ def test_full_set_metrics_equal_those_of_file_order(ordered_folder, tmp_path):
     torch.manual_seed(0)
     module = ClassifierModule(arch="simple_cnn", num_classes=6, class_names=list(CLASSES), lr=0.05)
     dm = make_dm(ordered_folder, "torchvision")
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=dm)
     (shuffled,) = trainer.test(module, datamodule=dm, verbose=False)
     images, labels = dm.split_arrays("test")
@@ -78,10 +85,31 @@ def test_full_set_metrics_equal_those_of_file_order(ordered_folder, tmp_path):
 def test_a_limited_test_run_reports_the_subset(ordered_folder, tmp_path, capsys):
     from cifar_lightning.fit import fit_main
 
-    report = fit_main(["--arch", "simple_cnn", "--data-dir", str(ordered_folder), "--output-dir", str(tmp_path),
-                       "--epochs", "1", "--num-workers", "0", "--batch-size", "8", "--val-size", "24",
-                       "--trainer.limit_test_batches", "3", "--trainer.limit_val_batches", "2",
-                       "--trainer.enable_progress_bar=false", "--lr", "0.01"])  # fmt: skip (lr 0.1 diverges here)
+    report = fit_main(
+        [
+            "--arch",
+            "simple_cnn",
+            "--data-dir",
+            str(ordered_folder),
+            "--output-dir",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--val-size",
+            "24",
+            "--trainer.limit_test_batches",
+            "3",
+            "--trainer.limit_val_batches",
+            "2",
+            "--trainer.enable_progress_bar=false",
+            "--lr",
+            "0.01",
+        ]
+    )  # fmt: skip (lr 0.1 diverges here)
     assert (report["test_images_seen"], report["test_images"]) == (24, 96)
     assert (report["val_images_seen"], report["val_images"]) == (16, 24)
     out = capsys.readouterr().out

@@ -14,16 +14,16 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from PIL import Image
 
 from cifar_lightning import CIFAR10DataModule, create_model
+from cifar_lightning.callbacks import HistoryPlot
 from cifar_lightning.checkpoint import check_compatible, load_classifier
-from cifar_lightning.fit import fit_main
 from cifar_lightning.errors import UserError
 from cifar_lightning.evaluation import confused_pairs, default_output_dir, evaluate_main
-from cifar_lightning.callbacks import HistoryPlot
+from cifar_lightning.fit import fit_main
 from cifar_lightning.plots import history_figure, plot_history_main, read_history
-from conftest import write_image_folder
 
 CLASSES = ("cat", "dog", "frog", "ship")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -42,11 +42,28 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
         write_image_folder(data, classes=CLASSES, n_train=10, n_test=6)
         (data / "test" / "cat" / "000.png").rename(data / "test" / "dog" / "was_cat.png")
         (data / "test" / "frog" / "000.png").rename(data / "test" / "ship" / "was_frog.png")
-        fit_main([
-            "--data-dir", str(data), "--output-dir", str(base / "runs"), "--num-workers", "0",
-            "--batch-size", "4", "--val-size", "6", "--arch", "simple_cnn", "--epochs", "2", "--lr", "0.01",
-            "--trainer.callbacks+=cifar_lightning.callbacks.HistoryPlot", *QUIET,
-        ])  # fmt: skip
+        fit_main(
+            [
+                "--data-dir",
+                str(data),
+                "--output-dir",
+                str(base / "runs"),
+                "--num-workers",
+                "0",
+                "--batch-size",
+                "4",
+                "--val-size",
+                "6",
+                "--arch",
+                "simple_cnn",
+                "--epochs",
+                "2",
+                "--lr",
+                "0.01",
+                "--trainer.callbacks+=cifar_lightning.callbacks.HistoryPlot",
+                *QUIET,
+            ]
+        )
     return ckpt, data
 
 
@@ -86,7 +103,16 @@ def test_evaluate_writes_report_and_plots(run, evaluated):
     saved = json.loads((out / "report.json").read_text())
     assert saved == report
     assert saved["data_dir"] == str(data)  # found in the checkpoint, not passed
-    for key in ("test_acc", "test_loss", "per_class_acc", "per_class", "confusion_matrix", "confused_pairs", "confident_mistakes", "tta"):
+    for key in (
+        "test_acc",
+        "test_loss",
+        "per_class_acc",
+        "per_class",
+        "confusion_matrix",
+        "confused_pairs",
+        "confident_mistakes",
+        "tta",
+    ):
         assert key in saved
     assert saved["class_names"] == list(CLASSES) and saved["test_images"] == 24
     assert set(saved["tta"]) == {"mode", "test_acc", "gain", "test_loss", "per_class_acc"}
@@ -282,12 +308,17 @@ def test_read_history_places_step_level_learning_rates_at_fractional_epochs(tmp_
     # logged every 2 steps with no epoch, under the optimizer's name; a test row at the end.
     rows = [
         "epoch,step,lr-AdamW,train/loss,train/acc,val/loss,val/acc,test/acc",
-        ",0,0.001,,,,,", ",2,0.0008,,,,,",
-        "0,1,,,,0.9,0.5,", "0,3,,,,0.8,0.6,", "0,3,,1.2,0.4,,,",
-        ",4,0.0006,,,,,", ",6,0.0004,,,,,",
-        "1,7,,,,0.7,0.7,", "1,7,,1.0,0.55,,,",
+        ",0,0.001,,,,,",
+        ",2,0.0008,,,,,",
+        "0,1,,,,0.9,0.5,",
+        "0,3,,,,0.8,0.6,",
+        "0,3,,1.2,0.4,,,",
+        ",4,0.0006,,,,,",
+        ",6,0.0004,,,,,",
+        "1,7,,,,0.7,0.7,",
+        "1,7,,1.0,0.55,,,",
         "2,8,,,,,,0.66",
-    ]  # fmt: skip
+    ]
     (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
     history = read_history(tmp_path / "metrics.csv")
     assert set(history) == {"train/loss", "train/acc", "val/loss", "val/acc", "lr-AdamW"}
@@ -323,8 +354,15 @@ def test_history_plot_without_csv_logger_does_nothing(tiny_folder, tmp_path):
 
     model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=dm.class_names, lr=0.01)
     trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[HistoryPlot()],
-    )  # fmt: skip
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[HistoryPlot()],
+    )
     trainer.fit(model, datamodule=dm)
     assert not list(tmp_path.rglob("history.png"))

@@ -9,10 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from test_evaluate import CLASSES, trained_run
 
 from cifar_lightning import CIFAR10DataModule
 from cifar_lightning.checkpoint import load_classifier
-from cifar_lightning.inference import images_to_tensor
 from cifar_lightning.export import (
     DEFAULT_ATOL,
     RUNNERS,
@@ -21,7 +21,7 @@ from cifar_lightning.export import (
     verification_images,
     verify_export,
 )
-from test_evaluate import CLASSES, trained_run
+from cifar_lightning.inference import images_to_tensor
 
 
 @pytest.fixture(scope="module")

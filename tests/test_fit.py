@@ -10,19 +10,29 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-
-from cifar_lightning import ClassifierModule, CIFAR10DataModule
-from cifar_lightning.fit import expand_aliases, fit_main
 from conftest import REPO, arch_params, write_image_folder
+
+from cifar_lightning import CIFAR10DataModule, ClassifierModule
+from cifar_lightning.fit import expand_aliases, fit_main
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def fit_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--data-dir", str(data_dir), "--output-dir", str(out), "--num-workers", "0",
-        "--batch-size", "4", "--val-size", "6", *QUIET, *extra,
-    ]  # fmt: skip
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(out),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--val-size",
+        "6",
+        *QUIET,
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("arch", arch_params())
@@ -55,7 +65,9 @@ def test_fit_writes_checkpoints_logs_and_report(tiny_folder, tmp_path):
 
 def test_val_size_zero_trains_on_everything_and_keeps_the_last_epoch(tiny_folder, tmp_path):
     # (lr 0.01: at the default 0.1 this tiny run diverges, and a lost loss stops the run)
-    report = fit_main(fit_args(tiny_folder, tmp_path, "--arch", "simple_cnn", "--epochs", "2", "--val-size", "0", "--lr", "0.01"))
+    report = fit_main(
+        fit_args(tiny_folder, tmp_path, "--arch", "simple_cnn", "--epochs", "2", "--val-size", "0", "--lr", "0.01")
+    )
     assert report["train_images"] == 36 and report["val_images"] == 0
     # no validation ran, and the tested checkpoint is the last epoch's
     run_dir = tmp_path / "simple_cnn" / "version_0"
@@ -74,13 +86,22 @@ def test_val_size_zero_with_plateau_scheduler_is_refused(tiny_folder, tmp_path, 
 def test_checkpoint_round_trip(tiny_folder, tmp_path):
     dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, num_workers=0, batch_size=8, normalize=False)
     model = ClassifierModule(
-        arch="resnet18", num_classes=dm.num_classes, class_names=dm.class_names,
-        norm_mean=dm.norm_mean, norm_std=dm.norm_std, lr=0.01,
-    )  # fmt: skip
+        arch="resnet18",
+        num_classes=dm.num_classes,
+        class_names=dm.class_names,
+        norm_mean=dm.norm_mean,
+        norm_std=dm.norm_std,
+        lr=0.01,
+    )
     trainer = pl.Trainer(
-        max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+        max_epochs=1,
+        limit_train_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=dm)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
@@ -101,9 +122,25 @@ def test_checkpoint_round_trip(tiny_folder, tmp_path):
 def test_short_real_run_beats_chance(real_subset, tmp_path):
     # 500 real training images (50 per class), 4 epochs: well above the 10% of guessing.
     report = fit_main(
-        fit_args(real_subset, tmp_path, "--arch", "simple_cnn", "--epochs", "4", "--optimizer", "adam",
-                 "--lr", "0.002", "--scheduler", "none", "--val-size", "100", "--batch-size", "32")
-    )  # fmt: skip
+        fit_args(
+            real_subset,
+            tmp_path,
+            "--arch",
+            "simple_cnn",
+            "--epochs",
+            "4",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.002",
+            "--scheduler",
+            "none",
+            "--val-size",
+            "100",
+            "--batch-size",
+            "32",
+        )
+    )
     assert report["train_images"] == 500 and report["test_images"] == 200
     assert report["test_acc"] >= 0.18, report
 
@@ -111,8 +148,11 @@ def test_short_real_run_beats_chance(real_subset, tmp_path):
 def run_script(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "fit.py"), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def test_ddp_two_cpu_processes_match_one_process(tmp_path):
@@ -120,8 +160,11 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     # sample under Lightning's default sampler; the metrics must equal a single-process test.
     data = write_image_folder(tmp_path / "data", n_train=10, n_test=5)
     out = tmp_path / "runs"
-    proc = run_script(*fit_args(data, out, "--arch", "simple_cnn", "--epochs", "1", "--devices", "2",
-                                "--accelerator", "cpu", "--lr", "0.05"))  # fmt: skip
+    proc = run_script(
+        *fit_args(
+            data, out, "--arch", "simple_cnn", "--epochs", "1", "--devices", "2", "--accelerator", "cpu", "--lr", "0.05"
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = list(out.rglob("test_report.json"))
     assert len(reports) == 1  # only rank 0 writes
@@ -139,11 +182,16 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
 def test_aliases_map_onto_cli_arguments():
     args = expand_aliases(["--arch", "vgg11", "--epochs=3", "--no-download", "--output-dir", "x", "--model.lr", "1"])
     assert args == [
-        "--model.arch=vgg11", "--trainer.max_epochs=3", "--data.download=false",
-        "--trainer.default_root_dir=x", "--model.lr", "1",
+        "--model.arch=vgg11",
+        "--trainer.max_epochs=3",
+        "--data.download=false",
+        "--trainer.default_root_dir=x",
+        "--model.lr",
+        "1",
         # the default CSV logger follows --output-dir and is named after the architecture
-        "--trainer.logger.init_args.save_dir=x", "--trainer.logger.init_args.name=vgg11",
-    ]  # fmt: skip
+        "--trainer.logger.init_args.save_dir=x",
+        "--trainer.logger.init_args.name=vgg11",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -199,6 +247,8 @@ def test_resume_deterministic_and_num_nodes_aliases():
     assert expand_aliases(["--resume"]) == ["--ckpt_path=last"]
     assert expand_aliases(["--resume", "--epochs", "3"]) == ["--ckpt_path=last", "--trainer.max_epochs=3"]
     assert expand_aliases(["--resume", "runs/x/version_2", "--deterministic", "--num-nodes", "2"]) == [
-        "--ckpt_path=runs/x/version_2", "--trainer.deterministic=true", "--trainer.num_nodes=2",
-    ]  # fmt: skip
+        "--ckpt_path=runs/x/version_2",
+        "--trainer.deterministic=true",
+        "--trainer.num_nodes=2",
+    ]
     assert expand_aliases(["--resume=a.ckpt"]) == ["--ckpt_path=a.ckpt"]

@@ -16,7 +16,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, labelled_image, write_image_folder
+from test_policies import magnitudes
 
+from benchmarks.gpu_sections import mixed_precision
 from cifar_lightning import CIFAR10DataModule, ClassifierModule
 from cifar_lightning.callbacks import StopOnNonFiniteLoss
 from cifar_lightning.constants import CIFAR10_STD
@@ -27,9 +30,6 @@ from cifar_lightning.evaluation import evaluate_main
 from cifar_lightning.export import export_main
 from cifar_lightning.fit import fit_main
 from cifar_lightning.predict import predict_main
-from benchmarks.gpu_sections import mixed_precision
-from conftest import REPO, labelled_image, write_image_folder
-from test_policies import magnitudes
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,9 +42,19 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 def _fit(model: ClassifierModule, data: Path, tmp_path: Path, callbacks=(), data_kwargs=None, **trainer) -> pl.Trainer:
     settings = {"val_size": 6, "batch_size": 8, "num_workers": 0, "loader": "tensor", **(data_kwargs or {})}
     dm = CIFAR10DataModule(str(data), download=False, **settings)
-    fit = pl.Trainer(accelerator="gpu", devices=1, precision=mixed_precision(), benchmark=True, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     default_root_dir=tmp_path, callbacks=list(callbacks), **trainer)  # fmt: skip
+    fit = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision=mixed_precision(),
+        benchmark=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+        **trainer,
+    )
     fit.fit(model, datamodule=dm)
     return fit
 
@@ -75,7 +85,12 @@ def test_policy_operations_on_the_gpu_are_the_cpus_within_one_grey_level(policy)
         cpu = OPERATIONS[op](images, m)
         gpu = OPERATIONS[op](gpu_images, m if op in GEOMETRIC else m.cuda()).cpu()
         off = (cpu.int() - gpu.int()).abs()
-        assert int(off.max()) <= (0 if op in GEOMETRIC else 1), (op, magnitude, int(off.max()), int(off.count_nonzero()))
+        assert int(off.max()) <= (0 if op in GEOMETRIC else 1), (
+            op,
+            magnitude,
+            int(off.max()),
+            int(off.count_nonzero()),
+        )
 
 
 @pytest.mark.parametrize("augment", ["standard", "translate", "autoaugment", "randaugment", "trivialaugment"])
@@ -84,9 +99,19 @@ def test_tensor_loader_makes_the_cpus_batches_on_the_gpu(augment):
     # (within one grey level), and the crops, flips, rotations and erasures take the same ones.
     rng = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 3, (64,), generator=rng)
-    images = torch.stack([torch.from_numpy(labelled_image(int(c), np.random.default_rng(i))) for i, c in enumerate(labels)])
-    kw = dict(train=True, augment=augment, cutout=8, random_erasing=0.5, rotate=15.0, seed=5, batch_size=16,
-              flip_mode="alternating" if augment == "translate" else "random")  # fmt: skip
+    images = torch.stack(
+        [torch.from_numpy(labelled_image(int(c), np.random.default_rng(i))) for i, c in enumerate(labels)]
+    )
+    kw = dict(
+        train=True,
+        augment=augment,
+        cutout=8,
+        random_erasing=0.5,
+        rotate=15.0,
+        seed=5,
+        batch_size=16,
+        flip_mode="alternating" if augment == "translate" else "random",
+    )
     cpu = TensorLoader(images, labels, torch.arange(64), device="cpu", **kw)
     gpu = TensorLoader(images.cuda(), labels.cuda(), torch.arange(64), device="cuda", **kw)
     for epoch in range(2):
@@ -124,11 +149,31 @@ def gpu_run(tmp_path_factory) -> tuple[Path, Path]:
     """(best checkpoint, data) of a short fit on the GPU through scripts/fit.py's code."""
     base = tmp_path_factory.mktemp("gpu_run")
     data = write_image_folder(base / "data", n_train=12, n_test=4)
-    report = fit_main([
-        "--data-dir", str(data), "--output-dir", str(base / "runs"), "--num-workers", "0", "--batch-size", "8",
-        "--val-size", "6", "--arch", "simple_cnn", "--epochs", "2", "--accelerator", "gpu", "--devices", "1",
-        "--precision", mixed_precision(), *QUIET,
-    ])  # fmt: skip
+    report = fit_main(
+        [
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(base / "runs"),
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--val-size",
+            "6",
+            "--arch",
+            "simple_cnn",
+            "--epochs",
+            "2",
+            "--accelerator",
+            "gpu",
+            "--devices",
+            "1",
+            "--precision",
+            mixed_precision(),
+            *QUIET,
+        ]
+    )
     return Path(report["checkpoint"]), data
 
 
@@ -168,9 +213,15 @@ AUGMENTATIONS = {
     "autoaugment": {"augment": "autoaugment"},
     "randaugment": {"augment": "randaugment"},
     "trivialaugment": {"augment": "trivialaugment"},
-    "cutout_erasing_rotate_mixup_cutmix": {"augment": "flip", "cutout": 8, "random_erasing": 0.5, "rotate": 15.0,
-                                           "mixup": 1.0, "cutmix": 1.0},
-}  # fmt: skip
+    "cutout_erasing_rotate_mixup_cutmix": {
+        "augment": "flip",
+        "cutout": 8,
+        "random_erasing": 0.5,
+        "rotate": 15.0,
+        "mixup": 1.0,
+        "cutmix": 1.0,
+    },
+}
 
 
 @pytest.mark.parametrize("name", list(AUGMENTATIONS))
@@ -184,9 +235,15 @@ def test_a_fastnet_epoch_waits_for_the_gpu_in_no_step(name, tmp_path):
     model = ClassifierModule(arch="fastnet", num_classes=3, channels_last=True, lr=0.05)
     watch = NoWaitInAStep()
     try:
-        fit = _fit(model, data, tmp_path, callbacks=[watch, StopOnNonFiniteLoss(check_every=25)],
-                   data_kwargs={**AUGMENTATIONS[name], "val_size": 8, "batch_size": 16}, max_epochs=1,
-                   limit_val_batches=0)  # fmt: skip
+        fit = _fit(
+            model,
+            data,
+            tmp_path,
+            callbacks=[watch, StopOnNonFiniteLoss(check_every=25)],
+            data_kwargs={**AUGMENTATIONS[name], "val_size": 8, "batch_size": 16},
+            max_epochs=1,
+            limit_val_batches=0,
+        )
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert fit.global_step == 7 and watch.steps == 6  # 112 training images, batches of 16
@@ -196,11 +253,34 @@ def test_a_fastnet_epoch_waits_for_the_gpu_in_no_step(name, tmp_path):
 def test_ddp_on_two_gpus(tmp_path):
     data = write_image_folder(tmp_path / "data", n_train=12, n_test=4)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "fit.py"), "--data-dir", str(data), "--output-dir", str(tmp_path / "runs"),
-         "--num-workers", "0", "--batch-size", "4", "--val-size", "6", "--arch", "simple_cnn", "--epochs", "1",
-         "--accelerator", "gpu", "--devices", "2", *QUIET],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "fit.py"),
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "4",
+            "--val-size",
+            "6",
+            "--arch",
+            "simple_cnn",
+            "--epochs",
+            "1",
+            "--accelerator",
+            "gpu",
+            "--devices",
+            "2",
+            *QUIET,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next((tmp_path / "runs").rglob("test_report.json")).read_text())
     assert report["devices"] == 2 and report["test_images"] == 12

@@ -12,19 +12,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from benchmarks import gpu_ablation, gpu_compile, gpu_evidence, gpu_plan, gpu_sections
 from benchmarks.gpu_plan import SECTIONS
 from benchmarks.gpu_sections import Context
 from cifar_lightning.errors import UserError
-from conftest import REPO
 
 MACHINE_KEYS = {"gpu", "cpu", "python", "torch", "lightning", "torchvision", "torchmetrics"}
 
 
 def run_quick(out: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "scripts" / "gpu_evidence.py"), "--quick", "--data-dir", "unused",
-           "--output-dir", str(out), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "gpu_evidence.py"),
+        "--quick",
+        "--data-dir",
+        "unused",
+        "--output-dir",
+        str(out),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
@@ -53,7 +61,10 @@ def test_quick_runs_every_section_end_to_end(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     for out, names in ((first, gpu_plan.DEFAULT_SECTIONS), (second, others)):
         check_flat_and_few(out)
-        assert {p.name for p in out.iterdir()} == {section_file(n) for n in names} | {"gpu_evidence.log", "summary.json"}
+        assert {p.name for p in out.iterdir()} == {section_file(n) for n in names} | {
+            "gpu_evidence.log",
+            "summary.json",
+        }
     for name in SECTIONS:
         out = first if name in gpu_plan.DEFAULT_SECTIONS else second
         record = load(out, name)
@@ -82,7 +93,11 @@ def test_quick_runs_every_section_end_to_end(tmp_path):
     sweep = load(first, "compile_sweep")["results"]
     compiled = [n for n, r in sweep["networks"].items() if r["status"] == "compiled"]
     assert sweep["backend"] == "eager" and compiled and all(sweep["networks"][n]["steps"] == 1 for n in compiled)
-    assert set(sweep["networks"]) | set(sweep["not_reached"]) == set(sweep["order"]) == set(gpu_compile.sweep_order(REPO / "configs"))
+    assert (
+        set(sweep["networks"]) | set(sweep["not_reached"])
+        == set(sweep["order"])
+        == set(gpu_compile.sweep_order(REPO / "configs"))
+    )
     assert load(second, "resnet18_fast")["results"]["airbench95"]["status"] == "skipped"
     recipes = load(second, "recipes")["results"]
     assert {"resnet34_tutorial", "mynet_tutorial", "resnet20_paper"} <= set(recipes)
@@ -103,8 +118,17 @@ def test_quick_runs_every_section_end_to_end(tmp_path):
 def test_a_failed_section_is_recorded_and_the_next_one_runs(tmp_path):
     # A bad override makes resnet18_fast fail; recipes runs after it; a 1 s cap stops the ablation.
     out = tmp_path / "out"
-    proc = run_quick(out, "--budget", "600", "--sections", "resnet18_fast,recipes,ablation",
-                     "--extra", "resnet18_fast=--model.arch=no_such_net", "--cap", "ablation=1")  # fmt: skip
+    proc = run_quick(
+        out,
+        "--budget",
+        "600",
+        "--sections",
+        "resnet18_fast,recipes,ablation",
+        "--extra",
+        "resnet18_fast=--model.arch=no_such_net",
+        "--cap",
+        "ablation=1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_flat_and_few(out)
     failed = load(out, "resnet18_fast")
@@ -150,7 +174,9 @@ def test_a_plan_that_cannot_fit_is_refused_before_anything_runs(tmp_path, monkey
         assert any(line.split()[0] == name and "does not fit" in line for line in plan), name
     # More sections than the output folder brings back files for; and a GPU run where there is none.
     with pytest.raises(UserError, match="7 sections in one run: the output folder brings back at most 8 files"):
-        gpu_evidence.main(["--quick", "--data-dir", "x", "--output-dir", str(out), "--budget", "900", "--sections", "all"])
+        gpu_evidence.main(
+            ["--quick", "--data-dir", "x", "--output-dir", str(out), "--budget", "900", "--sections", "all"]
+        )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this machine, also on a GPU one
     with pytest.raises(UserError, match="no CUDA device is visible .* or pass --quick"):
         gpu_evidence.main(["--data-dir", "x", "--output-dir", str(out)])
@@ -178,8 +204,9 @@ def test_the_plan_takes_the_sections_in_order_within_the_budget():
 def test_the_default_plan_fits_one_command_of_eight_minutes():
     # The machine's set-up (wheels, data: ~20 s) and a section's stop (10 s) come on top of the budget.
     assert gpu_plan.DEFAULT_BUDGET + 20 + 10 <= 8 * 60
-    plan = gpu_plan.make_plan(list(gpu_plan.DEFAULT_SECTIONS), gpu_plan.COSTS, gpu_plan.DEFAULT_BUDGET,
-                              gpu_plan.PREPARE_SECONDS)  # fmt: skip
+    plan = gpu_plan.make_plan(
+        list(gpu_plan.DEFAULT_SECTIONS), gpu_plan.COSTS, gpu_plan.DEFAULT_BUDGET, gpu_plan.PREPARE_SECONDS
+    )
     assert gpu_plan.refusal(plan, gpu_plan.DEFAULT_BUDGET, gpu_plan.PREPARE_SECONDS) is None
     assert all(r.reason is None and r.seconds >= r.cost.minimum for r in plan)
     assert [r.section for r in plan] == ["gpu_tests", "airbench", "overhead_data", "compile_sweep"]  # the sweep last
@@ -205,8 +232,9 @@ def test_a_test_run_that_ran_no_test_is_skipped_or_failed_never_ok(tmp_path, mon
     assert run["passed"] == 0 and run["skipped"] == run["tests"] > 10
     assert ctx.record["outcome"]["status"] == "skipped" and "needs CUDA" in ctx.record["outcome"]["reason"]
     report = (ctx.work_dir / "gpu_tests.xml").read_text()
-    expected = Context("gpu_tests", "unused", tmp_path / "work", tmp_path / "record.json", time.time() + 600,
-                       expect_cuda=True)  # fmt: skip
+    expected = Context(
+        "gpu_tests", "unused", tmp_path / "work", tmp_path / "record.json", time.time() + 600, expect_cuda=True
+    )
 
     def same_report(cmd, **kwargs):
         (ctx.work_dir / "gpu_tests.xml").write_text(report)
@@ -238,8 +266,9 @@ def test_the_compile_sweep_stays_within_its_budget_and_picks_up_where_it_stopped
     assert ctx.record["outcome"]["status"] == "incomplete" and {b for _, b in compiled} == {"eager"}
     ctx.save()
     done = len(compiled)
-    later = Context("compile_sweep", "unused", tmp_path / "b", tmp_path / "b.json", time.time() + 60, quick=True,
-                    earlier=ctx.result)  # fmt: skip
+    later = Context(
+        "compile_sweep", "unused", tmp_path / "b", tmp_path / "b.json", time.time() + 60, quick=True, earlier=ctx.result
+    )
     later.work_dir.mkdir()
     gpu_compile.section_compile_sweep(later)
     assert [a for a, _ in compiled[done:]] == order[done:]  # the rest, each network once
@@ -287,8 +316,9 @@ def test_airbench_runs_read_our_files_and_what_it_prints(tiny_folder, tmp_path, 
         print(AIRBENCH_PRINTS, end="")
         return torch.nn.Identity()
 
-    fake = types.SimpleNamespace(train94=train94, CifarLoader=lambda *a, **k: None,
-                                 evaluate=lambda net, loader, tta_level: 0.94012)  # fmt: skip
+    fake = types.SimpleNamespace(
+        train94=train94, CifarLoader=lambda *a, **k: None, evaluate=lambda net, loader, tta_level: 0.94012
+    )
     monkeypatch.setitem(sys.modules, "airbench", fake)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     ctx = Context("airbench", str(tiny_folder), tmp_path / "work", tmp_path / "record.json", time.time() + 60)
@@ -298,7 +328,9 @@ def test_airbench_runs_read_our_files_and_what_it_prints(tiny_folder, tmp_path, 
     assert train["labels"].dtype == torch.int64
     assert train["classes"] == sorted(p.name for p in (tiny_folder / "train").iterdir())  # CIFAR-10's order
     # The CPU harness's writer, in its one shuffled order: not the folder's class by class.
-    assert data["train_order"].startswith("shuffled") and not torch.equal(train["labels"], train["labels"].sort().values)
+    assert data["train_order"].startswith("shuffled") and not torch.equal(
+        train["labels"], train["labels"].sort().values
+    )
     result = gpu_sections.airbench_run(ctx, "train94", 1)
     assert seen == {"files": ["test.pt", "train.pt"], "run": 1}
     assert result["train_seconds"] == 2.9 and result["epochs"] == 2  # its own count, before the TTA evaluation
@@ -306,9 +338,13 @@ def test_airbench_runs_read_our_files_and_what_it_prints(tiny_folder, tmp_path, 
 
 
 def test_comparisons_and_headlines():
-    runs = {"base": [{"tta_acc": 0.9, "train_seconds": 2.0, "wall_seconds": 3.0}],
-            "ours": [{"tta_acc": 0.91, "train_seconds": 3.0, "wall_seconds": 5.0},
-                     {"tta_acc": 0.93, "train_seconds": 5.0, "wall_seconds": 7.0}]}  # fmt: skip
+    runs = {
+        "base": [{"tta_acc": 0.9, "train_seconds": 2.0, "wall_seconds": 3.0}],
+        "ours": [
+            {"tta_acc": 0.91, "train_seconds": 3.0, "wall_seconds": 5.0},
+            {"tta_acc": 0.93, "train_seconds": 5.0, "wall_seconds": 7.0},
+        ],
+    }
     results = {"runs": runs, "baseline": "base"}
     lines = gpu_evidence.headline(results)
     ours = results["summary"]["ours"]

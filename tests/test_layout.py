@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, write_image_folder
 from PIL import Image
 
 from cifar_lightning.checkpoint import build_classifier
@@ -22,7 +23,6 @@ from cifar_lightning.data import CIFAR10DataModule, datamodule
 from cifar_lightning.inference import model_input
 from cifar_lightning.module import ClassifierModule
 from cifar_lightning.predict import load_input
-from conftest import REPO, write_image_folder
 
 DATA = Path(__file__).parent / "data"
 
@@ -39,7 +39,7 @@ def test_building_the_data_module_downloads_nothing(tmp_path, monkeypatch):
 
 
 RUNNER = textwrap.dedent(
-    '''
+    """
     import hashlib, os, sys
     from pathlib import Path
 
@@ -67,7 +67,7 @@ RUNNER = textwrap.dedent(
     trainer.fit(model, datamodule=dm)
     digest = hashlib.sha1(dm.train_set.images.tobytes()).hexdigest()
     (out / f"rank{trainer.global_rank}.txt").write_text(f"{digest} {len(dm.train_set)}")
-    '''
+    """
 )
 
 
@@ -77,8 +77,11 @@ def test_two_processes_download_once_and_read_the_same_data(tmp_path):
     out.mkdir()
     proc = subprocess.run(
         [sys.executable, str(runner), str(tmp_path / "data"), str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((out / "downloads.txt").read_text().split()) == 1  # one download for the node
     seen = {(out / f"rank{r}.txt").read_text() for r in (0, 1)}
@@ -102,14 +105,27 @@ def test_prediction_and_data_module_give_equal_tensors_exif_included(tmp_path):
     upright = tmp_path / "upright.png"
     Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_270).save(upright)
 
-    module = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"],
-                              norm_mean=(0.3, 0.4, 0.5), norm_std=(0.2, 0.25, 0.3))  # fmt: skip
+    module = ClassifierModule(
+        arch="simple_cnn",
+        num_classes=3,
+        class_names=["cat", "dog", "frog"],
+        norm_mean=(0.3, 0.4, 0.5),
+        norm_std=(0.2, 0.25, 0.3),
+    )
     predicted = model_input(module, load_input(str(photo))[None])[0]
     assert torch.equal(predicted, model_input(module, load_input(str(upright))[None])[0])  # EXIF applied
 
     for loader in ("torchvision", "tensor"):
-        dm = CIFAR10DataModule(data_dir=str(root), download=False, val_size=2, num_workers=0, batch_size=64,
-                               loader=loader, mean=(0.3, 0.4, 0.5), std=(0.2, 0.25, 0.3))  # fmt: skip
+        dm = CIFAR10DataModule(
+            data_dir=str(root),
+            download=False,
+            val_size=2,
+            num_workers=0,
+            batch_size=64,
+            loader=loader,
+            mean=(0.3, 0.4, 0.5),
+            std=(0.2, 0.25, 0.3),
+        )
         dm.setup("test")
         position = int(np.flatnonzero(dm.predict_set.indices == 1)[0])  # file order: cat/000.png, cat/photo.png
         x = torch.cat([x for x, _ in dm.predict_dataloader()])[position]
@@ -125,14 +141,34 @@ def test_fit_and_evaluate_reports_share_their_keys(tiny_folder, tmp_path):
     from cifar_lightning.evaluation import evaluate_main
     from cifar_lightning.fit import fit_main
 
-    fit = fit_main(["--arch", "simple_cnn", "--data-dir", str(tiny_folder), "--output-dir", str(tmp_path),
-                    "--epochs", "1", "--num-workers", "0", "--batch-size", "8", "--val-size", "6",
-                    "--trainer.enable_progress_bar=false"])  # fmt: skip
+    fit = fit_main(
+        [
+            "--arch",
+            "simple_cnn",
+            "--data-dir",
+            str(tiny_folder),
+            "--output-dir",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--val-size",
+            "6",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     evaluated = evaluate_main([fit["checkpoint"], "--output-dir", str(tmp_path / "eval")])
     shared = {"arch", "checkpoint", "class_names", "test_acc", "test_loss", "per_class_acc", "test_images"}
     assert shared <= set(fit) and shared <= set(evaluated)
     for key in shared - {"checkpoint"}:
-        assert fit[key] == pytest.approx(evaluated[key], abs=1e-6) if isinstance(fit[key], float) else fit[key] == evaluated[key]
+        assert (
+            fit[key] == pytest.approx(evaluated[key], abs=1e-6)
+            if isinstance(fit[key], float)
+            else fit[key] == evaluated[key]
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +236,11 @@ def test_no_import_cycles():
 
 def test_the_installed_package_needs_nothing_from_the_clone():
     # benchmarks/ is not installed: a module of the package that imported it would fail for a user.
-    users = {m for m, f in _package_modules(("cifar_lightning",)).items()
-             if any(n == "benchmarks" or n.startswith("benchmarks.") for n in _imported_names(f))}  # fmt: skip
+    users = {
+        m
+        for m, f in _package_modules(("cifar_lightning",)).items()
+        if any(n == "benchmarks" or n.startswith("benchmarks.") for n in _imported_names(f))
+    }
     assert users == set()
     import configparser
 

@@ -8,20 +8,38 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
+from wandb_records import summarize
 
 from cifar_lightning.cli import CifarCLI
 from cifar_lightning.fit import expand_aliases, fit_main
-from conftest import REPO
-from wandb_records import summarize
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def fit_with(tiny_folder: Path, out: Path, *extra: str) -> dict:
     return fit_main(
-        ["--arch", "simple_cnn", "--epochs", "2", "--lr", "0.05", "--data-dir", str(tiny_folder),
-         "--output-dir", str(out), "--num-workers", "0", "--batch-size", "8", "--val-size", "6", *QUIET, *extra]
-    )  # fmt: skip
+        [
+            "--arch",
+            "simple_cnn",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.05",
+            "--data-dir",
+            str(tiny_folder),
+            "--output-dir",
+            str(out),
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--val-size",
+            "6",
+            *QUIET,
+            *extra,
+        ]
+    )
 
 
 def test_csv_has_per_class_columns(tiny_folder, tmp_path):
@@ -116,15 +134,43 @@ def test_logger_list_through_the_cli_config(tiny_folder, tmp_path):
     config = tmp_path / "loggers.yaml"
     config.write_text(
         yaml.safe_dump(
-            {"trainer": {"logger": [
-                {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
-                {"class_path": "cifar_lightning.loggers.WandbLogger",
-                 "init_args": {"save_dir": str(tmp_path), "project": "p", "watch": "all", "watch_log_freq": 1}},
-            ]}}
+            {
+                "trainer": {
+                    "logger": [
+                        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+                        {
+                            "class_path": "cifar_lightning.loggers.WandbLogger",
+                            "init_args": {
+                                "save_dir": str(tmp_path),
+                                "project": "p",
+                                "watch": "all",
+                                "watch_log_freq": 1,
+                            },
+                        },
+                    ]
+                }
+            }
         )
-    )  # fmt: skip
-    fit_main(["--config", str(config), "--arch", "simple_cnn", "--epochs", "1", "--data-dir", str(tiny_folder),
-              "--num-workers", "0", "--batch-size", "8", "--val-size", "6", *QUIET])  # fmt: skip
+    )
+    fit_main(
+        [
+            "--config",
+            str(config),
+            "--arch",
+            "simple_cnn",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(tiny_folder),
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--val-size",
+            "6",
+            *QUIET,
+        ]
+    )
     keys = summarize(_offline_run(tmp_path))["history_keys"]
     assert any(k.startswith("gradients/") for k in keys) and any(k.startswith("parameters/") for k in keys)
 
@@ -137,7 +183,9 @@ def test_sweep_files_map_onto_valid_fit_arguments(tiny_folder):
         assert (REPO / sweep["program"]).is_file()
         assert sweep["metric"]["name"].startswith("val/")  # tuning never looks at the test set
         fixed = [a for a in sweep["command"] if a.startswith("--")]
-        sampled = [f"--{name}={spec.get('min', spec.get('values', [None])[0])}" for name, spec in sweep["parameters"].items()]
+        sampled = [
+            f"--{name}={spec.get('min', spec.get('values', [None])[0])}" for name, spec in sweep["parameters"].items()
+        ]
         args = expand_aliases(fixed + sampled + ["--data-dir", str(tiny_folder), "--no-download"])
         cli = CifarCLI(args=args, run=False)
         for name, spec in sweep["parameters"].items():

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_image_folder
 from PIL import Image
 
 from cifar_lightning.checkpoint import load_classifier
@@ -39,12 +40,12 @@ from cifar_lightning.module import ClassifierModule
 from cifar_lightning.plots import confusion_matrix_figure, per_class_accuracy_figure
 from cifar_lightning.predict import predict_main
 from cifar_lightning.report import print_report, table_classes
-from conftest import write_image_folder
 
 SUPERCLASS_NAMES = list(CIFAR100_SUPERCLASSES)
 #: The superclass of each CIFAR-100 class, in label order.
-GROUPS = [next(g for g, name in enumerate(SUPERCLASS_NAMES) if c in CIFAR100_SUPERCLASSES[name])
-          for c in CIFAR100_CLASSES]  # fmt: skip
+GROUPS = [
+    next(g for g, name in enumerate(SUPERCLASS_NAMES) if c in CIFAR100_SUPERCLASSES[name]) for c in CIFAR100_CLASSES
+]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -60,18 +61,28 @@ def make_checkpoint(path: Path, data: Path, dataset: str, superclass_names=None,
     idx = dm.train_set.indices
     torch.manual_seed(0)
     module = ClassifierModule(
-        arch="lenet5", num_classes=dm.num_classes, class_names=dm.class_names, norm_mean=dm.norm_mean,
-        norm_std=dm.norm_std, superclass_names=superclass_names or dm.superclass_names,
+        arch="lenet5",
+        num_classes=dm.num_classes,
+        class_names=dm.class_names,
+        norm_mean=dm.norm_mean,
+        norm_std=dm.norm_std,
+        superclass_names=superclass_names or dm.superclass_names,
         superclasses=superclasses or dm.superclasses,
-    )  # fmt: skip
+    )
     x, y = model_input(module, dm.train_set.images[idx]), torch.as_tensor(dm.train_set.labels[idx])
     opt = torch.optim.Adam(module.parameters(), lr=3e-3)
     for _ in range(15):
         opt.zero_grad()
         F.cross_entropy(module(x), y).backward()
         opt.step()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=True)
@@ -111,8 +122,9 @@ def evaluated100(ckpt100, folder100) -> tuple[dict, str, Path]:
     out = folder100.parent / "eval"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        report = evaluate_main([str(ckpt100), "--output-dir", str(out), "--calibration",
-                                "--corruptions", "--corruptions-subset", "8"])  # fmt: skip
+        report = evaluate_main(
+            [str(ckpt100), "--output-dir", str(out), "--calibration", "--corruptions", "--corruptions-subset", "8"]
+        )
     return report, printed.getvalue(), out
 
 
@@ -172,8 +184,16 @@ def test_superclass_and_top5_accuracy_equal_a_count_by_hand(ckpt100, folder100, 
 
 def test_ten_classes_print_every_class_in_label_order_as_before(capsys):
     acc = {name: (i % 4) / 4 for i, name in enumerate(CIFAR10_CLASSES)}
-    print_report({"arch": "lenet5", "test_images": 100, "per_class_acc": acc, "test_acc": 0.4, "test_loss": 1.5,
-                  "checkpoint": None})  # fmt: skip
+    print_report(
+        {
+            "arch": "lenet5",
+            "test_images": 100,
+            "per_class_acc": acc,
+            "test_acc": 0.4,
+            "test_loss": 1.5,
+            "checkpoint": None,
+        }
+    )
     printed = capsys.readouterr().out
     assert table_rows(printed) == [*CIFAR10_CLASSES, "overall"]
     assert "worst" not in printed and "top-5" not in printed and "superclass" not in printed
@@ -295,11 +315,31 @@ def test_fit_report_has_top5_and_superclass_accuracy_as_evaluate_counts_them(fol
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # The superclasses come from the data, linked into the model by the CLI.
-    report = fit_main([
-        "--arch", "lenet5", "--epochs", "1", "--data-dir", str(folder100), "--dataset", "cifar100",
-        "--output-dir", str(tmp_path / "runs"), "--num-workers", "0", "--batch-size", "64", "--val-size", "20",
-        "--lr", "0.01", "--logger", "tensorboard", *QUIET,
-    ])  # fmt: skip
+    report = fit_main(
+        [
+            "--arch",
+            "lenet5",
+            "--epochs",
+            "1",
+            "--data-dir",
+            str(folder100),
+            "--dataset",
+            "cifar100",
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "64",
+            "--val-size",
+            "20",
+            "--lr",
+            "0.01",
+            "--logger",
+            "tensorboard",
+            *QUIET,
+        ]
+    )
     printed = capsys.readouterr().out
     assert "the 5 worst and 5 best of 100 classes" in printed and "superclass accuracy" in printed
     assert len(report["per_class_acc"]) == 100

@@ -11,30 +11,48 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 import cifar_lightning
 from benchmarks import lowest_versions as lv
-from conftest import REPO
 
 #: The top-level keys of Citation File Format 1.2.0, and those it requires.
 CFF_KEYS = {
-    "abstract", "authors", "cff-version", "commit", "contact", "date-released", "doi", "identifiers",
-    "keywords", "license", "license-url", "message", "preferred-citation", "references", "repository",
-    "repository-artifact", "repository-code", "title", "type", "url", "version",
-}  # fmt: skip
+    "abstract",
+    "authors",
+    "cff-version",
+    "commit",
+    "contact",
+    "date-released",
+    "doi",
+    "identifiers",
+    "keywords",
+    "license",
+    "license-url",
+    "message",
+    "preferred-citation",
+    "references",
+    "repository",
+    "repository-artifact",
+    "repository-code",
+    "title",
+    "type",
+    "url",
+    "version",
+}
 CFF_REQUIRED = {"authors", "cff-version", "message", "title"}
 
 #: The MIT licence's grant, condition and disclaimer, which a file naming MIT holds word for word.
 MIT_TEXT = (
     "Permission is hereby granted, free of charge, to any person obtaining a copy of this software and "
-    "associated documentation files (the \"Software\"), to deal in the Software without restriction",
+    'associated documentation files (the "Software"), to deal in the Software without restriction',
     "The above copyright notice and this permission notice shall be included in all copies or substantial "
     "portions of the Software.",
-    "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND",
-)  # fmt: skip
+    'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND',
+)
 
 
 def setup_cfg() -> configparser.ConfigParser:
@@ -47,7 +65,11 @@ def licence_of(text: str) -> str | None:
     """The SPDX identifier of a licence file's text: ``MIT`` for the MIT licence with a copyright
     line, None for anything else."""
     flat = " ".join(text.split())
-    if flat.startswith("MIT License") and re.search(r"Copyright \(c\) \d{4} \S", flat) and all(p in flat for p in MIT_TEXT):
+    if (
+        flat.startswith("MIT License")
+        and re.search(r"Copyright \(c\) \d{4} \S", flat)
+        and all(p in flat for p in MIT_TEXT)
+    ):
         return "MIT"
     return None
 
@@ -133,8 +155,10 @@ def test_lower_bounds_and_installed_versions_are_compared_as_versions():
 
 
 def test_pytest_summary_is_read_into_counts():
-    output = "....\n== short test summary info ==\nSKIPPED [1] tests/a.py:3: no GPU\n" \
-             "= 3 failed, 500 passed, 20 skipped, 1 deselected, 2 warnings, 1 error in 901.23s (0:15:01) =\n"  # fmt: skip
+    output = (
+        "....\n== short test summary info ==\nSKIPPED [1] tests/a.py:3: no GPU\n"
+        "= 3 failed, 500 passed, 20 skipped, 1 deselected, 2 warnings, 1 error in 901.23s (0:15:01) =\n"
+    )
     line = lv.summary_line(output)
     assert line.startswith("3 failed") and line.endswith("(0:15:01)")
     counts = lv.parse_summary(line)

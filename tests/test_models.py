@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from cifar_lightning.models import UnknownModelError, create_model, list_models, model_info
-from cifar_lightning.models import count_macs, count_parameters
 from conftest import arch_params
+
+from cifar_lightning.models import (
+    UnknownModelError,
+    count_macs,
+    count_parameters,
+    create_model,
+    list_models,
+    model_info,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = list_models()

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from conftest import REPO, write_image_folder
 
-from cifar_lightning.fit import fit_main, in_fit_terms
+from benchmarks.reproduce import resolve_recipe
+from cifar_lightning.callbacks.progress import EpochLines, QuietRichProgressBar, format_seconds, progress_callback
 from cifar_lightning.data import CIFAR10DataModule, val_count
 from cifar_lightning.errors import UserError
-from cifar_lightning.callbacks.progress import EpochLines, QuietRichProgressBar, format_seconds, progress_callback
-from benchmarks.reproduce import resolve_recipe
-from conftest import REPO, write_image_folder
+from cifar_lightning.fit import fit_main, in_fit_terms
 
 #: Lines that say nothing about the run, each traced to where it came from and removed there.
 NOISE = (
@@ -43,9 +43,22 @@ def folder_200(tmp_path_factory) -> Path:
 def test_fit_into_a_file_prints_one_plain_line_per_epoch_and_no_noise(folder_200, tmp_path):
     # Also: 200 training images work without --val-size (the default is a 10% fraction).
     log = tmp_path / "fit.log"
-    cmd = [sys.executable, str(REPO / "scripts" / "fit.py"), "--arch", "resnet20", "--epochs", "3",
-           "--data-dir", str(folder_200), "--output-dir", str(tmp_path / "runs"), "--num-workers", "0",
-           "--batch-size", "32"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "fit.py"),
+        "--arch",
+        "resnet20",
+        "--epochs",
+        "3",
+        "--data-dir",
+        str(folder_200),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "32",
+    ]
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, timeout=600)
     text = log.read_text()
@@ -63,9 +76,14 @@ def test_fit_into_a_file_prints_one_plain_line_per_epoch_and_no_noise(folder_200
     assert lines[-1].endswith("eta 0:00")
     # the first line says where the run writes, on what, in which precision, and how long an epoch is
     run = tmp_path / "runs" / "resnet20" / "version_0"
-    assert re.search(rf"^run {re.escape(str(run))}  cpu \(\d+ threads\)  precision 32-true \(auto: [^)]*\)  6 batches an epoch, 3 epochs$",
-                     text, re.M), text[:3000]  # fmt: skip
-    assert re.search(r"^first estimate: \d+\.\d\d s a batch over batches 2-4, about \d+:\d\d for the rest of the fit$", text, re.M)
+    assert re.search(
+        rf"^run {re.escape(str(run))}  cpu \(\d+ threads\)  precision 32-true \(auto: [^)]*\)  6 batches an epoch, 3 epochs$",
+        text,
+        re.M,
+    ), text[:3000]
+    assert re.search(
+        r"^first estimate: \d+\.\d\d s a batch over batches 2-4, about \d+:\d\d for the rest of the fit$", text, re.M
+    )
     # within each epoch, lines with the batch, the running metrics, the pace and the time left
     within = [line for line in text.splitlines() if re.match(r"epoch \d/3  batch ", line)]
     batch = r"epoch (\d)/3  batch (\d)/6 \(\d+%\)  train loss \d+\.\d{4} acc \d+\.\d\d%  [\d,]+ images/s"
@@ -91,8 +109,14 @@ def test_rich_bar_shows_no_version_number(tiny_folder, tmp_path):
 
     model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01)
     logger = pl.loggers.CSVLogger(tmp_path, name="r", version=0)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[bar], logger=logger, enable_model_summary=False,
-                         limit_train_batches=1, limit_val_batches=1)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[bar],
+        logger=logger,
+        enable_model_summary=False,
+        limit_train_batches=1,
+        limit_val_batches=1,
+    )
     trainer.fit(model, datamodule=dm)
     items = bar.get_metrics(trainer, model)
     assert "v_num" not in items and "train/acc" in items
@@ -138,11 +162,27 @@ def test_a_fit_in_a_terminal_shows_the_running_loss_and_one_final_bar(tiny_folde
 
     cols = 200  # wide enough that no line wraps
     code, raw = _run_in_terminal(
-        [sys.executable, str(REPO / "scripts" / "fit.py"), "--arch", "simple_cnn", "--epochs", "2",
-         "--data-dir", str(tiny_folder), "--output-dir", str(tmp_path / "runs"), "--num-workers", "0",
-         "--batch-size", "4", "--val-size", "6"],
-        cols, 50,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "fit.py"),
+            "--arch",
+            "simple_cnn",
+            "--epochs",
+            "2",
+            "--data-dir",
+            str(tiny_folder),
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "4",
+            "--val-size",
+            "6",
+        ],
+        cols,
+        50,
+    )
     text = raw.decode(errors="replace")
     assert code == 0, text[-3000:]
     # Every frame rich drew, colours and cursor moves removed.
@@ -174,8 +214,14 @@ def test_the_bar_reads_the_running_metrics_at_its_own_pace_not_per_step(tiny_fol
     # A read period longer than the fit: the bar reads after each epoch's first step and at its
     # end, and never per step, however fast or slow the steps are.
     bar = QuietRichProgressBar(read_every=3600)
-    trainer = pl.Trainer(max_epochs=2, callbacks=[bar], logger=False, enable_model_summary=False,
-                         enable_checkpointing=False, limit_val_batches=1)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[bar],
+        logger=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=1,
+    )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 30 and len(reads) == 2 * trainer.max_epochs, len(reads)
     # The last read, at the epoch's end, is the epoch's mean, as logged.
@@ -190,14 +236,23 @@ def test_the_bar_redraws_a_few_times_a_second_not_per_batch(tiny_folder, tmp_pat
 
     drawn = []
     original = RichProgressBar.on_train_batch_end
-    monkeypatch.setattr(RichProgressBar, "on_train_batch_end",
-                        lambda self, trainer, *a: drawn.append((trainer.current_epoch, a[-1])) or original(self, trainer, *a))  # fmt: skip
+    monkeypatch.setattr(
+        RichProgressBar,
+        "on_train_batch_end",
+        lambda self, trainer, *a: drawn.append((trainer.current_epoch, a[-1])) or original(self, trainer, *a),
+    )
     for every, expected in ((3600, [(0, 0), (0, 14), (1, 14)]), (0, [(e, b) for e in (0, 1) for b in range(15)])):
         drawn.clear()
         model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01)
         dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=2, val_size=6)  # 15 batches
-        trainer = pl.Trainer(max_epochs=2, callbacks=[QuietRichProgressBar(redraw_every=every)], logger=False,
-                             enable_model_summary=False, enable_checkpointing=False, limit_val_batches=1)  # fmt: skip
+        trainer = pl.Trainer(
+            max_epochs=2,
+            callbacks=[QuietRichProgressBar(redraw_every=every)],
+            logger=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            limit_val_batches=1,
+        )
         trainer.fit(model, datamodule=dm)
         assert drawn == expected  # the first batch, then each epoch's last: never a stale final bar
 
@@ -210,8 +265,9 @@ def test_epoch_lines_estimate_the_time_left(tiny_folder, tmp_path):
     model = ClassifierModule(
         arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01, scheduler="none"
     )
-    trainer = pl.Trainer(max_epochs=4, callbacks=[EpochLines(out)], logger=False, enable_model_summary=False,
-                         enable_checkpointing=False)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=4, callbacks=[EpochLines(out)], logger=False, enable_model_summary=False, enable_checkpointing=False
+    )
     trainer.fit(model, datamodule=dm)
     lines = [line for line in out.getvalue().splitlines() if "val loss" in line]
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
@@ -228,8 +284,14 @@ def test_a_log_gets_a_line_at_every_tenth_of_an_epoch_or_every_minute(tiny_folde
         model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01)
         # 30 training images in batches of 2 (one would leave BatchNorm one value a channel): 15 batches
         dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=2, val_size=6)
-        trainer = pl.Trainer(max_epochs=1, callbacks=[lines], logger=False, enable_model_summary=False,
-                             enable_checkpointing=False, limit_val_batches=1)  # fmt: skip
+        trainer = pl.Trainer(
+            max_epochs=1,
+            callbacks=[lines],
+            logger=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            limit_val_batches=1,
+        )
         trainer.fit(model, datamodule=dm)
         return [line for line in lines._stream.getvalue().splitlines() if "  batch " in line]
 
@@ -266,8 +328,20 @@ def test_val_size_that_is_neither_is_refused(val_size):
 
 
 def test_errors_name_the_flag_the_user_typed(folder_200, tmp_path, capsys):
-    args = ["--arch", "simple_cnn", "--data-dir", str(folder_200), "--output-dir", str(tmp_path),
-            "--num-workers", "0", "--val-size", "200", "--epochs", "1"]  # fmt: skip
+    args = [
+        "--arch",
+        "simple_cnn",
+        "--data-dir",
+        str(folder_200),
+        "--output-dir",
+        str(tmp_path),
+        "--num-workers",
+        "0",
+        "--val-size",
+        "200",
+        "--epochs",
+        "1",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         fit_main(args)
     assert exit_info.value.code == 2

@@ -8,14 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_augment import _ks_statistic, labelled_arrays, make_dm
 from torchvision.transforms import v2
 
-from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, build_transform
-from cifar_lightning.data import policies
+from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, build_transform, policies
 from cifar_lightning.data.policies import OPERATIONS, BatchPolicy
 from cifar_lightning.data.transforms import POLICIES, policy_transform
 from cifar_lightning.errors import UserError
-from test_augment import _ks_statistic, labelled_arrays, make_dm
 
 
 def torchvisions(op: str, image: torch.Tensor, magnitude: float) -> torch.Tensor:
@@ -54,7 +53,10 @@ def test_blends_round_once_as_torchvisions_do():
     for op in ("Color", "Contrast", "Sharpness", "Brightness"):
         for magnitude in (-0.9, -0.5, -0.13, 0.07, 0.3, 0.77):
             ours = OPERATIONS[op](images, torch.full((len(images),), magnitude))
-            assert torch.equal(ours, torch.stack([torchvisions(op, image, magnitude) for image in images])), (op, magnitude)
+            assert torch.equal(ours, torch.stack([torchvisions(op, image, magnitude) for image in images])), (
+                op,
+                magnitude,
+            )
 
 
 def test_rotation_at_any_angle_is_torchvisions():
@@ -78,7 +80,9 @@ def test_operations_do_what_their_names_say():
     bright = OPERATIONS["Brightness"](image, torch.tensor([0.5]))
     assert torch.equal(bright, (image.float() * 1.5).clamp(0, 255).to(torch.uint8))
     flat = torch.cat([torch.full_like(image[:, :1], 7), image[:, 1:]], dim=1)  # one channel of one value
-    assert torch.equal(OPERATIONS["AutoContrast"](flat, torch.tensor([0.0])), torchvisions("AutoContrast", flat[0], 0)[None])
+    assert torch.equal(
+        OPERATIONS["AutoContrast"](flat, torch.tensor([0.0])), torchvisions("AutoContrast", flat[0], 0)[None]
+    )
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -132,8 +136,9 @@ def _both_ways(policy: str, n: int, m: int, batch_m: int | None = None) -> tuple
     torch.manual_seed(0)
     per_image = policy_transform(policy, n, m)
     one_by_one = torch.stack([per_image(image) for _ in range(3000)])
-    batch = BatchPolicy(policy, n, m if batch_m is None else batch_m)(image.expand(3000, -1, -1, -1).contiguous(),
-                                                                       torch.Generator().manual_seed(1))  # fmt: skip
+    batch = BatchPolicy(policy, n, m if batch_m is None else batch_m)(
+        image.expand(3000, -1, -1, -1).contiguous(), torch.Generator().manual_seed(1)
+    )
     return _per_image_statistics(one_by_one, image[None]), _per_image_statistics(batch, image[None])
 
 

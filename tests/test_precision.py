@@ -29,7 +29,9 @@ def test_auto_on_a_cpu_follows_its_flags(monkeypatch, flags, expected, why):
     assert precision == expected and reason.startswith("auto: ") and why in reason
 
 
-@pytest.mark.parametrize(("capability", "expected"), [((8, 0), "bf16-mixed"), ((9, 0), "bf16-mixed"), ((7, 5), "32-true")])
+@pytest.mark.parametrize(
+    ("capability", "expected"), [((8, 0), "bf16-mixed"), ((9, 0), "bf16-mixed"), ((7, 5), "32-true")]
+)
 def test_auto_on_a_gpu_follows_its_compute_capability(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     precision, reason = resolve_precision("auto", "cuda")

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import labelled_image
 from PIL import Image
+from test_evaluate import trained_run
 
 from cifar_lightning.checkpoint import load_classifier
 from cifar_lightning.inference import predict_logits
 from cifar_lightning.predict import Limits, expand_inputs, predict_main
 from cifar_lightning.predict import decode_input as decode_image
-from conftest import labelled_image
-from test_evaluate import trained_run
 
 MAX_BYTES = 50_000  # small limits keep the oversize cases small
 MAX_PIXELS = 1_000_000
@@ -149,8 +149,20 @@ def inputs(tmp_path):
 
 
 def limits_args(out: Path, timeout: float = GENEROUS_TIMEOUT) -> list[str]:
-    return ["--format", "json", "--output", str(out), "--max-bytes", str(MAX_BYTES),
-            "--max-pixels", str(MAX_PIXELS), "--timeout", str(timeout), "--top-k", "3"]  # fmt: skip
+    return [
+        "--format",
+        "json",
+        "--output",
+        str(out),
+        "--max-bytes",
+        str(MAX_BYTES),
+        "--max-pixels",
+        str(MAX_PIXELS),
+        "--timeout",
+        str(timeout),
+        "--top-k",
+        "3",
+    ]
 
 
 def assert_one_error_line_each(err: str, bad: dict[str, str]) -> None:

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from benchmarks import provenance as prov_mod
 from benchmarks.provenance import (
@@ -20,7 +21,6 @@ from benchmarks.provenance import (
     scrub,
     scrub_paths,
 )
-from conftest import REPO
 
 #: The root of the sample machine paths below, joined at run time, so that this file names none.
 S = "/"
@@ -73,7 +73,9 @@ def machine_paths_in(path: Path) -> list[str]:
 
 def test_no_tracked_file_names_an_absolute_path_of_a_machine():
     found = [hit for path in tracked_text_files() for hit in machine_paths_in(path)]
-    assert found == [], "absolute paths in tracked files (name them by role: provenance.describe_path):\n" + "\n".join(found)
+    assert found == [], "absolute paths in tracked files (name them by role: provenance.describe_path):\n" + "\n".join(
+        found
+    )
 
 
 def test_no_tracked_file_names_this_checkout_or_home():
@@ -93,9 +95,11 @@ def test_the_path_check_finds_what_it_looks_for(monkeypatch):
     # The check above must fail on a file that holds such a path (a file of the tree: the check
     # names files relative to it).
     sample = REPO / "tests" / "data" / "_path_check_sample.txt"
-    sample.write_text(f'{{"data_dir": "{S}work/shared/data/x.tar.gz", "ok": "configs/a.yaml", "url": "https://a.org/b"}}\n')
+    sample.write_text(
+        f'{{"data_dir": "{S}work/shared/data/x.tar.gz", "ok": "configs/a.yaml", "url": "https://a.org/b"}}\n'
+    )
     try:
-        assert machine_paths_in(sample) == [f"tests/data/_path_check_sample.txt:1: {S}work/shared/data/x.tar.gz\","]
+        assert machine_paths_in(sample) == [f'tests/data/_path_check_sample.txt:1: {S}work/shared/data/x.tar.gz",']
         monkeypatch.setattr(f"{__name__}.tracked_text_files", lambda: [sample])
         with pytest.raises(AssertionError, match="x.tar.gz"):
             test_no_tracked_file_names_an_absolute_path_of_a_machine()
@@ -118,9 +122,21 @@ def test_paths_are_named_by_role(tmp_path):
 
 
 def test_command_line_is_relative():
-    line = command_line([str(REPO / "scripts" / "bench.py"), "--output", f"{S}tmp/q.json", "--sections=time_to_accuracy", "--quick",
-                         "--note", f"see {S}srv/logs/a.txt"])  # fmt: skip
-    assert line == "python scripts/bench.py --output '<outside>/q.json' --sections=time_to_accuracy --quick --note 'see <outside>/a.txt'"
+    line = command_line(
+        [
+            str(REPO / "scripts" / "bench.py"),
+            "--output",
+            f"{S}tmp/q.json",
+            "--sections=time_to_accuracy",
+            "--quick",
+            "--note",
+            f"see {S}srv/logs/a.txt",
+        ]
+    )
+    assert (
+        line
+        == "python scripts/bench.py --output '<outside>/q.json' --sections=time_to_accuracy --quick --note 'see <outside>/a.txt'"
+    )
 
 
 def test_provenance_records_commit_machine_versions_data_and_load(tmp_path):
@@ -138,7 +154,10 @@ def test_provenance_records_commit_machine_versions_data_and_load(tmp_path):
         assert m["cpu_flags"]["avx512f"] == (" avx512f" in flags)
     assert p["versions"]["torch"] and p["versions"]["lightning"]
     # sha256 of b"abc"
-    assert p["data"] == {"name": "copy.tar.gz", "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
+    assert p["data"] == {
+        "name": "copy.tar.gz",
+        "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+    }
     assert p["load_average_1min_max"] is not None and p["finished"] >= p["started"][:19]
     assert MACHINE_PATH.search(json.dumps(p)) is None
 
@@ -147,8 +166,11 @@ def test_a_modified_or_new_file_is_recorded(monkeypatch):
     status = " M configs/fastnet.yaml\n?? cifar_lightning/new.py\n M README.md"
     monkeypatch.setattr(prov_mod, "_git", lambda *a: status if a[0] == "status" else "abc\n")
     state = prov_mod.git_state()
-    assert state == {"commit": "abc", "uncommitted_changes": True,
-                     "changed_files": ["README.md", "cifar_lightning/new.py", "configs/fastnet.yaml"]}  # fmt: skip
+    assert state == {
+        "commit": "abc",
+        "uncommitted_changes": True,
+        "changed_files": ["README.md", "cifar_lightning/new.py", "configs/fastnet.yaml"],
+    }
     monkeypatch.setattr(prov_mod, "_git", lambda *a: None)  # no git: unknown, not clean
     assert prov_mod.git_state()["uncommitted_changes"] is None
 
@@ -220,7 +242,9 @@ def _speed_rows_of_cpu_json(results: dict) -> dict[str, list[str]]:
 
 def _accuracy(s: dict, seconds: bool = True) -> str:
     """``90.56% ± 0.02``, as the pages write a runner's mean (and std) of the time-to-accuracy summary."""
-    return f"{100 * s['mean_test_acc']:.2f}%" + (f" ± {100 * s['std_test_acc']:.2f}" if s["std_test_acc"] is not None else "")
+    return f"{100 * s['mean_test_acc']:.2f}%" + (
+        f" ± {100 * s['std_test_acc']:.2f}" if s["std_test_acc"] is not None else ""
+    )
 
 
 def _speed_rows_of_time_to_accuracy(results: dict) -> dict[str, list[str]]:
@@ -232,9 +256,12 @@ def _speed_rows_of_time_to_accuracy(results: dict) -> dict[str, list[str]]:
         figure = f"{name} {_accuracy(s)} in {s['mean_seconds']:,.0f} s"
         vs = s.get("against_airbench94")
         if vs:
-            time = f"{vs['time_ratio']:.3f}x" + (f" ± {vs['time_ratio_std']:.3f}" if vs["time_ratio_std"] is not None else "")
+            time = f"{vs['time_ratio']:.3f}x" + (
+                f" ± {vs['time_ratio_std']:.3f}" if vs["time_ratio_std"] is not None else ""
+            )
             diff = f"{vs['accuracy_difference_points']:+.2f}" + (
-                f" ± {vs['accuracy_difference_std']:.2f}" if vs["accuracy_difference_std"] is not None else "")
+                f" ± {vs['accuracy_difference_std']:.2f}" if vs["accuracy_difference_std"] is not None else ""
+            )
             figure += f" (time {time}, {diff} points)"
         figures.append(figure)
     return {"| time to accuracy beside airbench94": figures}
@@ -251,9 +278,11 @@ def test_speed_page_figures_are_those_of_the_committed_results(name):
     if name == "cpu.json":  # and the tensor loader's sentence, wrapped over lines
         d = results["data"]
         prose = " ".join(" ".join(lines).split())
-        sentence = (f"tensor loader made {d['speedup']:.1f} times as many training images a second as the per-image "
-                    f"path with 2 workers on an idle 2-core CPU ({d['tensor_loader']['images_per_s']:,.0f} vs "
-                    f"{d['imagefolder_pil_2_workers']['images_per_s']:,.0f} images/s")  # fmt: skip
+        sentence = (
+            f"tensor loader made {d['speedup']:.1f} times as many training images a second as the per-image "
+            f"path with 2 workers on an idle 2-core CPU ({d['tensor_loader']['images_per_s']:,.0f} vs "
+            f"{d['imagefolder_pil_2_workers']['images_per_s']:,.0f} images/s"
+        )
         assert sentence in prose, f"docs/speed.md's tensor loader section should read: {sentence}"
     _check_rows("docs/speed.md", lines, rows, f"benchmarks/{name}")
 
@@ -280,7 +309,9 @@ def test_readme_results_are_those_of_the_committed_files():
         for runner in ("fastnet", "fastnet_muon")
     }
     air = summary["airbench94"]
-    rows["| `fastnet`"].append(f"airbench94's own code beside it: {100 * air['mean_test_acc']:.2f}% in {air['mean_seconds']:,.0f} s")
+    rows["| `fastnet`"].append(
+        f"airbench94's own code beside it: {100 * air['mean_test_acc']:.2f}% in {air['mean_seconds']:,.0f} s"
+    )
     for recipe in ("mynet_tutorial", "simple_cnn_tutorial"):
         ours, reference = _reproduce_row(recipe)
         rows[f"| `{recipe}`"] = [ours] + ([reference] if reference else [])
@@ -288,25 +319,36 @@ def test_readme_results_are_those_of_the_committed_files():
     d = json.loads((REPO / "benchmarks" / "cpu.json").read_text())["data"]
     vs = summary["fastnet"]["against_airbench94"]
     prose = " ".join(" ".join(lines).split())
-    for figure in (f"{d['speedup']:.1f} times as many training images", f"takes {vs['time_ratio']:.3f}x the time",
-                   f"for {-vs['accuracy_difference_points']:.2f} points less"):  # fmt: skip
+    for figure in (
+        f"{d['speedup']:.1f} times as many training images",
+        f"takes {vs['time_ratio']:.3f}x the time",
+        f"for {-vs['accuracy_difference_points']:.2f} points less",
+    ):
         assert figure in prose, f"README.md should read: {figure}"
 
 
 #: docs/training.md's row of each trick of benchmarks/tricks_cpu.json.
 TRICK_ROWS = {
-    "standard": "| none (crop + flip)", "ema": "| `--ema 0.99`", "swa": "| `--swa 0.05`", "mixup": "| `--mixup 1.0`",
-    "cutmix": "| `--cutmix 1.0`", "cutout": "| `--cutout 16`", "random_erasing": "| `--random-erasing 0.5`",
-    "autoaugment": "| `--augment autoaugment`", "randaugment": "| `--augment randaugment`",
-    "trivialaugment": "| `--augment trivialaugment`", "sam": "| `--optimizer sam`",
-}  # fmt: skip
+    "standard": "| none (crop + flip)",
+    "ema": "| `--ema 0.99`",
+    "swa": "| `--swa 0.05`",
+    "mixup": "| `--mixup 1.0`",
+    "cutmix": "| `--cutmix 1.0`",
+    "cutout": "| `--cutout 16`",
+    "random_erasing": "| `--random-erasing 0.5`",
+    "autoaugment": "| `--augment autoaugment`",
+    "randaugment": "| `--augment randaugment`",
+    "trivialaugment": "| `--augment trivialaugment`",
+    "sam": "| `--optimizer sam`",
+}
 
 
 def test_tricks_table_is_that_of_the_committed_results():
     results = json.loads((REPO / "benchmarks" / "tricks_cpu.json").read_text())["tricks"]
     assert set(TRICK_ROWS) == set(results["tricks"])
     rows = {
-        TRICK_ROWS[name]: [f"| {t['images_per_s']:.0f} | {t['over_standard']:.2f}x |"] for name, t in results["tricks"].items()
+        TRICK_ROWS[name]: [f"| {t['images_per_s']:.0f} | {t['over_standard']:.2f}x |"]
+        for name, t in results["tricks"].items()
     }
     lines = _page_lines("docs/training.md")
     _check_rows("docs/training.md", lines, rows, "benchmarks/tricks_cpu.json")

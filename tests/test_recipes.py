@@ -16,11 +16,11 @@ import math
 
 import pytest
 import torch
+from conftest import REPO
 from torch import nn
 
 from benchmarks import recipe_check
 from benchmarks.recipe_check import CHANCE_LOSS, SMOKE, SmokeResult, SmokeSpec, check_recipe, failures
-from conftest import REPO
 
 RECIPES = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 
@@ -43,8 +43,9 @@ def test_recipe_learns_in_a_few_steps(recipe, real_cifar10, tmp_path):
 
 
 def test_only_recipes_for_another_dataset_are_skipped(tmp_path, tiny_folder):
-    from cifar_lightning.constants import CIFAR10_CLASSES
     from conftest import write_image_folder
+
+    from cifar_lightning.constants import CIFAR10_CLASSES
 
     cifar10 = write_image_folder(tmp_path / "c10", classes=CIFAR10_CLASSES, n_train=1, n_test=1)
     skipped = [r for r in RECIPES if recipe_check.other_dataset(REPO / "configs" / f"{r}.yaml", cifar10)]
@@ -116,8 +117,15 @@ def test_a_broken_recipe_fails_the_check(kind, mutation, real_cifar10, tmp_path,
 
 def _result(losses, val_acc=0.3, batch_losses=(), batch_acc=None, floor=0.0, steps=None) -> SmokeResult:
     return SmokeResult(
-        recipe="x", steps=len(losses) if steps is None else steps, batch_size=8, losses=list(losses),
-        val_loss=1.0, val_acc=val_acc, seconds=0.0, batch_losses=list(batch_losses), batch_acc=batch_acc,
+        recipe="x",
+        steps=len(losses) if steps is None else steps,
+        batch_size=8,
+        losses=list(losses),
+        val_loss=1.0,
+        val_acc=val_acc,
+        seconds=0.0,
+        batch_losses=list(batch_losses),
+        batch_acc=batch_acc,
         batch_floor=floor,
     )
 
@@ -138,7 +146,9 @@ def test_each_rule_of_the_check():
     assert failures(_result(blown, val_acc=0.1, batch_losses=learnt, batch_acc=1.0), overfit) == []
     assert any("not learnt" in m for m in failures(_result(blown, batch_losses=[2.3] * 10, batch_acc=1.0), overfit))
     assert any("eval-mode" in m for m in failures(_result(blown, batch_losses=learnt, batch_acc=0.1), overfit))
-    assert any("not finite" in m for m in failures(_result(blown, batch_losses=[*learnt[:-1], math.inf], batch_acc=1), overfit))
+    assert any(
+        "not finite" in m for m in failures(_result(blown, batch_losses=[*learnt[:-1], math.inf], batch_acc=1), overfit)
+    )
     # under label smoothing the floor is above 0: 0.55 is learnt at 0.1 (floor 0.50), not without it
     near = [2.3, 1.5, 0.9, 0.6, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55]
     assert failures(_result(blown, batch_losses=near, batch_acc=1.0, floor=0.5), overfit) == []

@@ -22,17 +22,17 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
+from benchmarks import child_env
+from cifar_lightning.callbacks import RandomState
+from cifar_lightning.checkpoint import AtomicCheckpointIO, CheckpointWriteError
 from cifar_lightning.cli import cli_main
 from cifar_lightning.fit import fit_main
 from cifar_lightning.module import ClassifierModule
-from cifar_lightning.callbacks import RandomState
-from cifar_lightning.checkpoint import AtomicCheckpointIO, CheckpointWriteError
-from benchmarks import child_env
-from conftest import REPO
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
@@ -52,9 +52,23 @@ def write_noise_folder(root: Path, n_train: int = 20, n_test: int = 4, classes=(
 
 def fit_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--data-dir", str(data), "--output-dir", str(out), "--num-workers", "0", "--batch-size", "4",
-        "--val-size", "6", "--arch", "simple_cnn", "--lr", "0.01", *QUIET, *extra,
-    ]  # fmt: skip
+        "--data-dir",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--val-size",
+        "6",
+        "--arch",
+        "simple_cnn",
+        "--lr",
+        "0.01",
+        *QUIET,
+        *extra,
+    ]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -176,7 +190,9 @@ def test_a_run_stopped_mid_epoch_resumes_with_the_batches_it_would_have_had(unin
     args = fit_args(data, tmp_path, "--epochs", "2", *EXACT, "--cutout", "8")
     defaults = cli.default_callbacks
     records = [BatchRecorder(), BatchRecorder(stop_at=(0, 2)), BatchRecorder()]
-    for i, (extra, out) in enumerate((([], tmp_path / "whole"), ([], tmp_path / "stopped"), (["--resume"], tmp_path / "stopped"))):
+    for i, (extra, out) in enumerate(
+        (([], tmp_path / "whole"), ([], tmp_path / "stopped"), (["--resume"], tmp_path / "stopped"))
+    ):
         monkeypatch.setattr(cli, "default_callbacks", lambda config, r=records[i]: [*defaults(config), r])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -199,8 +215,9 @@ def test_the_tensor_loader_resumes_at_the_batch_after_the_last_one_taken():
     from cifar_lightning.data.tensor_loader import TensorLoader
 
     images = torch.randint(0, 256, (50, 8, 8, 3), dtype=torch.uint8)
-    make = lambda: TensorLoader(images, torch.arange(50), torch.arange(50), 8, train=True, augment="trivialaugment",
-                                cutout=3, seed=5)  # fmt: skip
+    make = lambda: TensorLoader(
+        images, torch.arange(50), torch.arange(50), 8, train=True, augment="trivialaugment", cutout=3, seed=5
+    )
     whole = [x for x, _ in make()]
     first = make()
     it = iter(first)
@@ -235,10 +252,17 @@ def assert_same_log(path: Path, reference: Path) -> list[dict[str, str]]:
 def test_cli_fit_ckpt_path_last_continues_the_latest_run(tmp_path):
     data = write_noise_folder(tmp_path / "data", n_train=8)
     args = [
-        "fit", "--model.arch=simple_cnn", f"--data.data_dir={data}", "--data.download=false",
-        "--data.num_workers=0", "--data.batch_size=6", "--data.val_size=6",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET,
-    ]  # fmt: skip
+        "fit",
+        "--model.arch=simple_cnn",
+        f"--data.data_dir={data}",
+        "--data.download=false",
+        "--data.num_workers=0",
+        "--data.batch_size=6",
+        "--data.val_size=6",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        *QUIET,
+    ]
     cli_main([*args, "--trainer.max_epochs=1"])
     cli = cli_main([*args, "--trainer.max_epochs=2", "--ckpt_path=last"])
     run = tmp_path / "simple_cnn" / "version_0"  # named as fit.py names its runs
@@ -310,8 +334,13 @@ def test_a_checkpoint_from_before_image_size_resumes_as_32_pixels():
     from cifar_lightning.checkpoint import check_resumable
     from cifar_lightning.errors import UserError
 
-    stored = {"arch": "simple_cnn", "num_classes": 3, "class_names": ["a", "b", "c"], "norm_mean": [0.5] * 3,
-              "norm_std": [0.25] * 3}  # fmt: skip
+    stored = {
+        "arch": "simple_cnn",
+        "num_classes": 3,
+        "class_names": ["a", "b", "c"],
+        "norm_mean": [0.5] * 3,
+        "norm_std": [0.25] * 3,
+    }
     check_resumable(stored, "old.ckpt", {**stored, "norm_mean": (0.5,) * 3, "norm_std": (0.25,) * 3, "image_size": 32})
     with pytest.raises(UserError, match="the checkpoint has image_size=32, but this run builds image_size=40"):
         check_resumable(stored, "old.ckpt", {**stored, "image_size": 40})
@@ -395,7 +424,9 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_and_the_run_resumes(tmp_path):
     # A scheduler's SIGTERM may reach one process only. Both ranks must stop after the same batch,
     # within seconds, write last.ckpt once (mid-epoch), and the run must resume from it.
     data = write_noise_folder(tmp_path / "data", n_train=100)
-    args = fit_args(data, tmp_path / "runs", "--epochs", "3", "--batch-size", "2", "--devices", "2", "--accelerator", "cpu")
+    args = fit_args(
+        data, tmp_path / "runs", "--epochs", "3", "--batch-size", "2", "--devices", "2", "--accelerator", "cpu"
+    )
     marker = tmp_path / "rank1.pid"
     mark = json.dumps({"class_path": "test_reliability.MarkMidEpoch", "init_args": {"marker": str(marker)}})
     run = tmp_path / "runs" / "simple_cnn" / "version_0"
@@ -403,8 +434,13 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_and_the_run_resumes(tmp_path):
     steps = -(-(3 * 100 - 6) // 2 // 2)  # per rank and epoch: 294 images, 2 ranks, batch 2
     log = tmp_path / "err"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "fit.py"), *args, f"--trainer.callbacks+={mark}"],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=_env_with_tests())  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "fit.py"), *args, f"--trainer.callbacks+={mark}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=_env_with_tests(),
+        )
         try:
             deadline = time.monotonic() + 300
             while not marker.exists() or not marker.read_text():
@@ -430,8 +466,13 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_and_the_run_resumes(tmp_path):
     assert first == steps and steps + 10 < stopped["global_step"] < 2 * steps  # written at the stop, mid-epoch
     ClassifierModule.load_from_checkpoint(last, map_location="cpu")
 
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fit.py"), *args, "--resume"],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fit.py"), *args, "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "test_report.json").read_text())
     assert report["epochs"] == 3 and report["global_step"] == 3 * steps
@@ -448,13 +489,20 @@ def test_resume_on_another_number_of_devices(tmp_path, first, second):
     # A 2-epoch run stopped after its first epoch on `first` CPU processes, resumed on `second`:
     # it ends after the steps of each, and its cosine schedule, resized, ends at zero on the last.
     data = write_noise_folder(tmp_path / "data", n_train=12)  # 30 training images
-    args = fit_args(data, tmp_path / "runs", "--batch-size", "2", "--accelerator", "cpu", "--scheduler", "cosine",
-                    "--epochs", "2")  # fmt: skip
+    args = fit_args(
+        data, tmp_path / "runs", "--batch-size", "2", "--accelerator", "cpu", "--scheduler", "cosine", "--epochs", "2"
+    )
     steps = {1: 15, 2: 8}  # per epoch: 30 images in batches of 2, on one rank or split over two
     stop = '--trainer.callbacks+={"class_path": "test_reliability.StopAfterFirstEpoch"}'  # a preempted job
     for devices, more in ((first, [stop]), (second, ["--resume"])):
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fit.py"), *args, "--devices", str(devices), *more],
-                              capture_output=True, text=True, timeout=600, cwd=REPO, env=_env_with_tests())  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "fit.py"), *args, "--devices", str(devices), *more],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+            env=_env_with_tests(),
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "simple_cnn" / "version_0"
     report = json.loads((run / "test_report.json").read_text())
@@ -532,9 +580,16 @@ def test_ddp_validation_matches_one_process(trained_run, tmp_path):
     # 7 validation images over 2 ranks with batches of 4: a padding sampler would count one twice.
     data, ckpt = trained_run
     args = [
-        "validate", f"--ckpt_path={ckpt}", f"--data.data_dir={data}", "--data.download=false",
-        "--data.num_workers=0", "--data.batch_size=4", "--data.val_size=7", "--trainer.accelerator=cpu", *QUIET,
-    ]  # fmt: skip
+        "validate",
+        f"--ckpt_path={ckpt}",
+        f"--data.data_dir={data}",
+        "--data.download=false",
+        "--data.num_workers=0",
+        "--data.batch_size=4",
+        "--data.val_size=7",
+        "--trainer.accelerator=cpu",
+        *QUIET,
+    ]
 
     def out(folder: Path) -> list[str]:
         return [f"--trainer.default_root_dir={folder}", f"--trainer.logger.init_args.save_dir={folder}"]
@@ -542,8 +597,11 @@ def test_ddp_validation_matches_one_process(trained_run, tmp_path):
     cli_main([*args, "--trainer.devices=1", *out(tmp_path / "one")])
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_lightning", *args, "--trainer.devices=2", *out(tmp_path / "two")],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = list((tmp_path / "two").rglob("metrics.csv"))
     assert len(logs) == 1  # only rank 0 writes
@@ -612,8 +670,14 @@ def test_ddp_ranks_take_rank_zeros_whitening_and_reduce_no_metric_twice(tmp_path
     runner, out = tmp_path / "runner.py", tmp_path / "out"
     runner.write_text(DDP_RUNNER)
     out.mkdir()
-    proc = subprocess.run([sys.executable, str(runner), str(data), str(out)], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env=child_env())  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(runner), str(data), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=child_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["own"] != rank1["own"]  # the ranks computed other filters...
@@ -791,9 +855,18 @@ def test_the_loss_guard_counts_optimizer_steps_under_accumulation(tiny_folder, t
     real = StopOnNonFiniteLoss.check
     monkeypatch.setattr(StopOnNonFiniteLoss, "check", lambda self, t: checked.append(t.global_step) or real(self, t))
     dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=4, batch_size=2, num_workers=0)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, accumulate_grad_batches=4, callbacks=[guard],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_val_batches=0,
+        accumulate_grad_batches=4,
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(ClassifierModule(arch="simple_cnn", num_classes=3), datamodule=dm)
     assert trainer.global_step == 4 and checked == [2, 4]
 
@@ -852,8 +925,15 @@ def test_the_loss_guard_keeps_its_own_sum_for_another_module(tmp_path):
     from cifar_lightning.callbacks import StopOnNonFiniteLoss
     from cifar_lightning.callbacks.guard import LossNotFinite
 
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[StopOnNonFiniteLoss(check_every=3)], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        callbacks=[StopOnNonFiniteLoss(check_every=3)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(LossNotFinite, match=r"at epoch 1, one of steps 4-6\."):
         trainer.fit(_NaNAfter(bad=4))

@@ -7,6 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import labelled_image
+from test_evaluate import assert_png, trained_run
+from wandb_records import summarize
 
 from cifar_lightning import corruptions as corruptions_mod
 from cifar_lightning.calibration import calibration_metrics, fit_temperature, reliability_bins
@@ -14,9 +17,6 @@ from cifar_lightning.corruptions import CORRUPTIONS, LEFT_OUT, corrupt, corrupte
 from cifar_lightning.errors import UserError
 from cifar_lightning.evaluation import default_output_dir, evaluate_main
 from cifar_lightning.predict import predict_main
-from conftest import labelled_image
-from test_evaluate import assert_png, trained_run
-from wandb_records import summarize
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,16 @@ def images() -> np.ndarray:
 
 
 #: The corruptions that draw random numbers (noise, jitter, angles, flakes, haze, displacement).
-RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "fog", "elastic_transform"}
+RANDOM = {
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "glass_blur",
+    "motion_blur",
+    "snow",
+    "fog",
+    "elastic_transform",
+}
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
@@ -112,8 +121,19 @@ def test_corrupted_arrays_are_cached(images, tmp_path, monkeypatch):
 def test_evaluate_calibration_and_corruptions(run, tmp_path):
     ckpt, _ = run
     out = tmp_path / "eval"
-    report = evaluate_main([str(ckpt), "--calibration", "--corruptions", "--corruptions-subset", "10",
-                            "--output-dir", str(out), "--logger", "tensorboard"])  # fmt: skip
+    report = evaluate_main(
+        [
+            str(ckpt),
+            "--calibration",
+            "--corruptions",
+            "--corruptions-subset",
+            "10",
+            "--output-dir",
+            str(out),
+            "--logger",
+            "tensorboard",
+        ]
+    )
     assert_png(out / "reliability.png")
     assert_png(out / "corruptions.png")
     cal = report["calibration"]
@@ -134,12 +154,25 @@ def test_evaluate_calibration_and_corruptions(run, tmp_path):
 
 def test_evaluate_sends_figures_and_numbers_to_wandb(run, tmp_path):
     ckpt, _ = run
-    evaluate_main([str(ckpt), "--calibration", "--corruptions", "--corruptions-subset", "10",
-                   "--output-dir", str(tmp_path / "eval"), "--logger", "wandb"])  # fmt: skip
+    evaluate_main(
+        [
+            str(ckpt),
+            "--calibration",
+            "--corruptions",
+            "--corruptions-subset",
+            "10",
+            "--output-dir",
+            str(tmp_path / "eval"),
+            "--logger",
+            "wandb",
+        ]
+    )
     (run_file,) = sorted((ckpt.parent.parent / "wandb").glob("offline-run-*/run-*.wandb"))[-1:]
     logged = summarize(run_file)
     assert {"eval/ece_before_scaling", "eval/ece_after_scaling", "eval/temperature"} <= logged["history_keys"]
-    assert {"eval/corruption_mean_acc", "eval/corruption_relative_drop", "eval/corruption_acc/fog"} <= logged["history_keys"]
+    assert {"eval/corruption_mean_acc", "eval/corruption_relative_drop", "eval/corruption_acc/fog"} <= logged[
+        "history_keys"
+    ]
     # the figures, as W&B images
     assert {"eval/reliability/_type", "eval/corruptions/_type"} <= logged["history_keys"]
 

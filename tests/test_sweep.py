@@ -15,24 +15,39 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import REPO, write_image_folder
 
 from cifar_lightning.sweep import load_sweep
 from cifar_lightning.sweep.runner import main as sweep_main
-from conftest import REPO, write_image_folder
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-FIT = ["--arch", "simple_cnn", "--batch-size", "8", "--num-workers", "0", "--val-size", "12", "--augment", "flip",
-       *QUIET]  # fmt: skip
+FIT = [
+    "--arch",
+    "simple_cnn",
+    "--batch-size",
+    "8",
+    "--num-workers",
+    "0",
+    "--val-size",
+    "12",
+    "--augment",
+    "flip",
+    *QUIET,
+]
 GOOD, HOPELESS, DIVERGES = 0.02, 1.0e-7, 1.0e4
 
 
 def write_sweep(path: Path, **overrides) -> Path:
     """A sweep of simple_cnn's learning rate over three choices, on a tiny folder."""
     sweep = {
-        "metric": "val/acc", "direction": "maximize", "n_trials": 3, "fit_args": [*FIT, "--epochs", "3"],
+        "metric": "val/acc",
+        "direction": "maximize",
+        "n_trials": 3,
+        "fit_args": [*FIT, "--epochs", "3"],
         "space": {"model.lr": {"type": "categorical", "choices": [GOOD, HOPELESS, DIVERGES]}},
-        "sampler": {"type": "tpe", "seed": 0}, "pruner": {"type": "median", "n_startup_trials": 1},
-    } | overrides  # fmt: skip
+        "sampler": {"type": "tpe", "seed": 0},
+        "pruner": {"type": "median", "n_startup_trials": 1},
+    } | overrides
     path.write_text(yaml.safe_dump(sweep))
     return path
 
@@ -53,8 +68,14 @@ def trials(out: Path, study: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def run_worker(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "sweep.py"), *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "sweep.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,9 +100,22 @@ def run_worker(*args: str, **kw) -> subprocess.Popen:
         ({"epochs": 3}, "unknown key 'epochs'"),
         ({"recipe": "no_such.yaml"}, "no recipe"),
     ],
-    ids=["empty-range", "log-of-zero", "not-a-cli-name", "bad-type", "bad-param-key", "no-choices", "test-metric",
-         "direction", "pruner-args", "sampler", "n-trials", "top-key", "recipe"],
-)  # fmt: skip
+    ids=[
+        "empty-range",
+        "log-of-zero",
+        "not-a-cli-name",
+        "bad-type",
+        "bad-param-key",
+        "no-choices",
+        "test-metric",
+        "direction",
+        "pruner-args",
+        "sampler",
+        "n-trials",
+        "top-key",
+        "recipe",
+    ],
+)
 def test_a_bad_sweep_file_is_one_clear_error(change, message, tmp_path):
     path = write_sweep(tmp_path / "bad.yaml", **change)
     with pytest.raises(Exception) as exc:
@@ -168,8 +202,17 @@ def test_a_study_prunes_hopeless_trials_records_failures_tests_once_and_continue
     assert best["model"]["lr"] == GOOD and best["model"]["arch"] == "simple_cnn" and "data_dir" not in best["data"]
     from cifar_lightning.fit import fit_main
 
-    report = fit_main(["--config", str(folder / "best.yaml"), "--data-dir", str(data), "--output-dir",
-                       str(tmp_path / "rerun"), "--fast-dev-run"])  # fmt: skip
+    report = fit_main(
+        [
+            "--config",
+            str(folder / "best.yaml"),
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "rerun"),
+            "--fast-dev-run",
+        ]
+    )
     assert report["arch"] == "simple_cnn"
 
     # The same command again: the study is full, nothing runs and nothing is tested again.
@@ -180,7 +223,9 @@ def test_a_study_prunes_hopeless_trials_records_failures_tests_once_and_continue
     sweep_main([*args, "--n-trials", "4"])
     more = trials(out, "lr")
     assert [t.number for t in more] == list(range(len(more)))
-    assert [(t.params, t.value, t.datetime_start) for t in more[:4]] == [(t.params, t.value, t.datetime_start) for t in done]
+    assert [(t.params, t.value, t.datetime_start) for t in more[:4]] == [
+        (t.params, t.value, t.datetime_start) for t in done
+    ]
     # One more place: one more trial finished (any it drew that failed took none).
     assert [t.state.name for t in more[4:]].count("FAIL") == len(more) - 5
     assert more[-1].state.name in ("COMPLETE", "PRUNED")
@@ -203,8 +248,12 @@ def test_a_study_with_other_settings_is_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_ctrl_c_marks_the_running_trial_failed_and_the_study_continues(tmp_path):
     data, out = write_image_folder(tmp_path / "data", n_train=40), tmp_path / "out"
-    path = write_sweep(tmp_path / "lr.yaml", n_trials=2, fit_args=[*FIT, "--epochs", "40"],
-                       space={"model.lr": {"type": "categorical", "choices": [GOOD]}})  # fmt: skip
+    path = write_sweep(
+        tmp_path / "lr.yaml",
+        n_trials=2,
+        fit_args=[*FIT, "--epochs", "40"],
+        space={"model.lr": {"type": "categorical", "choices": [GOOD]}},
+    )
     args = [str(path), "--data-dir", str(data), "--output-dir", str(out), "--no-test"]
     worker = run_worker(*args, start_new_session=True)
     started = out / "lr" / "trials" / "trial_0000" / "version_0" / "config.yaml"
@@ -229,8 +278,12 @@ def test_ctrl_c_marks_the_running_trial_failed_and_the_study_continues(tmp_path)
 @pytest.mark.slow
 def test_a_crashed_worker_leaves_a_study_that_continues(tmp_path):
     data, out = write_image_folder(tmp_path / "data", n_train=40), tmp_path / "out"
-    path = write_sweep(tmp_path / "lr.yaml", n_trials=2, fit_args=[*FIT, "--epochs", "30"],
-                       space={"model.lr": {"type": "float", "low": 0.01, "high": 0.05}})  # fmt: skip
+    path = write_sweep(
+        tmp_path / "lr.yaml",
+        n_trials=2,
+        fit_args=[*FIT, "--epochs", "30"],
+        space={"model.lr": {"type": "float", "low": 0.01, "high": 0.05}},
+    )
     args = [str(path), "--data-dir", str(data), "--output-dir", str(out), "--no-test", "--heartbeat", "1"]
     worker = run_worker(*args, start_new_session=True)
     started = out / "lr" / "trials" / "trial_0000" / "version_0" / "config.yaml"
@@ -258,8 +311,13 @@ def test_a_crashed_worker_leaves_a_study_that_continues(tmp_path):
 @pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path):
     data, out = write_image_folder(tmp_path / "data"), tmp_path / "out"
-    path = write_sweep(tmp_path / "lr.yaml", n_trials=4, fit_args=[*FIT, "--epochs", "2"], pruner={"type": "none"},
-                       space={"model.lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}})  # fmt: skip
+    path = write_sweep(
+        tmp_path / "lr.yaml",
+        n_trials=4,
+        fit_args=[*FIT, "--epochs", "2"],
+        pruner={"type": "none"},
+        space={"model.lr": {"type": "float", "low": 0.005, "high": 0.05, "log": True}},
+    )
     args = [str(path), "--data-dir", str(data), "--output-dir", str(out), "--no-test"]
     optuna.create_study(study_name="lr", storage=enqueue(out, "lr"), direction="maximize", load_if_exists=True)
     workers = [run_worker(*args) for _ in range(2)]
@@ -282,8 +340,19 @@ def test_ddp_trials_train_the_same_parameters_and_share_pruning(tmp_path):
     data, out = write_image_folder(tmp_path / "data"), tmp_path / "out"
     path = write_sweep(tmp_path / "lr.yaml", n_trials=2)
     enqueue(out, "lr", GOOD, HOPELESS)
-    worker = run_worker(str(path), "--data-dir", str(data), "--output-dir", str(out), "--no-test", "--",
-                        "--devices", "2", "--accelerator", "cpu")  # fmt: skip
+    worker = run_worker(
+        str(path),
+        "--data-dir",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--no-test",
+        "--",
+        "--devices",
+        "2",
+        "--accelerator",
+        "cpu",
+    )
     output, _ = worker.communicate(timeout=900)
     assert worker.returncode == 0, output[-3000:]
     assert output.count("All distributed processes registered. Starting with 2 processes") == 2
@@ -320,9 +389,21 @@ def _postgres(home: Path) -> str | None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = home / "data"
-    steps = [[*_as_postgres(), initdb, "-D", str(data), "-U", "sweep", "--auth=trust"],
-             [*_as_postgres(), pg_ctl, "-D", str(data), "-l", str(home / "log"), "-w", "-o",
-              f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"]]  # fmt: skip
+    steps = [
+        [*_as_postgres(), initdb, "-D", str(data), "-U", "sweep", "--auth=trust"],
+        [
+            *_as_postgres(),
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(home / "log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {home} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+    ]
     for step in steps:
         if subprocess.run(step, capture_output=True, timeout=120).returncode != 0:
             return None
@@ -347,8 +428,13 @@ def test_a_study_on_a_postgresql_server(tmp_path):
         if url is None:
             pytest.skip("no PostgreSQL server could be started here (initdb and pg_ctl, from Debian's postgresql)")
         data, out = write_image_folder(tmp_path / "data"), tmp_path / "out"
-        path = write_sweep(tmp_path / "lr.yaml", n_trials=2, fit_args=[*FIT, "--epochs", "2"], pruner={"type": "none"},
-                           space={"model.lr": {"type": "float", "low": 0.005, "high": 0.05}})  # fmt: skip
+        path = write_sweep(
+            tmp_path / "lr.yaml",
+            n_trials=2,
+            fit_args=[*FIT, "--epochs", "2"],
+            pruner={"type": "none"},
+            space={"model.lr": {"type": "float", "low": 0.005, "high": 0.05}},
+        )
         summary = sweep_main([str(path), "--data-dir", str(data), "--output-dir", str(out), "--storage", url])
         assert summary["storage"].startswith("postgresql://") and summary["states"]["complete"] == 2
         assert len(optuna.load_study(study_name="lr", storage=url).get_trials()) == 2  # in the server, not a file
@@ -356,8 +442,9 @@ def test_a_study_on_a_postgresql_server(tmp_path):
     finally:
         if (home / "pg_ctl").is_file():
             pg_ctl = (home / "pg_ctl").read_text()
-            subprocess.run([*_as_postgres(), pg_ctl, "-D", str(home / "data"), "-m", "immediate", "stop"],
-                           capture_output=True)  # fmt: skip
+            subprocess.run(
+                [*_as_postgres(), pg_ctl, "-D", str(home / "data"), "-m", "immediate", "stop"], capture_output=True
+            )
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -391,8 +478,12 @@ def test_a_recorded_sweep_keeps_its_results_with_provenance_and_no_machine_paths
     from benchmarks.sweep_record import main as record_main
 
     data = write_image_folder(tmp_path / "data")
-    path = write_sweep(tmp_path / "one.yaml", n_trials=2, fit_args=[*FIT, "--epochs", "2"],
-                       space={"model.lr": {"type": "categorical", "choices": [GOOD, 0.01]}})  # fmt: skip
+    path = write_sweep(
+        tmp_path / "one.yaml",
+        n_trials=2,
+        fit_args=[*FIT, "--epochs", "2"],
+        space={"model.lr": {"type": "categorical", "choices": [GOOD, 0.01]}},
+    )
     kept = record_main([str(path), "--data-dir", str(data), "--output", str(tmp_path / "kept")])
     folder = tmp_path / "kept" / "one"
     assert {p.name for p in folder.iterdir()} >= {"trials.md", "trials.csv", "best.yaml", "summary.json", "history.png"}
@@ -410,11 +501,31 @@ def test_a_torchrun_launch_trains_each_trial_on_every_rank(tmp_path):
     path = write_sweep(tmp_path / "lr.yaml", n_trials=2)
     enqueue(out, "lr", GOOD, HOPELESS)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "scripts" / "sweep.py"), str(path), "--data-dir", str(data), "--output-dir", str(out), "--no-test",
-         "--", "--devices", "2", "--accelerator", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "scripts" / "sweep.py"),
+            str(path),
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--no-test",
+            "--",
+            "--devices",
+            "2",
+            "--accelerator",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert output.count("All distributed processes registered. Starting with 2 processes") == 2
@@ -428,8 +539,12 @@ def test_trials_logged_to_wandb_are_grouped_by_study(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     data, out = write_image_folder(tmp_path / "data"), tmp_path / "out"
-    path = write_sweep(tmp_path / "lr.yaml", n_trials=1, fit_args=[*FIT, "--epochs", "1"],
-                       space={"model.lr": {"type": "categorical", "choices": [GOOD]}})  # fmt: skip
+    path = write_sweep(
+        tmp_path / "lr.yaml",
+        n_trials=1,
+        fit_args=[*FIT, "--epochs", "1"],
+        space={"model.lr": {"type": "categorical", "choices": [GOOD]}},
+    )
     sweep_main([str(path), "--data-dir", str(data), "--output-dir", str(out), "--no-test", "--", "--logger=wandb"])
     (run_file,) = (out / "lr" / "trials").rglob("offline-run-*/run-*.wandb")
     wait_until_complete(run_file)

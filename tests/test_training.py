@@ -42,8 +42,10 @@ def test_muon_step_normalizes_filters_and_moves_by_lr():
     bias = torch.nn.Parameter(torch.ones(16))
     opt = MuonSGD(
         [{"params": [conv.weight], "muon": True, "lr": 0.1, "momentum": 0.0}, {"params": [bias]}],
-        lr=0.5, momentum=0.0, weight_decay=0.0,
-    )  # fmt: skip
+        lr=0.5,
+        momentum=0.0,
+        weight_decay=0.0,
+    )
     with torch.no_grad():
         conv.weight.mul_(10)  # any scale: Muon first brings it back to norm sqrt(out_channels)
     before = conv.weight.detach().clone()
@@ -99,8 +101,10 @@ def test_muon_steps_over_all_tensors_at_once_as_one_at_a_time():
 
     torch.manual_seed(0)
     shapes = [[(8, 4, 3, 3), (16, 8, 3, 3)], [(16,), (8,), (5, 3)]]
-    settings = [dict(muon=True, lr=0.2, momentum=0.6, nesterov=True, weight_decay=0.0),
-                dict(muon=False, lr=0.05, momentum=0.85, nesterov=False, weight_decay=1e-3)]  # fmt: skip
+    settings = [
+        dict(muon=True, lr=0.2, momentum=0.6, nesterov=True, weight_decay=0.0),
+        dict(muon=False, lr=0.05, momentum=0.85, nesterov=False, weight_decay=1e-3),
+    ]
     ours = [[torch.nn.Parameter(torch.randn(s)) for s in g] for g in shapes]
     theirs = [[torch.nn.Parameter(p.detach().clone()) for p in g] for g in ours]
     opt = MuonSGD([{"params": g, **st} for g, st in zip(ours, settings)])
@@ -129,8 +133,9 @@ def test_muon_param_groups_put_only_conv_filters_under_muon():
 
 def test_module_with_muon_learns():
     torch.manual_seed(0)
-    model = ClassifierModule(arch="simple_cnn", num_classes=3, optimizer="muon", lr=0.05, muon_lr=0.05,
-                             scheduler="none", weight_decay=0.0)  # fmt: skip
+    model = ClassifierModule(
+        arch="simple_cnn", num_classes=3, optimizer="muon", lr=0.05, muon_lr=0.05, scheduler="none", weight_decay=0.0
+    )
     opt = model.configure_optimizers()
     assert isinstance(opt, MuonSGD) and [g["muon"] for g in opt.param_groups] == [True, False]
     x = torch.randn(32, 3, 32, 32)
@@ -160,7 +165,10 @@ def test_epoch_loss_is_the_mean_over_samples_and_keeps_nan():
     torch.manual_seed(0)
     model = ClassifierModule(arch="simple_cnn", num_classes=3)
     model.log = lambda *a, **k: None  # outside a Trainer
-    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), (torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))]
+    batches = [
+        (torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))),
+        (torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])),
+    ]
     with torch.no_grad():
         for batch in batches:
             model._shared_step(batch, "val")
@@ -199,8 +207,15 @@ def test_logged_training_loss_and_accuracy_are_the_epoch_means_over_its_images(t
     dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, batch_size=7, num_workers=0)  # 30 = 4 x 7 + 2
     model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.05)
     rec = Recompute()
-    pl.Trainer(max_epochs=2, callbacks=[rec], logger=False, enable_progress_bar=False, enable_model_summary=False,
-               enable_checkpointing=False, default_root_dir=tmp_path).fit(model, dm)  # fmt: skip
+    pl.Trainer(
+        max_epochs=2,
+        callbacks=[rec],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    ).fit(model, dm)
     for epoch, (loss_sum, correct, n) in rec.sums.items():
         assert n == 30
         assert rec.logged[epoch][0] == pytest.approx(loss_sum / n, rel=1e-5)
@@ -213,9 +228,15 @@ def test_schedule_spans_max_steps_and_warmup_counts_real_epochs(tiny_folder, tmp
     dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, batch_size=5, num_workers=0)
     model = ClassifierModule(arch="simple_cnn", num_classes=3, scheduler="linear", warmup_epochs=1.0)
     trainer = pl.Trainer(
-        max_epochs=10, max_steps=9, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
-    )  # fmt: skip
+        max_epochs=10,
+        max_steps=9,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
     trainer.fit(model, datamodule=dm)
     shape = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
     # 30 training images in batches of 5: 6 steps an epoch; the run stops at 9 steps
@@ -229,8 +250,9 @@ def test_multistep_with_a_warmup_epoch_ramps_then_steps_by_epochs(tiny_folder, t
     from cifar_lightning.optim import WarmupPiecewise
 
     dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, batch_size=5, num_workers=0)
-    model = ClassifierModule(arch="simple_cnn", num_classes=3, scheduler="multistep", milestones=[2, 4], gamma=0.2,
-                             warmup_epochs=1, lr=0.1)  # fmt: skip
+    model = ClassifierModule(
+        arch="simple_cnn", num_classes=3, scheduler="multistep", milestones=[2, 4], gamma=0.2, warmup_epochs=1, lr=0.1
+    )
     lrs = []
 
     class Record(pl.Callback):
@@ -238,9 +260,16 @@ def test_multistep_with_a_warmup_epoch_ramps_then_steps_by_epochs(tiny_folder, t
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     trainer = pl.Trainer(
-        max_epochs=10, max_steps=27, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, callbacks=[Record()],
-    )  # fmt: skip
+        max_epochs=10,
+        max_steps=27,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        callbacks=[Record()],
+    )
     trainer.fit(model, datamodule=dm)
     config = trainer.lr_scheduler_configs[0]
     shape = config.scheduler.lr_lambdas[0]
@@ -276,10 +305,20 @@ def test_onecycle_with_muon_keeps_each_group_at_its_own_lr_and_momentum():
 
     from cifar_lightning.optim import build_optimizer, build_scheduler
 
-    module = ClassifierModule(arch="fastnet", optimizer="muon", scheduler="onecycle", pct_start=0.25,
-                              lr=2.0, momentum=0.85, muon_lr=0.24, muon_momentum=0.6)  # fmt: skip
+    module = ClassifierModule(
+        arch="fastnet",
+        optimizer="muon",
+        scheduler="onecycle",
+        pct_start=0.25,
+        lr=2.0,
+        momentum=0.85,
+        muon_lr=0.24,
+        muon_momentum=0.6,
+    )
     opt = build_optimizer(module.model, module.hparams)
-    sched = build_scheduler(opt, module.hparams, SimpleNamespace(estimated_stepping_batches=20))["lr_scheduler"]["scheduler"]
+    sched = build_scheduler(opt, module.hparams, SimpleNamespace(estimated_stepping_batches=20))["lr_scheduler"][
+        "scheduler"
+    ]
     peaks = {True: 0.0, False: 0.0}
     for _ in range(20):
         for g in opt.param_groups:
@@ -311,8 +350,16 @@ def test_compiled_fit_with_the_summary_on_compiles_once(tiny_folder, tmp_path):
     # 30 training images in batches of 5: every batch the same size
     dm = CIFAR10DataModule(str(tiny_folder), download=False, val_size=6, batch_size=5, num_workers=0)
     model = ClassifierModule(arch="simple_cnn", num_classes=3, compile=True, compile_backend="eager")
-    trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=True, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[Count()])  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=True,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[Count()],
+    )
     trainer.fit(model, datamodule=dm)
     torch._dynamo.reset()
     assert graphs == [1] * 6, graphs
@@ -323,12 +370,26 @@ def test_a_resized_schedule_keeps_its_shape_and_its_state():
 
     shape = WarmupCosine(2, 10, 0.0)
     before = [shape(s) for s in range(11)]
-    assert fit_schedules([torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], 1.0), shape)], 4, 10) == []
+    assert (
+        fit_schedules(
+            [torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], 1.0), shape)],
+            4,
+            10,
+        )
+        == []
+    )
     shape.resize(4, 16)  # resumed at step 4 with twice the steps per epoch left
     assert shape(4) == before[4] and shape(10) == pytest.approx(before[7])
     assert shape(16) == pytest.approx(0.0) and shape.end() == 16
     # an ended schedule, resumed for more steps, stays ended
-    assert fit_schedules([torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], 1.0), shape)], 16, 20) == []
+    assert (
+        fit_schedules(
+            [torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], 1.0), shape)],
+            16,
+            20,
+        )
+        == []
+    )
     assert shape(20) == pytest.approx(0.0)
 
     def one_cycle(total):
@@ -364,13 +425,25 @@ def test_fastnet_without_its_initialisation_data_is_an_error(tmp_path):
 
     model = ClassifierModule(arch="fastnet", num_classes=3)
     loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=4)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(UserError, match="fastnet sets its first layer from training images"):
         trainer.fit(model, train_dataloaders=loader)
     model.model.init_from_data(torch.randn(64, 3, 32, 32))  # initialised by hand: the fit runs
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, train_dataloaders=loader)
     assert trainer.global_step == 1
 
@@ -394,9 +467,15 @@ def test_hook_names_skip_the_module_attribute_lookup(tiny_folder, tmp_path, monk
     model = ClassifierModule(arch="simple_cnn", num_classes=3)
     monkeypatch.setattr(torch.nn.Module, "__setattr__", counting)
     trainer = pl.Trainer(
-        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Look()],
-        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
-    )  # fmt: skip
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Look()],
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 3 and seen == ["on_train_batch_end"] * 3
     assert "_current_fx_name" not in names

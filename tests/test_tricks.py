@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
+from test_reliability import EXACT, fit_args, write_noise_folder
 from torch.optim.swa_utils import get_ema_avg_fn
 
 from cifar_lightning.callbacks import EMA, SWA
@@ -16,7 +17,6 @@ from cifar_lightning.data import CIFAR10DataModule
 from cifar_lightning.evaluation import evaluate_main
 from cifar_lightning.fit import fit_main
 from cifar_lightning.module import ClassifierModule
-from test_reliability import EXACT, fit_args, write_noise_folder
 
 
 def float_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -45,9 +45,16 @@ def test_ema_is_torchs_average_and_what_validation_and_the_checkpoint_use(tiny_f
     model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01)
     dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=4, val_size=6)
     recorder = Recorder()
-    trainer = pl.Trainer(max_epochs=2, callbacks=[EMA(decay=decay), recorder], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                         default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[EMA(decay=decay), recorder],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=dm)
 
     # torch.optim.swa_utils' own EMA over the weights after each step (the first step copies).
@@ -81,9 +88,11 @@ def test_ema_flag_config_file_and_resume(tmp_path):
     # The same run in a YAML file, stopped after one epoch and resumed: the average continues.
     # (EXACT: a schedule that does not depend on the number of epochs asked for.)
     config = tmp_path / "ema.yaml"
-    config.write_text(yaml.safe_dump(
-        {"trainer": {"callbacks": [{"class_path": "cifar_lightning.callbacks.EMA", "init_args": {"decay": 0.9}}]}}
-    ))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {"trainer": {"callbacks": [{"class_path": "cifar_lightning.callbacks.EMA", "init_args": {"decay": 0.9}}]}}
+        )
+    )
     fit_main(fit_args(data, tmp_path / "parts", "--config", str(config), "--epochs", "1", *EXACT))
     resumed = fit_main(fit_args(data, tmp_path / "parts", "--config", str(config), "--epochs", "2", *EXACT, "--resume"))
     ours, theirs = (torch.load(r["last_checkpoint"], weights_only=True) for r in (resumed, whole))
@@ -124,9 +133,15 @@ def test_swa_averages_epoch_weights_recomputes_batchnorm_and_validates_the_avera
     model = ClassifierModule(arch=arch, num_classes=3, class_names=["cat", "dog", "frog"], lr=0.05)
     dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=6, val_size=6)
     starts = EpochStarts()  # before SWA in the list: it sees each epoch's weights before SWA's update
-    trainer = pl.Trainer(max_epochs=4, callbacks=[starts, SWA(swa_lrs=0.01, swa_epoch_start=3), LastCheckpoint()],
-                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=4,
+        callbacks=[starts, SWA(swa_lrs=0.01, swa_epoch_start=3), LastCheckpoint()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=dm)
 
     # Averaging from epoch 3 of 4 (1-based): the weights at the starts of the 0-based epochs 2 and
@@ -153,11 +168,14 @@ def test_swa_averages_epoch_weights_recomputes_batchnorm_and_validates_the_avera
 
 def test_swa_flag_tests_the_average_through_fit_and_evaluate(tmp_path):
     data = write_noise_folder(tmp_path / "data", n_train=10)
-    report = fit_main(fit_args(data, tmp_path / "runs", "--arch", "resnet20", "--epochs", "3", *EXACT, "--swa", "0.005"))
+    report = fit_main(
+        fit_args(data, tmp_path / "runs", "--arch", "resnet20", "--epochs", "3", *EXACT, "--swa", "0.005")
+    )
     run = Path(report["report_path"]).parent
     callbacks = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["callbacks"]
-    assert any(c["class_path"] == "cifar_lightning.callbacks.SWA" and c["init_args"]["swa_lrs"] == 0.005
-               for c in callbacks)  # fmt: skip
+    assert any(
+        c["class_path"] == "cifar_lightning.callbacks.SWA" and c["init_args"]["swa_lrs"] == 0.005 for c in callbacks
+    )
     # The average is the run's result: the report tested last.ckpt, which holds it, and evaluate
     # on that file gives the same figures.
     assert report["checkpoint"] == report["last_checkpoint"]
@@ -231,11 +249,19 @@ def test_mixed_training_batches_train_on_soft_targets_and_validation_is_untouche
 
     for loader in ("tensor", "torchvision"):
         seen["train"].clear(), seen["val"].clear()
-        dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=8, val_size=6, loader=loader,
-                               mixup=1.0, cutmix=1.0)  # fmt: skip
+        dm = CIFAR10DataModule(
+            data_dir=str(tiny_folder), num_workers=0, batch_size=8, val_size=6, loader=loader, mixup=1.0, cutmix=1.0
+        )
         model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01)
-        pl.Trainer(max_epochs=1, callbacks=[Batches()], logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path).fit(model, dm)  # fmt: skip
+        pl.Trainer(
+            max_epochs=1,
+            callbacks=[Batches()],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+        ).fit(model, dm)
         assert seen["train"] and all(t.shape[1] == 3 and t.is_floating_point() for t in seen["train"]), loader
         assert any((t.max(1).values < 1).any() for t in seen["train"])  # mixed, not one-hot
         assert seen["val"] and all(t.ndim == 1 and not t.is_floating_point() for t in seen["val"]), loader
@@ -252,8 +278,19 @@ def test_mixed_training_batches_train_on_soft_targets_and_validation_is_untouche
 def test_mixing_flags_and_their_errors(tmp_path, capsys):
     data = write_noise_folder(tmp_path / "data", n_train=4)
     # With the model summary, whose example input also passes the batch hooks.
-    report = fit_main(fit_args(data, tmp_path / "runs", "--epochs", "1", "--mixup", "0.2", "--cutmix", "1.0",
-                               "--trainer.enable_model_summary=true"))  # fmt: skip
+    report = fit_main(
+        fit_args(
+            data,
+            tmp_path / "runs",
+            "--epochs",
+            "1",
+            "--mixup",
+            "0.2",
+            "--cutmix",
+            "1.0",
+            "--trainer.enable_model_summary=true",
+        )
+    )
     config = yaml.safe_load((Path(report["report_path"]).parent / "config.yaml").read_text())
     assert (config["data"]["mixup"], config["data"]["cutmix"], config["data"]["mixup_prob"]) == (0.2, 1.0, 0.5)
     with pytest.raises(SystemExit) as exc:
@@ -276,8 +313,7 @@ def _sam_step(adaptive: bool):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, adaptive=adaptive,
-              norm_modules=[model[1]])  # fmt: skip
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, adaptive=adaptive, norm_modules=[model[1]])
 
     def closure():
         sam.zero_grad()
@@ -326,16 +362,48 @@ def test_a_sam_step_is_the_two_pass_update_by_hand(adaptive):
 
 def test_sam_through_the_fit_counts_each_batch_once_and_resumes(tmp_path, capsys):
     data = write_noise_folder(tmp_path / "data", n_train=10)
-    report = fit_main(fit_args(data, tmp_path / "runs", "--epochs", "1", "--optimizer", "sam", "--sam-rho", "0.1",
-                               "--sam-adaptive", "--model.sam_base", "adamw"))  # fmt: skip
+    report = fit_main(
+        fit_args(
+            data,
+            tmp_path / "runs",
+            "--epochs",
+            "1",
+            "--optimizer",
+            "sam",
+            "--sam-rho",
+            "0.1",
+            "--sam-adaptive",
+            "--model.sam_base",
+            "adamw",
+        )
+    )
     config = yaml.safe_load((Path(report["report_path"]).parent / "config.yaml").read_text())["model"]
-    assert (config["optimizer"], config["sam_rho"], config["sam_adaptive"], config["sam_base"]) == ("sam", 0.1, True, "adamw")
+    assert (config["optimizer"], config["sam_rho"], config["sam_adaptive"], config["sam_base"]) == (
+        "sam",
+        0.1,
+        True,
+        "adamw",
+    )
     assert report["global_step"] == 6  # 24 training images in batches of 4: one step per batch
     state = torch.load(report["last_checkpoint"], weights_only=True)["optimizer_states"][0]
     assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(state["state"].values())))  # the base AdamW's state
 
-    resumed = fit_main(fit_args(data, tmp_path / "runs", "--epochs", "2", "--optimizer", "sam", "--sam-rho", "0.1",
-                                "--sam-adaptive", "--model.sam_base", "adamw", "--resume"))  # fmt: skip
+    resumed = fit_main(
+        fit_args(
+            data,
+            tmp_path / "runs",
+            "--epochs",
+            "2",
+            "--optimizer",
+            "sam",
+            "--sam-rho",
+            "0.1",
+            "--sam-adaptive",
+            "--model.sam_base",
+            "adamw",
+            "--resume",
+        )
+    )
     assert resumed["global_step"] == 12
 
     with pytest.raises(SystemExit) as exc:
@@ -350,24 +418,46 @@ def test_sam_counts_each_training_image_once(tiny_folder, tmp_path):
         def on_train_epoch_end(self, trainer, pl_module):
             counted.append(pl_module.images_seen["train"])
 
-    model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01,
-                             optimizer="sam")  # fmt: skip
+    model = ClassifierModule(
+        arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01, optimizer="sam"
+    )
     dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=8, val_size=6)
-    pl.Trainer(max_epochs=1, callbacks=[Count()], logger=False, enable_progress_bar=False, enable_model_summary=False,
-               enable_checkpointing=False, default_root_dir=tmp_path).fit(model, dm)  # fmt: skip
+    pl.Trainer(
+        max_epochs=1,
+        callbacks=[Count()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    ).fit(model, dm)
     assert counted == [30]  # 36 images less 6 for validation: once each, not once per pass
 
 
 @pytest.mark.parametrize("loader", ["tensor", "torchvision"])
 def test_cutout_and_random_erasing_flags_on_both_loaders(loader, tmp_path, capsys):
     data = write_noise_folder(tmp_path / "data", n_train=4)
-    report = fit_main(fit_args(data, tmp_path / "runs", "--epochs", "1", "--cutout", "8", "--random-erasing", "0.25",
-                               "--data.loader", loader))  # fmt: skip
+    report = fit_main(
+        fit_args(
+            data,
+            tmp_path / "runs",
+            "--epochs",
+            "1",
+            "--cutout",
+            "8",
+            "--random-erasing",
+            "0.25",
+            "--data.loader",
+            loader,
+        )
+    )
     config = yaml.safe_load((Path(report["report_path"]).parent / "config.yaml").read_text())["data"]
     assert (config["cutout"], config["random_erasing"], config["loader"]) == (8, 0.25, loader)
     with pytest.raises(SystemExit) as exc:
         fit_main(fit_args(data, tmp_path / "bad", "--epochs", "1", "--random-erasing", "2", "--data.loader", loader))
-    assert exc.value.code == 2 and "random_erasing is a probability, between 0 and 1, got 2.0" in capsys.readouterr().err
+    assert (
+        exc.value.code == 2 and "random_erasing is a probability, between 0 and 1, got 2.0" in capsys.readouterr().err
+    )
 
 
 def test_mixing_draws_come_from_the_seed_and_the_step_not_the_global_generator(tiny_folder, monkeypatch):
@@ -378,8 +468,12 @@ def test_mixing_draws_come_from_the_seed_and_the_step_not_the_global_generator(t
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
 
     def mixed(step: int, global_seed: int):
-        dm.trainer = SimpleNamespace(training=True, global_rank=0, global_step=step,
-                                     fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=step)))  # fmt: skip
+        dm.trainer = SimpleNamespace(
+            training=True,
+            global_rank=0,
+            global_step=step,
+            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=step)),
+        )
         torch.manual_seed(global_seed)  # what dropout or anything else left the global generator at
         return dm.on_after_batch_transfer((images, labels), 0)
 
@@ -397,12 +491,25 @@ def test_sam_with_one_cycle_and_scaled_gradients(tiny_folder, tmp_path):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             seen.append((optimizer.perturbed, float(next(pl_module.parameters()).grad.abs().sum())))
 
-    model = ClassifierModule(arch="simple_cnn", num_classes=3, class_names=["cat", "dog", "frog"], lr=0.01,
-                             optimizer="sam", scheduler="onecycle")  # fmt: skip
+    model = ClassifierModule(
+        arch="simple_cnn",
+        num_classes=3,
+        class_names=["cat", "dog", "frog"],
+        lr=0.01,
+        optimizer="sam",
+        scheduler="onecycle",
+    )
     dm = CIFAR10DataModule(data_dir=str(tiny_folder), num_workers=0, batch_size=8, val_size=6)
     scale = ScaleGradients(pattern=r".*", factor=1000.0)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[scale, Perturbation()], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[scale, Perturbation()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, dm)
     momentum = trainer.optimizers[0].param_groups[0]["momentum"]
     assert trainer.global_step == 4 and 0.85 <= momentum <= 0.95  # one-cycle cycles SGD's momentum under SAM

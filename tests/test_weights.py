@@ -19,7 +19,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
+from test_evaluate import CLASSES, trained_run
 from torchvision.transforms import ToTensor
 
 from benchmarks import publish_weights
@@ -35,8 +37,6 @@ from cifar_lightning.models.card import weights_markdown
 from cifar_lightning.models.pretrained import PACKAGE_WEIGHTS, WEIGHTS_ENV, load_weights, read_manifest, weights_bytes
 from cifar_lightning.module import ClassifierModule
 from cifar_lightning.predict import load_input, predict_main
-from conftest import REPO
-from test_evaluate import CLASSES, trained_run
 
 RECIPE = "tiny_recipe"
 ARCH = "simple_cnn"
@@ -70,9 +70,21 @@ def keep_runs(results: Path, configs: Path, ckpt: dict, data: Path) -> float:
     acc = test_accuracy(results / f"{RECIPE}-seed1.ckpt", data)
     for seed, value in ((0, acc - 0.1), (1, acc), (2, acc + 0.05)):
         prov = provenance(str(data))
-        report = {"arch": ARCH, "test_acc": value, "seed": seed, "fit_seconds": 60.0 + seed, "test_seconds": 1.0,
-                  "epochs": 2, "global_step": 20, "train_images": 40, "recipe": RECIPE, "data": LABEL,
-                  "hardware": {"cpu": "x86_64 x2 cores", "gpu": "-"}, "date": "2026-01-01", "provenance": finish(prov)}
+        report = {
+            "arch": ARCH,
+            "test_acc": value,
+            "seed": seed,
+            "fit_seconds": 60.0 + seed,
+            "test_seconds": 1.0,
+            "epochs": 2,
+            "global_step": 20,
+            "train_images": 40,
+            "recipe": RECIPE,
+            "data": LABEL,
+            "hardware": {"cpu": "x86_64 x2 cores", "gpu": "-"},
+            "date": "2026-01-01",
+            "provenance": finish(prov),
+        }
         (results / f"{RECIPE}-seed{seed}.json").write_text(json.dumps(report))
     return acc
 
@@ -80,8 +92,20 @@ def keep_runs(results: Path, configs: Path, ckpt: dict, data: Path) -> float:
 def publish(base: Path, ckpt: dict, data: Path, weights: Path, *extra: str) -> dict:
     results, configs = base / "results", base / "configs"
     keep_runs(results, configs, ckpt, data)
-    args = [RECIPE, "--data-dir", str(data), "--results", str(results), "--configs", str(configs),
-            "--weights-dir", str(weights), "--corruptions", "0", *extra]  # fmt: skip
+    args = [
+        RECIPE,
+        "--data-dir",
+        str(data),
+        "--results",
+        str(results),
+        "--configs",
+        str(configs),
+        "--weights-dir",
+        str(weights),
+        "--corruptions",
+        "0",
+        *extra,
+    ]
     (entry,) = publish_weights.main(args)
     return entry
 
@@ -97,8 +121,9 @@ def published(run, tmp_path_factory) -> tuple[Path, dict, Path]:
     ckpt, data = run
     base = tmp_path_factory.mktemp("publish")
     card = base / "models.md"
-    entry = publish(base, torch.load(ckpt, weights_only=True), data, base / "weights", "--card", str(card),
-                    "--corruptions", "6")  # fmt: skip
+    entry = publish(
+        base, torch.load(ckpt, weights_only=True), data, base / "weights", "--card", str(card), "--corruptions", "6"
+    )
     return base / "weights", entry, data
 
 
@@ -160,8 +185,9 @@ def test_a_recipe_with_tta_ships_both_figures(run, tmp_path, monkeypatch):
     assert entry["shipped"]["test_acc_tta"] == pytest.approx(entry["test_acc"]["per_seed"]["1"])
     assert set(entry["storage"]["changed_predictions"]["float16"]) == {"plain", "tta"}
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "weights"))
-    report = evaluate_main([ARCH, "--data-dir", str(data), "--output-dir", str(tmp_path / "eval"),
-                            "--batch-size", "500"])  # fmt: skip
+    report = evaluate_main(
+        [ARCH, "--data-dir", str(data), "--output-dir", str(tmp_path / "eval"), "--batch-size", "500"]
+    )
     assert report["tta"]["mode"] == "flip_translate" and report["tta"]["test_acc"] == entry["shipped"]["test_acc_tta"]
     assert report["test_acc"] == entry["shipped"]["test_acc"]
 
@@ -170,8 +196,19 @@ def test_publish_refuses_runs_it_cannot_vouch_for(run, tmp_path, capsys):
     ckpt, data = run
     results, configs = tmp_path / "results", tmp_path / "configs"
     acc = keep_runs(results, configs, torch.load(ckpt, weights_only=True), data)
-    args = [RECIPE, "--data-dir", str(data), "--results", str(results), "--configs", str(configs),
-            "--weights-dir", str(tmp_path / "w"), "--corruptions", "0"]  # fmt: skip
+    args = [
+        RECIPE,
+        "--data-dir",
+        str(data),
+        "--results",
+        str(results),
+        "--configs",
+        str(configs),
+        "--weights-dir",
+        str(tmp_path / "w"),
+        "--corruptions",
+        "0",
+    ]
     report = json.loads((results / f"{RECIPE}-seed1.json").read_text())
     (results / f"{RECIPE}-seed1.json").write_text(json.dumps(report | {"test_acc": acc - 0.04}))
     with pytest.raises(SystemExit) as exc:
@@ -224,8 +261,9 @@ def test_hub_and_package_load_the_published_weights(weights):
     bare = create_model(ARCH, pretrained=True, normalize=False)
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), bare((x - torch.tensor(entry["mean"])[:, None, None])
-                                                  / torch.tensor(entry["std"])[:, None, None]))  # fmt: skip
+        torch.testing.assert_close(
+            model(x), bare((x - torch.tensor(entry["mean"])[:, None, None]) / torch.tensor(entry["std"])[:, None, None])
+        )
 
 
 def test_another_class_count_starts_the_head_afresh(weights, monkeypatch):
@@ -248,9 +286,29 @@ def test_fit_pretrained_starts_from_the_weights(weights, published, tmp_path, mo
 
     assert "--model.pretrained=true" in expand_aliases(["--pretrained"])
     data = published[2]
-    report = fit_main(["--arch", ARCH, "--pretrained", "--data-dir", str(data), "--output-dir", str(tmp_path),
-                       "--epochs", "1", "--lr", "1e-9", "--num-workers", "0", "--batch-size", "8", "--val-size", "4",
-                       "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])  # fmt: skip
+    report = fit_main(
+        [
+            "--arch",
+            ARCH,
+            "--pretrained",
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-9",
+            "--num-workers",
+            "0",
+            "--batch-size",
+            "8",
+            "--val-size",
+            "4",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+        ]
+    )
     # At a learning rate of 1e-9 the fine-tuned network is the shipped one, to float precision.
     fine_tuned = load_classifier(report["checkpoint"])
     assert fine_tuned.hparams.pretrained is False  # rebuilt from its own weights
@@ -265,8 +323,17 @@ def test_fit_pretrained_starts_from_the_weights(weights, published, tmp_path, mo
 
 def test_the_scripts_take_a_name_and_reproduce_the_manifest(weights, published, tmp_path, capsys):
     entry, data = published[1], published[2]
-    report = evaluate_main([ARCH, "--data-dir", str(data), "--output-dir", str(tmp_path / "eval"),
-                            "--batch-size", str(entry["shipped"]["batch_size"])])  # fmt: skip
+    report = evaluate_main(
+        [
+            ARCH,
+            "--data-dir",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "eval"),
+            "--batch-size",
+            str(entry["shipped"]["batch_size"]),
+        ]
+    )
     assert report["test_acc"] == entry["shipped"]["test_acc"]
     assert report["test_images"] == entry["shipped"]["test_images"]
     capsys.readouterr()
@@ -314,9 +381,11 @@ def damage(weights: Path, how: str) -> Path:
 
 @pytest.mark.parametrize(
     "how, message",
-    [("changed byte", r"was changed: its sha256 is [0-9a-f]{16}\.\.\. where the manifest says"),
-     ("truncated", r"is truncated: [\d,]+ of its [\d,]+ bytes"),
-     ("missing", r"is missing: .* does not exist")],  # fmt: skip
+    [
+        ("changed byte", r"was changed: its sha256 is [0-9a-f]{16}\.\.\. where the manifest says"),
+        ("truncated", r"is truncated: [\d,]+ of its [\d,]+ bytes"),
+        ("missing", r"is missing: .* does not exist"),
+    ],
 )
 def test_bad_weight_files_are_refused(weights, how, message, capsys, tmp_path):
     damage(weights, how)
@@ -459,8 +528,19 @@ def test_shipped_weights_reproduce_their_test_accuracy(name, real_cifar10, monke
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     entry = read_manifest(PACKAGE_WEIGHTS)["weights"][name]
     shipped = entry["shipped"]
-    report = evaluate_main([name, "--data-dir", str(real_cifar10), "--output-dir", str(tmp_path),
-                            "--batch-size", str(shipped["batch_size"]), "--tta", shipped["tta"]])  # fmt: skip
+    report = evaluate_main(
+        [
+            name,
+            "--data-dir",
+            str(real_cifar10),
+            "--output-dir",
+            str(tmp_path),
+            "--batch-size",
+            str(shipped["batch_size"]),
+            "--tta",
+            shipped["tta"],
+        ]
+    )
     assert report["test_images"] == shipped["test_images"] == 10_000
     assert report["test_acc"] == shipped["test_acc"]
     assert (report.get("tta") or {}).get("test_acc") == shipped["test_acc_tta"]
@@ -477,14 +557,40 @@ def test_a_reproduced_run_is_published_and_loaded_by_name(tiny_folder, tmp_path,
         "# tiny_run: simple_cnn for one epoch on a tiny folder.\nmodel:\n  arch: simple_cnn\n  lr: 0.01\n"
         "data:\n  batch_size: 8\n  val_size: 0\n  num_workers: 0\ntrainer:\n  max_epochs: 1\n"
     )
-    run_recipe(configs / "tiny_run.yaml", 0, str(tiny_folder), results, ["--trainer.enable_progress_bar=false"],
-               keep_checkpoint=True)  # fmt: skip
-    args = ["tiny_run", "--data-dir", str(tiny_folder), "--results", str(results), "--configs", str(configs),
-            "--weights-dir", str(weights), "--corruptions", "0"]  # fmt: skip
+    run_recipe(
+        configs / "tiny_run.yaml",
+        0,
+        str(tiny_folder),
+        results,
+        ["--trainer.enable_progress_bar=false"],
+        keep_checkpoint=True,
+    )
+    args = [
+        "tiny_run",
+        "--data-dir",
+        str(tiny_folder),
+        "--results",
+        str(results),
+        "--configs",
+        str(configs),
+        "--weights-dir",
+        str(weights),
+        "--corruptions",
+        "0",
+    ]
     (entry,) = publish_weights.main(args)
     assert entry["commit"] and entry["training"]["machine"]["cpu"] and entry["training"]["val_size"] == 0
     assert entry["test_acc"]["n"] == 1 and entry["test_acc"]["std"] is None
     monkeypatch.setenv(WEIGHTS_ENV, str(weights))
-    report = evaluate_main(["simple_cnn", "--data-dir", str(tiny_folder), "--output-dir", str(tmp_path / "eval"),
-                            "--batch-size", str(entry["shipped"]["batch_size"])])  # fmt: skip
+    report = evaluate_main(
+        [
+            "simple_cnn",
+            "--data-dir",
+            str(tiny_folder),
+            "--output-dir",
+            str(tmp_path / "eval"),
+            "--batch-size",
+            str(entry["shipped"]["batch_size"]),
+        ]
+    )
     assert report["test_acc"] == entry["shipped"]["test_acc"]

@@ -29,11 +29,27 @@ from cifar_lightning.callbacks.resume import ContinueLogs, LastCheckpoint, Rando
 from cifar_lightning.callbacks.tricks import FreezeAfter, Lookahead, ScaleGradients
 
 __all__ = [
-    "CHECKPOINT_DEFAULTS", "ConfigSavingCallback", "ContinueLogs", "EMA", "EpochLines", "FreezeAfter", "HistoryPlot",
-    "LastCheckpoint", "Lookahead", "LossNotFinite", "QuietRichProgressBar", "RandomState", "ScaleGradients",
-    "StopOnNonFiniteLoss", "SWA", "TestResultsLogger",
-    "WatchModel", "default_callbacks", "fit_or_exit", "progress_callback",
-]  # fmt: skip
+    "CHECKPOINT_DEFAULTS",
+    "ConfigSavingCallback",
+    "ContinueLogs",
+    "EMA",
+    "EpochLines",
+    "FreezeAfter",
+    "HistoryPlot",
+    "LastCheckpoint",
+    "Lookahead",
+    "LossNotFinite",
+    "QuietRichProgressBar",
+    "RandomState",
+    "ScaleGradients",
+    "StopOnNonFiniteLoss",
+    "SWA",
+    "TestResultsLogger",
+    "WatchModel",
+    "default_callbacks",
+    "fit_or_exit",
+    "progress_callback",
+]
 
 #: ModelCheckpoint settings of every run: keep the best epoch by validation accuracy. ``last.ckpt``
 #: comes from ``LastCheckpoint`` after every epoch: Lightning 2.6's ``save_last`` rewrites it only

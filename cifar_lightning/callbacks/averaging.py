@@ -42,8 +42,9 @@ class EMA(EMAWeightAveraging):
     def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, update_starting_at_step: int | None = None):
         if not 0.0 < decay < 1.0:
             raise UserError(f"the EMA decay must be between 0 and 1 (exclusive), got {decay}. Try 0.999.")
-        super().__init__(decay=decay, update_every_n_steps=update_every_n_steps,
-                         update_starting_at_step=update_starting_at_step)  # fmt: skip
+        super().__init__(
+            decay=decay, update_every_n_steps=update_every_n_steps, update_starting_at_step=update_starting_at_step
+        )
         self.decay = decay
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -62,7 +63,9 @@ class EMA(EMAWeightAveraging):
         if self._in_fit(trainer):
             super().on_validation_epoch_end(trainer, pl_module)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self._in_fit(trainer):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
@@ -107,7 +110,9 @@ class SWA(StochasticWeightAveraging):
         annealing_strategy: Literal["cos", "linear"] = "cos",
     ) -> None:
         if not swa_lrs > 0:
-            raise UserError(f"the SWA learning rate must be positive, got {swa_lrs}. Try a tenth of the peak, e.g. 0.01.")
+            raise UserError(
+                f"the SWA learning rate must be positive, got {swa_lrs}. Try a tenth of the peak, e.g. 0.01."
+            )
         whole = float(swa_epoch_start).is_integer() and swa_epoch_start >= 1
         if not (whole or 0.0 < swa_epoch_start < 1.0):
             raise UserError(
@@ -116,8 +121,13 @@ class SWA(StochasticWeightAveraging):
         if annealing_epochs < 1:
             raise UserError(f"annealing_epochs must be at least 1, got {annealing_epochs}.")
         start = int(swa_epoch_start) if whole else float(swa_epoch_start)
-        super().__init__(swa_lrs=float(swa_lrs), swa_epoch_start=start, annealing_epochs=annealing_epochs,
-                         annealing_strategy=annealing_strategy, device=None)  # fmt: skip
+        super().__init__(
+            swa_lrs=float(swa_lrs),
+            swa_epoch_start=start,
+            annealing_epochs=annealing_epochs,
+            annealing_strategy=annealing_strategy,
+            device=None,
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.max_epochs in (None, -1):
@@ -128,7 +138,9 @@ class SWA(StochasticWeightAveraging):
                 "run before it: give the length as --epochs N only."
             )
         if pl_module.hparams.get("optimizer") == "sam":
-            raise UserError("SWA cannot run with --optimizer sam (its extra pass makes no optimizer step): use one of them.")
+            raise UserError(
+                "SWA cannot run with --optimizer sam (its extra pass makes no optimizer step): use one of them."
+            )
         others = [type(cb).__name__ for cb in trainer.callbacks if cb is not self and _averages_weights(cb)]
         if others:
             raise UserError(f"SWA and {others[0]} both average the weights: use one of them.")

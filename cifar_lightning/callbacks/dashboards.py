@@ -79,7 +79,9 @@ class TestResultsLogger(Callback):
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # torchmetrics' confusion matrix: the one evaluate.py reports, synchronised across ranks.
-        self._confusion = MulticlassConfusionMatrix(pl_module.hparams.num_classes, validate_args=False).to(pl_module.device)
+        self._confusion = MulticlassConfusionMatrix(pl_module.hparams.num_classes, validate_args=False).to(
+            pl_module.device
+        )
         self._samples, self._kept = [], 0
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

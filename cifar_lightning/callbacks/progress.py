@@ -55,7 +55,9 @@ class QuietRichProgressBar(RichProgressBar):
         self.clock.epoch_start()
         super().on_train_epoch_start(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.clock.batch_end()
         self._done = batch_idx + 1
         # Lightning redraws the bar after every batch: hundreds of redraws a second on short steps,
@@ -245,7 +247,9 @@ class EpochLines(ProgressBar):
         self._images_since_line = 0
         self.clock.epoch_start()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.clock.batch_end()
         self._images_since_line += _batch_images(batch)
         done = batch_idx + 1
@@ -253,8 +257,11 @@ class EpochLines(ProgressBar):
             self._estimated = True
             left = self.clock.run_left(trainer, done)
             if left is not None:
-                self._print(trainer, f"first estimate: {self.clock.seconds_per_batch:.2f} s a batch over batches 2-"
-                                     f"{self.clock.batches + 1}, about {format_seconds(left)} for the rest of the fit")  # fmt: skip
+                self._print(
+                    trainer,
+                    f"first estimate: {self.clock.seconds_per_batch:.2f} s a batch over batches 2-"
+                    f"{self.clock.batches + 1}, about {format_seconds(left)} for the rest of the fit",
+                )
         per_epoch, _ = planned_batches(trainer)
         now = time.perf_counter()
         tenth = per_epoch is not None and done < per_epoch and 10 * done // per_epoch > 10 * (done - 1) // per_epoch
@@ -273,7 +280,10 @@ class EpochLines(ProgressBar):
         seconds = now - self._line_at
         if seconds > 0 and self._images_since_line:
             parts.append(f"{self._images_since_line / seconds:,.0f} images/s")
-        for label, value in (("epoch left", self.clock.epoch_left(trainer, done)), ("run left", self.clock.run_left(trainer, done))):
+        for label, value in (
+            ("epoch left", self.clock.epoch_left(trainer, done)),
+            ("run left", self.clock.run_left(trainer, done)),
+        ):
             if value is not None:
                 parts.append(f"{label} {format_seconds(value)}")
         return "  ".join(parts)
@@ -310,7 +320,9 @@ def start_line(trainer: pl.Trainer) -> str:
     if per_epoch:
         accumulate = trainer.accumulate_grad_batches
         steps = math.ceil(per_epoch / accumulate)
-        batches = f"{per_epoch:,} batches ({steps:,} steps) an epoch" if accumulate > 1 else f"{per_epoch:,} batches an epoch"
+        batches = (
+            f"{per_epoch:,} batches ({steps:,} steps) an epoch" if accumulate > 1 else f"{per_epoch:,} batches an epoch"
+        )
         parts.append(batches + (f", {epochs} epoch{'s' if epochs > 1 else ''}" if epochs else ""))
     return "  ".join(parts)
 

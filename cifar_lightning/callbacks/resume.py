@@ -190,7 +190,9 @@ class LastCheckpoint(Checkpoint):
             trainer._signal_connector.received_sigterm = True
             return
         flag = torch.tensor([self._noted], dtype=torch.int32)
-        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._stop_group, async_op=True)
+        work = torch.distributed.all_reduce(
+            flag, op=torch.distributed.ReduceOp.MAX, group=self._stop_group, async_op=True
+        )
         self._pending = (work, flag)
 
     def _finish_pending(self) -> None:

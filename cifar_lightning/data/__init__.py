@@ -4,7 +4,6 @@ data module. ``from cifar_lightning.data import CIFAR10DataModule`` is all most 
 from cifar_lightning.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, IMAGE_SIZE, IMAGE_SUFFIXES
 from cifar_lightning.data.archives import extract_archive_cached, is_archive, safe_extract
 from cifar_lightning.data.datamodule import ArrayDataset, CIFAR10DataModule
-from cifar_lightning.data.splits import evaluation_order, split_indices, val_count
 from cifar_lightning.data.sources import (
     DataSource,
     UnreadableImage,
@@ -12,6 +11,7 @@ from cifar_lightning.data.sources import (
     load_image_folder_split,
     resolve_source,
 )
+from cifar_lightning.data.splits import evaluation_order, split_indices, val_count
 from cifar_lightning.data.tensor_loader import EpochShards, TensorLoader
 from cifar_lightning.data.transforms import (
     AUGMENT_PRESETS,
@@ -24,9 +24,31 @@ from cifar_lightning.data.transforms import (
 )
 
 __all__ = [
-    "AUGMENT_PRESETS", "ArrayDataset", "CIFAR10DataModule", "CIFAR10_CLASSES", "CIFAR10_MEAN",
-    "CIFAR10_STD", "DataSource", "EpochShards", "IMAGE_SIZE", "IMAGE_SUFFIXES", "TensorLoader",
-    "UnreadableImage", "build_transform", "cutout_", "decode_image", "denormalize", "evaluation_order",
-    "extract_archive_cached", "is_archive", "load_image_folder_split", "normalize", "random_crop_flip",
-    "resolve_source", "safe_extract", "split_indices", "to_input", "val_count",
-]  # fmt: skip
+    "AUGMENT_PRESETS",
+    "ArrayDataset",
+    "CIFAR10DataModule",
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "DataSource",
+    "EpochShards",
+    "IMAGE_SIZE",
+    "IMAGE_SUFFIXES",
+    "TensorLoader",
+    "UnreadableImage",
+    "build_transform",
+    "cutout_",
+    "decode_image",
+    "denormalize",
+    "evaluation_order",
+    "extract_archive_cached",
+    "is_archive",
+    "load_image_folder_split",
+    "normalize",
+    "random_crop_flip",
+    "resolve_source",
+    "safe_extract",
+    "split_indices",
+    "to_input",
+    "val_count",
+]

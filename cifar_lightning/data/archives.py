@@ -24,7 +24,6 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-
 def is_archive(path: str | os.PathLike) -> bool:
     """True when ``path`` names a supported archive file by its suffix."""
     return str(path).lower().endswith(ARCHIVE_SUFFIXES)
@@ -89,8 +88,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
             if isinstance(err, OSError) and not isinstance(err, EOFError) and err.errno is not None:
                 raise
             raise UserError(
-                f"archive {archive} is truncated or corrupt ({type(err).__name__}: {err}). "
-                "Download or copy it again."
+                f"archive {archive} is truncated or corrupt ({type(err).__name__}: {err}). Download or copy it again."
             ) from None
         os.replace(tmp, dest)
     finally:

@@ -209,7 +209,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         # also uses on a CPU: the draws get a generator of their own, seeded from the run's seed,
         # the rank and the step, so they are the same on a CPU and a GPU and after a resume.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        step_seed = hash((seed, trainer.global_rank, trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx)) % 2**63
+        step_seed = (
+            hash((seed, trainer.global_rank, trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx)) % 2**63
+        )
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(step_seed)
             return self._mix(images, targets)
@@ -301,8 +303,17 @@ class CIFAR10DataModule(pl.LightningDataModule):
                 )
             train_idx, val_idx = split_indices(len(images), n_val, self.hparams.split_seed)
             hp = self.hparams
-            train_tf = build_transform(hp.augment, self.norm_mean, self.norm_std, hp.cutout, hp.random_erasing,
-                                       hp.randaugment_n, hp.randaugment_m, hp.image_size, hp.rotate)  # fmt: skip
+            train_tf = build_transform(
+                hp.augment,
+                self.norm_mean,
+                self.norm_std,
+                hp.cutout,
+                hp.random_erasing,
+                hp.randaugment_n,
+                hp.randaugment_m,
+                hp.image_size,
+                hp.rotate,
+            )
             self.train_set = ArrayDataset(images, labels, train_idx, train_tf)
             self.val_set = ArrayDataset(images, labels, evaluation_order(val_idx), eval_tf) if len(val_idx) else None
         if stage in (None, "test", "predict") and self.test_set is None:

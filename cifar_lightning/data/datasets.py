@@ -47,12 +47,20 @@ class Dataset:
 
 
 KNOWN = {
-    "cifar10": Dataset("cifar10", "CIFAR-10", "CIFAR10", "cifar-10-batches-py", CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar10": Dataset(
+        "cifar10", "CIFAR-10", "CIFAR10", "cifar-10-batches-py", CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+    ),
     "cifar100": Dataset(
-        "cifar100", "CIFAR-100", "CIFAR100", "cifar-100-python", CIFAR100_CLASSES, CIFAR100_MEAN, CIFAR100_STD,
+        "cifar100",
+        "CIFAR-100",
+        "CIFAR100",
+        "cifar-100-python",
+        CIFAR100_CLASSES,
+        CIFAR100_MEAN,
+        CIFAR100_STD,
         CIFAR100_SUPERCLASSES,
     ),
-}  # fmt: skip
+}
 
 
 def check_dataset_name(name: str | None) -> None:
@@ -79,7 +87,9 @@ def check_folder_classes(name: str, class_names: tuple[str, ...], root: Path) ->
     """``UserError`` when an image folder's classes are not those of the dataset ``name`` asked for."""
     if name == "folder":
         if len(class_names) < 2:
-            raise UserError(f"the image folder {root} has {len(class_names)} class folder; a classifier needs at least 2.")
+            raise UserError(
+                f"the image folder {root} has {len(class_names)} class folder; a classifier needs at least 2."
+            )
         return
     ds = KNOWN[name]
     if tuple(class_names) == ds.classes:

@@ -167,8 +167,15 @@ def _affine(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return out.view(b, -1, h, w).to(torch.uint8)
 
 
-def _inverse_matrix(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, shear_x: torch.Tensor,
-                    shear_y: torch.Tensor, cx: float, cy: float) -> torch.Tensor:  # fmt: skip
+def _inverse_matrix(
+    angle: torch.Tensor,
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    shear_x: torch.Tensor,
+    shear_y: torch.Tensor,
+    cx: float,
+    cy: float,
+) -> torch.Tensor:
     """torchvision's inverse affine matrix (``_get_inverse_affine_matrix``, scale 1), per image:
     angles in degrees, centre ``(cx, cy)`` relative to the image centre. In double precision, as
     torchvision computes it in Python, then float32, as it hands it to the sampling grid."""
@@ -274,7 +281,9 @@ class BatchPolicy:
             self.sub_probs = torch.tensor([[prob for _, prob, _ in p] for p in policies])
             self.sub_bins = torch.tensor([[b if b is not None else 0 for _, _, b in p] for p in policies])
 
-    def draw(self, b: int, generator: torch.Generator | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def draw(
+        self, b: int, generator: torch.Generator | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The steps of a batch of ``b`` images: per step, (op index, magnitude, applied) per image."""
         steps = []
         if self.name == "autoaugment":
@@ -321,8 +330,9 @@ class BatchPolicy:
         ends = list(itertools.accumulate(counts))
         geometric = [
             _inverse_for(self.ops[op], magnitude[end - n : end], h, w)
-            for op, n, end in zip(self.sequence, counts, ends) if n and self.ops[op] in GEOMETRIC
-        ]  # fmt: skip
+            for op, n, end in zip(self.sequence, counts, ends)
+            if n and self.ops[op] in GEOMETRIC
+        ]
         theta = _theta(torch.cat(geometric), h, w) if geometric else magnitude.new_zeros(0, 3, 2)
         inverse = torch.argsort(order)
         packed = on_device(torch.cat([t.double() for t in (order, inverse, magnitude, theta.flatten())]), images.device)

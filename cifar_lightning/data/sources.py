@@ -51,7 +51,9 @@ class NotAnImage(UnreadableImage):
     """Bytes that no image format recognises."""
 
 
-def decode_image(source: bytes | str | os.PathLike, max_pixels: int | None = None, size: int = IMAGE_SIZE) -> np.ndarray:
+def decode_image(
+    source: bytes | str | os.PathLike, max_pixels: int | None = None, size: int = IMAGE_SIZE
+) -> np.ndarray:
     """An image file (path or bytes) as (size, size, 3) uint8 RGB; ``UnreadableImage`` with the reason.
 
     The one decoder of the project: image folders for training and evaluation, and prediction,
@@ -126,13 +128,9 @@ def folder_class_names(root: Path) -> tuple[str, ...]:
     """Class names of an image-folder tree, checked for agreement between ``train`` and ``test``."""
     names = {}
     for split in ("train", "test"):
-        names[split] = sorted(
-            d.name for d in (root / split).iterdir() if d.is_dir() and not d.name.startswith(".")
-        )
+        names[split] = sorted(d.name for d in (root / split).iterdir() if d.is_dir() and not d.name.startswith("."))
         if not names[split]:
-            raise UserError(
-                f"{root / split} has no class folders. Expected {root}/{split}/<class>/<image files>."
-            )
+            raise UserError(f"{root / split} has no class folders. Expected {root}/{split}/<class>/<image files>.")
     if names["train"] != names["test"]:
         only_train = sorted(set(names["train"]) - set(names["test"]))
         only_test = sorted(set(names["test"]) - set(names["train"]))
@@ -197,7 +195,10 @@ def decoded_cache_dir(split_root: Path, cache_dir: str | os.PathLike | None) -> 
 
 
 def load_image_folder_split(
-    split_root: Path, split: str, class_names: tuple[str, ...], cache_dir: str | os.PathLike | None = None,
+    split_root: Path,
+    split: str,
+    class_names: tuple[str, ...],
+    cache_dir: str | os.PathLike | None = None,
     size: int = IMAGE_SIZE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decoded arrays of one split, from the cache when it matches the files, else decoded and cached.
@@ -207,7 +208,9 @@ def load_image_folder_split(
     the same time (every rank of a torchrun job builds its data module) take turns on a file
     lock: one decodes, the others then read what it wrote.
     """
-    return _load_cached(split_root, split, class_names, _cache_path(split_root, split, class_names, cache_dir, size), size)
+    return _load_cached(
+        split_root, split, class_names, _cache_path(split_root, split, class_names, cache_dir, size), size
+    )
 
 
 def _cache_path(split_root: Path, split: str, class_names: tuple[str, ...], cache_dir, size: int) -> Path:
@@ -369,7 +372,11 @@ def _missing_archive_message(path: Path) -> str:
     if not folder.is_dir():
         return f"archive {path} not found: its folder {folder} does not exist either. Pass the path of an existing archive or folder with --data-dir."
     found = sorted(p.name for p in folder.iterdir() if p.is_file() and is_archive(p))
-    hint = f" {folder} holds: {', '.join(found)}." if found else f" {folder} holds no archive ({', '.join(ARCHIVE_SUFFIXES)})."
+    hint = (
+        f" {folder} holds: {', '.join(found)}."
+        if found
+        else f" {folder} holds no archive ({', '.join(ARCHIVE_SUFFIXES)})."
+    )
     return f"archive {path} not found.{hint} Pass the path of an existing archive or folder with --data-dir."
 
 
@@ -434,11 +441,18 @@ def resolve_source(
     if path.exists() and not path.is_dir():
         raise UserError(_missing_data_message(path, "it is not a folder or an archive", wanted))
     if not download or wanted == "folder":
-        reason = "the folder does not exist" if not path.exists() else (
-            "it holds no train/ and test/ folders" if wanted == "folder" else
-            f"it holds neither {datasets.KNOWN[wanted].torchvision_folder}/ nor train/ and test/ folders"
-        )  # fmt: skip
-        raise UserError(_missing_data_message(path, reason, wanted) + ("" if wanted == "folder" else " Download is off."))
+        reason = (
+            "the folder does not exist"
+            if not path.exists()
+            else (
+                "it holds no train/ and test/ folders"
+                if wanted == "folder"
+                else f"it holds neither {datasets.KNOWN[wanted].torchvision_folder}/ nor train/ and test/ folders"
+            )
+        )
+        raise UserError(
+            _missing_data_message(path, reason, wanted) + ("" if wanted == "folder" else " Download is off.")
+        )
     return DataSource("torchvision", path, datasets.KNOWN[wanted].classes, needs_download=True, dataset=wanted)
 
 

@@ -18,8 +18,15 @@ import torch
 from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
 from cifar_lightning.data.policies import OPERATIONS, BatchPolicy
 from cifar_lightning.data.transforms import (
-    AUGMENT_PRESETS, POLICIES, AugmentPreset, cutout_, on_device, random_crop_flip, random_erasing_, to_input,
-)  # fmt: skip
+    AUGMENT_PRESETS,
+    POLICIES,
+    AugmentPreset,
+    cutout_,
+    on_device,
+    random_crop_flip,
+    random_erasing_,
+    to_input,
+)
 
 FlipMode = Literal["random", "alternating"]
 
@@ -156,7 +163,9 @@ class TensorLoader:
         self.augment, self.flip_mode, self.cutout, self.random_erasing = augment, flip_mode, cutout, random_erasing
         self.rotate = rotate
         h, w = images.shape[1:3]
-        self.policy = BatchPolicy(augment, randaugment_n, randaugment_m, h, w) if train and augment in POLICIES else None
+        self.policy = (
+            BatchPolicy(augment, randaugment_n, randaugment_m, h, w) if train and augment in POLICIES else None
+        )
         self.device = torch.device(device)
         self.rank, self.seed = rank, seed
         self.sampler = EpochShards(len(self.indices), num_replicas, rank, shuffle=train, pad=train, seed=seed)
@@ -248,4 +257,3 @@ class TensorLoader:
         if self.train and self.random_erasing > 0:
             random_erasing_(x, self.random_erasing, generator)
         return x
-

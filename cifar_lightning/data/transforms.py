@@ -121,9 +121,7 @@ def build_transform(
     tensor loader does them per batch (``cutout_``, ``random_erasing_``).
     """
     if augment not in AUGMENT_PRESETS:
-        raise UserError(
-            f"unknown augmentation preset {augment!r}. Valid presets: {', '.join(AUGMENT_PRESETS)}"
-        )
+        raise UserError(f"unknown augmentation preset {augment!r}. Valid presets: {', '.join(AUGMENT_PRESETS)}")
     pad, pad_mode, flip = AUGMENT_PRESETS[augment]
     ops: list = [v2.ToImage()]
     if augment in POLICIES:

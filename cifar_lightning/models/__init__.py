@@ -35,6 +35,7 @@ __all__ = [
     "ModelInfo",
     "Normalized",
     "UnknownModelError",
+    "check_input_size",
     "WeightsError",
     "count_macs",
     "count_parameters",

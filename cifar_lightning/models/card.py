@@ -161,7 +161,7 @@ def weights_markdown(manifest: dict[str, Any]) -> list[str]:
     return lines + [
         "- Not robust to corruptions beyond the figures in this card (`scripts/evaluate.py NAME --corruptions`",
         "  measures them), nor to other shifts (other cameras, sizes or crops of objects, adversarial inputs).",
-        "- Not for images outside these classes: the model always answers one of them, with no \"none of these\".",
+        '- Not for images outside these classes: the model always answers one of them, with no "none of these".',
     ]
 
 

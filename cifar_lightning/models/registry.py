@@ -69,9 +69,7 @@ def model_info(name: str) -> ModelInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownModelError(
-            f"unknown architecture {name!r}. Valid names: {', '.join(list_models())}"
-        ) from None
+        raise UnknownModelError(f"unknown architecture {name!r}. Valid names: {', '.join(list_models())}") from None
 
 
 def create_model(

@@ -57,9 +57,7 @@ def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Module:
     # Identity when shapes match, otherwise a 1x1 conv + BN projection (the paper's option B).
     if stride == 1 and in_planes == out_planes:
         return nn.Identity()
-    return nn.Sequential(
-        nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
-    )
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes))
 
 
 class ResNet(nn.Module):

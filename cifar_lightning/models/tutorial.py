@@ -23,8 +23,12 @@ class MyNet(nn.Module):
         super().__init__()
         # padding=1 on the pools: 32 -> 17 -> 9, so the classifier sees 32 * 9 * 9 = 2592 features.
         self.features = nn.Sequential(
-            conv3x3_bn_relu(3, 64), conv3x3_bn_relu(64, 128), nn.MaxPool2d(2, padding=1),  # (B, 128, 17, 17)
-            conv3x3_bn_relu(128, 64), conv3x3_bn_relu(64, 32), nn.MaxPool2d(2, padding=1),  # (B, 32, 9, 9)
+            conv3x3_bn_relu(3, 64),
+            conv3x3_bn_relu(64, 128),
+            nn.MaxPool2d(2, padding=1),  # (B, 128, 17, 17)
+            conv3x3_bn_relu(128, 64),
+            conv3x3_bn_relu(64, 32),
+            nn.MaxPool2d(2, padding=1),  # (B, 32, 9, 9)
         )
         self.classifier = nn.Sequential(
             nn.Linear(32 * 9 * 9, 2048), nn.ReLU(inplace=True), nn.Linear(2048, num_classes)

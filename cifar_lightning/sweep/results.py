@@ -26,8 +26,15 @@ from cifar_lightning.sweep.spec import SweepSpec
 from cifar_lightning.sweep.storage import safe_url
 
 #: CLI keys that say where one machine keeps things: never part of a recipe.
-MACHINE_KEYS = ("data.data_dir", "data.download", "trainer.default_root_dir", "trainer.logger", "config",
-                "checkpoint.dirpath", "ckpt_path")  # fmt: skip
+MACHINE_KEYS = (
+    "data.data_dir",
+    "data.download",
+    "trainer.default_root_dir",
+    "trainer.logger",
+    "config",
+    "checkpoint.dirpath",
+    "ckpt_path",
+)
 
 #: How a trial's state is written: as the trial's own record says it (``failed``, not ``fail``).
 STATE_NAMES = {state: ("failed" if state is TrialState.FAIL else state.name.lower()) for state in TrialState}
@@ -43,7 +50,7 @@ def _storage_name(url: str, out: Path) -> str:
     """The storage as the summary names it: the default SQLite file by its place in the study's
     folder, any other without its password."""
     if url.startswith("sqlite:///"):
-        where = _relative(url[len("sqlite:///"):], out)
+        where = _relative(url[len("sqlite:///") :], out)
         if not Path(where).is_absolute():
             return f"sqlite, {where} in this folder"
     return safe_url(url)
@@ -67,13 +74,18 @@ def trial_rows(study: optuna.Study, out: Path) -> list[dict[str, Any]]:
     names = sorted({k for t in study.get_trials(deepcopy=False) for k in t.params})
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({
-            "number": t.number, "state": STATE_NAMES[t.state], "value": t.value,
-            **{k: t.params.get(k) for k in names},
-            "epochs": _epochs(t), "seconds": t.user_attrs.get("seconds"),
-            "run_dir": _relative(t.user_attrs.get("run_dir"), out),
-            "error": (t.user_attrs.get("error") or "")[:200] or None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "number": t.number,
+                "state": STATE_NAMES[t.state],
+                "value": t.value,
+                **{k: t.params.get(k) for k in names},
+                "epochs": _epochs(t),
+                "seconds": t.user_attrs.get("seconds"),
+                "run_dir": _relative(t.user_attrs.get("run_dir"), out),
+                "error": (t.user_attrs.get("error") or "")[:200] or None,
+            }
+        )
     return rows
 
 
@@ -163,30 +175,43 @@ def _best(study: optuna.Study) -> FrozenTrial | None:
 def write_results(study: optuna.Study, spec: SweepSpec, out: Path, storage_url: str) -> dict[str, Any]:
     """Write the table, the best recipe, the plots and ``summary.json``; returns the summary."""
     rows = trial_rows(study, out)
-    (out / "trials.md").write_text(f"# Study {study.study_name}: {len(rows)} trials\n\n" + markdown_table(rows, spec.metric))
+    (out / "trials.md").write_text(
+        f"# Study {study.study_name}: {len(rows)} trials\n\n" + markdown_table(rows, spec.metric)
+    )
     with open(out / "trials.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["number"])
         writer.writeheader()
         writer.writerows(rows)
     best = _best(study)
     summary: dict[str, Any] = {
-        "study": study.study_name, "storage": _storage_name(storage_url, out), "sweep_file": spec.path.name,
-        "metric": spec.metric, "direction": spec.direction, "n_trials": spec.n_trials,
+        "study": study.study_name,
+        "storage": _storage_name(storage_url, out),
+        "sweep_file": spec.path.name,
+        "metric": spec.metric,
+        "direction": spec.direction,
+        "n_trials": spec.n_trials,
         "states": {STATE_NAMES[s]: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState},
-        "sampler": spec.sampler, "pruner": spec.pruner,
+        "sampler": spec.sampler,
+        "pruner": spec.pruner,
         "fit_args": study.user_attrs.get("settings", {}).get("fit_args"),
-    }  # fmt: skip
+    }
     if best is not None:
         fit_args = summary["fit_args"] or spec.fit_args
         recipe = best_recipe(spec, fit_args, best.params)
-        header = (f"# best configuration of study {study.study_name}: trial {best.number}, {spec.metric} "
-                  f"{best.value:.4f} on the validation split\n# source: {spec.path.name} (a sweep), base recipe "
-                  f"{spec.recipe.name if spec.recipe else '(the defaults)'}\n# reference: none; its test is in "
-                  "summary.json\n")  # fmt: skip
+        header = (
+            f"# best configuration of study {study.study_name}: trial {best.number}, {spec.metric} "
+            f"{best.value:.4f} on the validation split\n# source: {spec.path.name} (a sweep), base recipe "
+            f"{spec.recipe.name if spec.recipe else '(the defaults)'}\n# reference: none; its test is in "
+            "summary.json\n"
+        )
         (out / "best.yaml").write_text(header + yaml.safe_dump(recipe, sort_keys=False))
-        summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
-                           "run_dir": _relative(best.user_attrs.get("run_dir"), out),
-                           "checkpoint": _relative(best.user_attrs.get("checkpoint"), out)}  # fmt: skip
+        summary["best"] = {
+            "number": best.number,
+            "value": best.value,
+            "params": best.params,
+            "run_dir": _relative(best.user_attrs.get("run_dir"), out),
+            "checkpoint": _relative(best.user_attrs.get("checkpoint"), out),
+        }
     summary["test"] = study.user_attrs.get("test")
     summary["plots"] = save_plots(study, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -204,18 +229,27 @@ def test_best(study: optuna.Study, out: Path) -> dict[str, Any] | None:
     done = study.user_attrs.get("test")
     if done:
         if done.get("trial") != best.number:
-            print(f"the study's test set was used once, by trial {done['trial']}; its new best, trial "
-                  f"{best.number}, is not tested (a second look would choose on the test set)")  # fmt: skip
+            print(
+                f"the study's test set was used once, by trial {done['trial']}; its new best, trial "
+                f"{best.number}, is not tested (a second look would choose on the test set)"
+            )
         return None
     ckpt = best.user_attrs["checkpoint"]
     if not Path(ckpt).is_file():
-        print(f"the best trial's checkpoint {ckpt} is not on this machine: test it where it is, with "
-              f"python scripts/evaluate.py {ckpt}")  # fmt: skip
+        print(
+            f"the best trial's checkpoint {ckpt} is not on this machine: test it where it is, with "
+            f"python scripts/evaluate.py {ckpt}"
+        )
         return None
     study.set_user_attr("test", {"trial": best.number, "state": "running"})  # claimed before it runs
     report = evaluate_main([best.user_attrs["checkpoint"], "--output-dir", str(out / "best_test")])
-    test = {"trial": best.number, "test_acc": report["test_acc"], "test_loss": report["test_loss"],
-            "checkpoint": _relative(best.user_attrs["checkpoint"], out), "report": "best_test/report.json"}  # fmt: skip
+    test = {
+        "trial": best.number,
+        "test_acc": report["test_acc"],
+        "test_loss": report["test_loss"],
+        "checkpoint": _relative(best.user_attrs["checkpoint"], out),
+        "report": "best_test/report.json",
+    }
     study.set_user_attr("test", test)
     summary = json.loads((out / "summary.json").read_text())
     summary["test"] = test

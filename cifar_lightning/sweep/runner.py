@@ -74,15 +74,21 @@ def preflight(spec: SweepSpec, fit_args: list[str]) -> None:
                     cli = CifarCLI(args=expand_aliases(argv), run=False)
             except SystemExit:
                 lines = [line for line in err.getvalue().splitlines() if line.strip()]
-                raise UserError(f"{spec.path}: a trial with {params} does not parse: "
-                                f"{in_fit_terms(lines[-1] if lines else 'see above')}") from None  # fmt: skip
+                raise UserError(
+                    f"{spec.path}: a trial with {params} does not parse: "
+                    f"{in_fit_terms(lines[-1] if lines else 'see above')}"
+                ) from None
             except UserError as e:
                 raise UserError(f"{spec.path}: a trial with {params} is refused: {in_fit_terms(str(e))}") from None
             except Exception as e:  # a network that cannot be built with these values, ...
-                raise UserError(f"{spec.path}: a trial with {params} cannot be built: {type(e).__name__}: {e}") from None
+                raise UserError(
+                    f"{spec.path}: a trial with {params} cannot be built: {type(e).__name__}: {e}"
+                ) from None
             if cli.datamodule.hparams.val_size == 0:
-                raise UserError(f"{spec.path}: a study chooses on the validation split, and its trials have none "
-                                "(--val-size 0): give them one, e.g. --val-size 5000")  # fmt: skip
+                raise UserError(
+                    f"{spec.path}: a study chooses on the validation split, and its trials have none "
+                    "(--val-size 0): give them one, e.g. --val-size 5000"
+                )
 
 
 class Followers:
@@ -99,9 +105,13 @@ class Followers:
 
         self.rank, self.sent = int(os.environ["RANK"]), 0
         # A trial can take hours while the other ranks wait for the next command.
-        self.store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1,
-                              int(os.environ["WORLD_SIZE"]), is_master=self.rank == 0,
-                              timeout=datetime.timedelta(days=7))  # fmt: skip
+        self.store = TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]) + 1,
+            int(os.environ["WORLD_SIZE"]),
+            is_master=self.rank == 0,
+            timeout=datetime.timedelta(days=7),
+        )
 
     @staticmethod
     def launched() -> bool:
@@ -142,8 +152,15 @@ class Followers:
 class Worker:
     """One worker's loop over a study: ask, train in a child process, tell."""
 
-    def __init__(self, spec: SweepSpec, study: optuna.Study, storage_url: str, out: Path, fit_args: list[str],
-                 followers: Followers | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        spec: SweepSpec,
+        study: optuna.Study,
+        storage_url: str,
+        out: Path,
+        fit_args: list[str],
+        followers: Followers | None = None,
+    ) -> None:
         self.spec, self.study, self.storage_url, self.out, self.fit_args = spec, study, storage_url, out, fit_args
         self.followers = followers
         self.interrupted = False
@@ -155,17 +172,36 @@ class Worker:
         trial.set_user_attr("trial_dir", str(record_path.parent))
         mode = "max" if self.spec.direction == "maximize" else "min"
         fit_argv = [
-            *self.spec.recipe_args(), *self.fit_args, *param_args(params),
-            "--output-dir", str(self.out / "trials"), "--name", name,
-            f"--checkpoint.monitor={self.spec.metric}", f"--checkpoint.mode={mode}",
-        ]  # fmt: skip
+            *self.spec.recipe_args(),
+            *self.fit_args,
+            *param_args(params),
+            "--output-dir",
+            str(self.out / "trials"),
+            "--name",
+            name,
+            f"--checkpoint.monitor={self.spec.metric}",
+            f"--checkpoint.mode={mode}",
+        ]
         wandb = any(a == "wandb" or a.endswith("=wandb") for a in self.fit_args)
         if wandb and not any(a.split("=")[0] == "--group" for a in self.fit_args):
             fit_argv += ["--group", self.study.study_name]  # W&B: the trials grouped by study
-        command = [sys.executable, "-m", "cifar_lightning.sweep.trial",  # the storage URL: in STORAGE_ENV
-                   "--study", self.study.study_name, "--trial-id", str(trial._trial_id),
-                   "--monitor", self.spec.metric, "--pruner", json.dumps(self.spec.pruner),
-                   "--record", str(record_path), "--", *fit_argv]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "cifar_lightning.sweep.trial",  # the storage URL: in STORAGE_ENV
+            "--study",
+            self.study.study_name,
+            "--trial-id",
+            str(trial._trial_id),
+            "--monitor",
+            self.spec.metric,
+            "--pruner",
+            json.dumps(self.spec.pruner),
+            "--record",
+            str(record_path),
+            "--",
+            *fit_argv,
+        ]
         print(f"trial {trial.number} starts: {params}", flush=True)
         code = self._run(command)
         record = _read(record_path)
@@ -242,24 +278,39 @@ def without_paths(fit_args: list[str]) -> list[str]:
 
 def open_study(spec: SweepSpec, name: str, storage: optuna.storages.BaseStorage, fit_args: list[str]) -> optuna.Study:
     """Create the study, or load it when it exists; a study made with other settings is refused."""
-    study = optuna.create_study(study_name=name, storage=storage, sampler=spec.make_sampler(worker_seed()),
-                                pruner=spec.make_pruner(), direction=spec.direction, load_if_exists=True)  # fmt: skip
-    settings = {"sweep_file": spec.path.name, "metric": spec.metric,
-                "space": {k: repr(v) for k, v in spec.space.items()}, "fit_args": without_paths(fit_args),
-                "recipe": spec.recipe.name if spec.recipe else None}  # fmt: skip
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        sampler=spec.make_sampler(worker_seed()),
+        pruner=spec.make_pruner(),
+        direction=spec.direction,
+        load_if_exists=True,
+    )
+    settings = {
+        "sweep_file": spec.path.name,
+        "metric": spec.metric,
+        "space": {k: repr(v) for k, v in spec.space.items()},
+        "fit_args": without_paths(fit_args),
+        "recipe": spec.recipe.name if spec.recipe else None,
+    }
     stored = study.user_attrs.get("settings")
     if stored is None:
         study.set_user_attr("settings", settings)
     elif stored != settings:
         changed = sorted(k for k in settings if stored.get(k) != settings[k])
-        raise UserError(f"study {name!r} in this storage was started with other settings ({', '.join(changed)}): "
-                        "run it as it was, or start another with --study NEW_NAME")  # fmt: skip
+        raise UserError(
+            f"study {name!r} in this storage was started with other settings ({', '.join(changed)}): "
+            "run it as it was, or start another with --study NEW_NAME"
+        )
     return study
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/sweep.py", description=__doc__.split("\n\n")[0],
-                                epilog="Arguments after -- are scripts/fit.py arguments for every trial.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="scripts/sweep.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="Arguments after -- are scripts/fit.py arguments for every trial.",
+    )
     p.add_argument("sweep", help="the sweep file (YAML), e.g. configs/sweeps/resnet20.yaml")
     p.add_argument("--n-trials", type=int, help="the study's size: trials finished or running (default: the file's)")
     p.add_argument("--timeout", type=float, help="this worker starts no trial after this many seconds")
@@ -278,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run this worker's share of the study, then write its results; returns the summary."""
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    args, extra = parser().parse_args(argv[:split]), argv[split + 1:]
+    args, extra = parser().parse_args(argv[:split]), argv[split + 1 :]
     followers = Followers() if Followers.launched() else None
     if followers is not None and followers.rank != 0:
         followers.follow()
@@ -312,9 +363,12 @@ def _run_study(args: argparse.Namespace, extra: list[str], followers: Followers 
     stopped = None
     if worker.remaining() > 0:
         try:
-            study.optimize(worker.objective, timeout=args.timeout, catch=(TrialFailed,),
-                           callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=COUNTED),
-                                      stop_when_failing])  # fmt: skip
+            study.optimize(
+                worker.objective,
+                timeout=args.timeout,
+                catch=(TrialFailed,),
+                callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=COUNTED), stop_when_failing],
+            )
         except KeyboardInterrupt:
             stopped = "interrupted: the running trial is marked failed; run the same command to continue the study"
     summary = write_results(study, spec, out, storage_url)

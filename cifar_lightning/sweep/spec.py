@@ -47,8 +47,11 @@ DIRECTIONS = ("maximize", "minimize")
 PRUNED_EXIT = 3
 TOP_KEYS = {"recipe", "metric", "direction", "n_trials", "fit_args", "space", "sampler", "pruner", "quick"}
 QUICK_KEYS = {"n_trials", "fit_args", "pruner"}
-PARAM_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
-              "categorical": {"type", "choices"}}  # fmt: skip
+PARAM_KEYS = {
+    "float": {"type", "low", "high", "log", "step"},
+    "int": {"type", "low", "high", "log", "step"},
+    "categorical": {"type", "choices"},
+}
 #: The CLI's sections a parameter may belong to.
 SECTIONS = ("model.", "data.", "trainer.", "checkpoint.")
 
@@ -112,13 +115,17 @@ def _distribution(path: Path, key: str, entry: Any) -> BaseDistribution:
     if not key.startswith(SECTIONS) or key.count(".") < 1:
         raise UserError(f"{_where(path, 'space')}: {key!r} is not a CLI name; use e.g. model.lr or data.augment")
     if not isinstance(entry, dict) or entry.get("type") not in PARAM_KEYS:
-        raise UserError(f"{_where(path, 'space.' + key)}: give a mapping with type float, int or categorical, "
-                        f"e.g. {{type: float, low: 0.01, high: 0.5, log: true}}")  # fmt: skip
+        raise UserError(
+            f"{_where(path, 'space.' + key)}: give a mapping with type float, int or categorical, "
+            f"e.g. {{type: float, low: 0.01, high: 0.5, log: true}}"
+        )
     kind = entry["type"]
     unknown = set(entry) - PARAM_KEYS[kind]
     if unknown:
-        raise UserError(f"{_where(path, 'space.' + key)}: unknown key {sorted(unknown)[0]!r} for a {kind} "
-                        f"parameter; valid keys: {', '.join(sorted(PARAM_KEYS[kind]))}")  # fmt: skip
+        raise UserError(
+            f"{_where(path, 'space.' + key)}: unknown key {sorted(unknown)[0]!r} for a {kind} "
+            f"parameter; valid keys: {', '.join(sorted(PARAM_KEYS[kind]))}"
+        )
     try:
         if kind == "categorical":
             choices = entry.get("choices")
@@ -134,10 +141,12 @@ def _distribution(path: Path, key: str, entry: Any) -> BaseDistribution:
         if kind == "int":
             if not all(float(entry[b]).is_integer() for b in ("low", "high")):
                 raise ValueError("low and high of an int parameter must be whole numbers")
-            return IntDistribution(int(entry["low"]), int(entry["high"]), log=bool(entry.get("log", False)),
-                                   step=int(entry.get("step", 1)))  # fmt: skip
-        return FloatDistribution(float(entry["low"]), float(entry["high"]), log=bool(entry.get("log", False)),
-                                 step=entry.get("step"))  # fmt: skip
+            return IntDistribution(
+                int(entry["low"]), int(entry["high"]), log=bool(entry.get("log", False)), step=int(entry.get("step", 1))
+            )
+        return FloatDistribution(
+            float(entry["low"]), float(entry["high"]), log=bool(entry.get("log", False)), step=entry.get("step")
+        )
     except (ValueError, TypeError) as err:
         raise UserError(f"{_where(path, 'space.' + key)}: {err}") from None
 
@@ -185,14 +194,18 @@ def load_sweep(path: str | Path, quick: bool = False) -> SweepSpec:
             raise UserError(f"{_where(path, 'recipe')}: no recipe {recipe_path} (a path relative to the sweep file)")
     metric, direction = raw.get("metric", "val/acc"), raw.get("direction", "maximize")
     if not isinstance(metric, str) or not metric.startswith("val/"):
-        raise UserError(f"{_where(path, 'metric')}: a study optimises a validation metric (val/acc, val/loss), "
-                        f"never the test set; got {metric!r}")  # fmt: skip
+        raise UserError(
+            f"{_where(path, 'metric')}: a study optimises a validation metric (val/acc, val/loss), "
+            f"never the test set; got {metric!r}"
+        )
     if direction not in DIRECTIONS:
         raise UserError(f"{_where(path, 'direction')}: maximize or minimize, got {direction!r}")
     space = raw.get("space")
     if not isinstance(space, dict) or not space:
-        raise UserError(f"{_where(path, 'space')}: give at least one parameter, e.g. model.lr: "
-                        "{type: float, low: 0.01, high: 0.5, log: true}")  # fmt: skip
+        raise UserError(
+            f"{_where(path, 'space')}: give at least one parameter, e.g. model.lr: "
+            "{type: float, low: 0.01, high: 0.5, log: true}"
+        )
     quick_section = raw.get("quick") or {}
     if not isinstance(quick_section, dict) or set(quick_section) - QUICK_KEYS:
         raise UserError(f"{_where(path, 'quick')}: a mapping of {', '.join(sorted(QUICK_KEYS))}")
@@ -203,13 +216,22 @@ def load_sweep(path: str | Path, quick: bool = False) -> SweepSpec:
     if quick:
         fit_args += _string_list(path, "quick.fit_args", quick_section.get("fit_args"))
     return SweepSpec(
-        path=path, recipe=recipe_path, metric=metric, direction=direction,
+        path=path,
+        recipe=recipe_path,
+        metric=metric,
+        direction=direction,
         space={key: _distribution(path, key, entry) for key, entry in space.items()},
         sampler=_named(path, "sampler", raw.get("sampler"), SAMPLERS, "tpe"),
-        pruner=_named(path, "pruner", quick_section.get("pruner", raw.get("pruner")) if quick else raw.get("pruner"),
-                      PRUNERS, "median"),
-        n_trials=n_trials, fit_args=fit_args,
-    )  # fmt: skip
+        pruner=_named(
+            path,
+            "pruner",
+            quick_section.get("pruner", raw.get("pruner")) if quick else raw.get("pruner"),
+            PRUNERS,
+            "median",
+        ),
+        n_trials=n_trials,
+        fit_args=fit_args,
+    )
 
 
 def extremes(space: dict[str, BaseDistribution]) -> list[dict[str, Any]]:

@@ -22,9 +22,9 @@ def make_storage(url: str, heartbeat: int | None = None) -> optuna.storages.Base
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         try:
-            return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+            return JournalStorage(JournalFileBackend(url[len("journal:") :]))
         except OSError as err:
-            raise UserError(f"cannot open the study's journal file {url[len('journal:'):]}: {err}") from None
+            raise UserError(f"cannot open the study's journal file {url[len('journal:') :]}: {err}") from None
     if url.startswith(("postgresql://", "postgres://")):
         # SQLAlchemy's default PostgreSQL driver differs between its releases; the lock has psycopg 3.
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -32,11 +32,14 @@ def make_storage(url: str, heartbeat: int | None = None) -> optuna.storages.Base
         with warnings.catch_warnings():  # the heartbeat's arguments are "experimental" in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-                heartbeat_interval=heartbeat, grace_period=3 * heartbeat if heartbeat else None,
+                url,
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                heartbeat_interval=heartbeat,
+                grace_period=3 * heartbeat if heartbeat else None,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-                if heartbeat else None,
-            )  # fmt: skip
+                if heartbeat
+                else None,
+            )
     except Exception as err:  # a bad URL, a server that does not answer, a missing driver
         raise UserError(f"cannot open the study's storage {safe_url(url)}: {type(err).__name__}: {err}") from None
 

@@ -44,16 +44,29 @@ def write_record(record: dict[str, Any], path: Path) -> None:
         (Path(record["run_dir"]) / "trial.json").write_text(text)
 
 
-def run_trial(storage: str, study_name: str, trial_id: int, monitor: str, pruner: dict[str, Any], record_path: Path,
-              fit_argv: list[str]) -> int:
+def run_trial(
+    storage: str,
+    study_name: str,
+    trial_id: int,
+    monitor: str,
+    pruner: dict[str, Any],
+    record_path: Path,
+    fit_argv: list[str],
+) -> int:
     """Train one trial; returns the process's exit code."""
     from cifar_lightning.fit import fit_run
 
     study = optuna.load_study(study_name=study_name, storage=make_storage(storage), pruner=build_pruner(pruner))
     trial = optuna.trial.Trial(study, trial_id)
     pruning = PyTorchLightningPruningCallback(trial, monitor=monitor)
-    record: dict[str, Any] = {"study": study_name, "trial": trial.number, "params": trial.params, "monitor": monitor,
-                              "fit_args": fit_argv, "state": "running"}  # fmt: skip
+    record: dict[str, Any] = {
+        "study": study_name,
+        "trial": trial.number,
+        "params": trial.params,
+        "monitor": monitor,
+        "fit_args": fit_argv,
+        "state": "running",
+    }
     start = time.time()
     code = 1
     try:
@@ -113,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pruner", type=json.loads, required=True, help="the sweep file's pruner entry, as JSON")
     p.add_argument("--record", type=Path, required=True)
     a = p.parse_args(argv[:split])
-    raise SystemExit(run_trial(os.environ[STORAGE_ENV], a.study, a.trial_id, a.monitor, a.pruner, a.record, argv[split + 1:]))
+    raise SystemExit(
+        run_trial(os.environ[STORAGE_ENV], a.study, a.trial_id, a.monitor, a.pruner, a.record, argv[split + 1 :])
+    )
 
 
 if __name__ == "__main__":
