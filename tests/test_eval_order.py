@@ -109,7 +109,7 @@ def test_a_limited_test_run_reports_the_subset(ordered_folder, tmp_path, capsys)
             "--lr",
             "0.01",
         ]
-    )  # fmt: skip (lr 0.1 diverges here)
+    )  # lr 0.01: 0.1 diverges here
     assert (report["test_images_seen"], report["test_images"]) == (24, 96)
     assert (report["val_images_seen"], report["val_images"]) == (16, 24)
     out = capsys.readouterr().out
