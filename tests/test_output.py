@@ -272,7 +272,11 @@ def test_epoch_lines_estimate_the_time_left(tiny_folder, tmp_path):
     lines = [line for line in out.getvalue().splitlines() if "val loss" in line]
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
     assert all("val loss" in line and "  lr 0.01  " in line for line in lines), lines
-    assert lines[0].rsplit("eta ", 1)[1] != "" and lines[-1].endswith("eta 0:00")
+    # The estimate of the time left is a duration, and it only shrinks as the epochs pass.
+    etas = [re.fullmatch(r"(?:(\d+):)?(\d+):(\d\d)", line.rsplit("eta ", 1)[1]) for line in lines]
+    assert all(etas), lines
+    left = [int(m[1] or 0) * 3600 + int(m[2]) * 60 + int(m[3]) for m in etas]
+    assert left == sorted(left, reverse=True) and left[-1] == 0, lines
     assert format_seconds(75.3) == "1:15" and format_seconds(3725) == "1:02:05"
 
 
