@@ -97,7 +97,6 @@ SMOKE: dict[str, SmokeSpec] = {
     "fastnet_muon": SmokeSpec(6, max_loss=2.15, min_acc=0.20),
     "fastnet_muon_full": SmokeSpec(6, max_loss=2.15, min_acc=0.20),  # fastnet_muon's, on all 50,000 images
     "resnet20_short": SmokeSpec(60, max_loss=2.20, min_acc=0.15),
-    "resnet56_short": SmokeSpec(40, max_loss=2.25, min_acc=0.13),
     "quickstart": SmokeSpec(6, max_loss=2.15, min_acc=0.20),  # fastnet_muon's first 6 steps, no TTA
     "resnet18": SmokeSpec(40, max_loss=2.27, min_acc=0.13),
     "resnet18_cutout": SmokeSpec(40, max_loss=2.25, min_acc=0.14),
@@ -116,6 +115,9 @@ SMOKE: dict[str, SmokeSpec] = {
     # losses in recipe_smoke.json), too long for a CPU smoke run to wait. One batch at SGD 0.1
     # blows up the same way in calibration; at a tenth of it the batch is learnt.
     "resnet56_paper": SmokeSpec(20, kind="overfit", batch_steps=40, batch_lr_scale=0.1),
+    # The same network in 30 epochs: 40 data steps of its warm-up took its loss from 3.25 to 2.35,
+    # still above ln(10) (validation 22%); one batch at a tenth of its rate shows it learns.
+    "resnet56_short": SmokeSpec(20, kind="overfit", batch_steps=40, batch_lr_scale=0.1),
     # ResNet-50 with the DaiNet Adam recipe: its training loss falls within its steps, but its
     # batch-norm statistics are not settled that early (validation at chance).
     "resnet50_tutorial": SmokeSpec(16, kind="overfit", batch_steps=30),
