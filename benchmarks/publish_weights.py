@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks import REPO
-from benchmarks.reproduce import recipe_header, resolve_recipe
+from benchmarks.reproduce import fit_seconds, recipe_header, resolve_recipe, run_parts
 from cifar_lightning.errors import UserError, exit_on_user_error, positive
 from cifar_lightning.models.pretrained import (
     MANIFEST,
@@ -108,14 +108,18 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.mean(values), "std": std, "n": len(values)}
 
 
-def _training(reports: dict[int, dict[str, Any]], seed: int, ckpt: dict[str, Any]) -> dict[str, Any]:
+def _training(
+    reports: dict[int, dict[str, Any]], seed: int, ckpt: dict[str, Any], results: Path, recipe: str
+) -> dict[str, Any]:
     """Time, machine and data of the shipped seed's run (and the mean time over the seeds)."""
     report = reports[seed]
     prov = report.get("provenance") or {}
     machine = prov.get("machine") or {}
+    parts = {s: run_parts(results, recipe, s) for s in reports}
     return {
-        "fit_seconds": report["fit_seconds"],
-        "fit_seconds_mean": statistics.mean(r["fit_seconds"] for r in reports.values()),
+        "fit_seconds": fit_seconds(report, parts[seed]),
+        "fit_seconds_mean": statistics.mean(fit_seconds(r, parts[s]) for s, r in reports.items()),
+        "parts": parts[seed],
         "epochs": report.get("epochs"),
         "global_step": report.get("global_step"),
         "train_images": report.get("train_images"),
@@ -259,7 +263,7 @@ def publish(
         },
         "storage": {"rule": STORAGE_RULE, "changed_predictions": checks, "test_images": len(labels)},
         "corruptions": corruptions,
-        "training": _training(reports, seed, ckpt),
+        "training": _training(reports, seed, ckpt, results, name),
         "provenance": finish(prov),
     }
     entry = scrub(entry)

@@ -160,6 +160,34 @@ def run_recipe(
     return report
 
 
+_EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+  train loss .*  ([\d.]+) s  eta ", re.M)
+
+
+def run_parts(results: Path, recipe: str, seed: int) -> list[dict[str, Any]]:
+    """The parts of a run resumed with ``--resume``, in order: each kept log (``<recipe>-seed<N>-part<K>.log``,
+    then ``<recipe>-seed<N>.log``, the part that finished) with the epochs it trained and their seconds,
+    read from its per-epoch lines. Empty for a run without part logs: its report's time is the whole fit."""
+    tag = f"{recipe}-seed{seed}"
+    logs = sorted(results.glob(f"{tag}-part*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem.rsplit("-part", 1)[1])))
+    if not logs:
+        return []
+    parts = []
+    for log in [*logs, results / f"{tag}.log"]:
+        epochs = {int(n): float(s) for n, s in _EPOCH_LINE.findall(log.read_text())}
+        if not epochs:
+            raise UserError(f"{log} holds no epoch lines: a part of {tag} that trained nothing.")
+        parts.append({"log": log.name, "epochs": [min(epochs), max(epochs)], "seconds": round(sum(epochs.values()), 1)})
+    trained = [e for p in parts for e in range(p["epochs"][0], p["epochs"][1] + 1)]
+    if trained != list(range(1, len(trained) + 1)):
+        raise UserError(f"the parts of {tag} do not train epochs 1, 2, ... once each: {[p['epochs'] for p in parts]}")
+    return parts
+
+
+def fit_seconds(report: dict[str, Any], parts: list[dict[str, Any]]) -> float:
+    """A run's training time: its report's, or, for a resumed run, the sum of its parts' epochs."""
+    return round(sum(p["seconds"] for p in parts), 1) if parts else report["fit_seconds"]
+
+
 def _hardware_cells(report: dict[str, Any]) -> tuple[str, str]:
     hw = report["hardware"]
     if isinstance(hw, dict):
@@ -200,8 +228,11 @@ def table(recipes: list[Path], results: Path, smoke: dict[str, dict[str, Any]] |
             continue
         accs = [100 * r["test_acc"] for r in reports]
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
-        secs = statistics.mean(r["fit_seconds"] + r["test_seconds"] for r in reports)
-        extra = "; ".join(filter(None, [" ".join(reports[0].get("extra_args", [])), reports[0].get("note")])) or "-"
+        parts = {r["seed"]: run_parts(results, recipe.stem, r["seed"]) for r in reports}
+        secs = statistics.mean(fit_seconds(r, parts[r["seed"]]) + r["test_seconds"] for r in reports)
+        resumed = [f"seed {s}: {len(p)} resumed parts, their epochs' times summed" for s, p in parts.items() if p]
+        notes = [" ".join(reports[0].get("extra_args", [])), reports[0].get("note"), *resumed]
+        extra = "; ".join(filter(None, notes)) or "-"
         cpu, gpu = _hardware_cells(reports[0])
         rows.append(
             f"| {recipe.stem} | measured, {len(accs)} seed(s) | {ref} | {statistics.mean(accs):.2f}%{spread} ({len(accs)}) "

@@ -24,7 +24,7 @@ from PIL import Image
 from test_evaluate import CLASSES, trained_run
 from torchvision.transforms import ToTensor
 
-from benchmarks import publish_weights
+from benchmarks import publish_weights, reproduce
 from benchmarks.provenance import finish, provenance
 from cifar_lightning.checkpoint import load_classifier, read_checkpoint
 from cifar_lightning.data import CIFAR10DataModule
@@ -594,3 +594,30 @@ def test_a_reproduced_run_is_published_and_loaded_by_name(tiny_folder, tmp_path,
         ]
     )
     assert report["test_acc"] == entry["shipped"]["test_acc"]
+
+
+def _epoch_lines(first: int, last: int, seconds: float) -> str:
+    return "".join(
+        f"epoch {e}/4  train loss 1.0000 acc 50.00%  lr 0.1  {seconds} s  eta 0:00\n" for e in range(first, last + 1)
+    )
+
+
+def test_a_resumed_run_is_timed_over_its_parts(tmp_path):
+    # Epochs 1-2 in the first part, 3 in the second, 4 in the log of the part that finished.
+    (tmp_path / "r-seed0-part1.log").write_text("$ python -m cifar_lightning.fit\n" + _epoch_lines(1, 2, 100.0))
+    (tmp_path / "r-seed0-part2.log").write_text(_epoch_lines(3, 3, 50.5))
+    (tmp_path / "r-seed0.log").write_text(_epoch_lines(4, 4, 20.0) + "Test results: x on 10 images\n")
+    parts = reproduce.run_parts(tmp_path, "r", 0)
+    assert [(p["log"], p["epochs"], p["seconds"]) for p in parts] == [
+        ("r-seed0-part1.log", [1, 2], 200.0),
+        ("r-seed0-part2.log", [3, 3], 50.5),
+        ("r-seed0.log", [4, 4], 20.0),
+    ]
+    assert reproduce.fit_seconds({"fit_seconds": 20.0}, parts) == 270.5
+    # A run without part logs keeps its report's time.
+    assert reproduce.run_parts(tmp_path, "other", 0) == []
+    assert reproduce.fit_seconds({"fit_seconds": 20.0}, []) == 20.0
+    # A part missing (epoch 3 never trained) is refused, not summed.
+    (tmp_path / "r-seed0-part2.log").unlink()
+    with pytest.raises(UserError, match="do not train epochs 1, 2, ... once each"):
+        reproduce.run_parts(tmp_path, "r", 0)

@@ -108,6 +108,8 @@ def _weights_row(e: dict[str, Any]) -> str:
     cores = f", {machine['cpu_cores']} cores" if machine.get("cpu_cores") else ""
     gpu = f", {machine['gpu']['name']}" if isinstance(machine.get("gpu"), dict) else ""
     busy = " (shared machine: an upper bound)" if train.get("machine_busy") else ""
+    if train.get("parts"):  # a run resumed at epoch ends: its parts' epochs, summed
+        busy += f", in {len(train['parts'])} resumed parts"
     c = e.get("corruptions")
     corrupt = f"{_pct(c['mean_accuracy'])} (clean {_pct(c['clean_accuracy'])}, {c['images']:,} images)" if c else "-"
     return (
