@@ -621,3 +621,19 @@ def test_a_resumed_run_is_timed_over_its_parts(tmp_path):
     (tmp_path / "r-seed0-part2.log").unlink()
     with pytest.raises(UserError, match="do not train epochs 1, 2, ... once each"):
         reproduce.run_parts(tmp_path, "r", 0)
+
+
+def test_the_readme_lists_every_shipped_weight_with_its_manifest_figures():
+    # One row per manifest entry, its figures those of the shipped file; a file published again
+    # without the README fails here.
+    readme = (REPO / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `") and line.endswith("MiB |")]
+    expected = []
+    for name, e in sorted(read_manifest(PACKAGE_WEIGHTS)["weights"].items()):
+        shipped = e["shipped"]
+        tta = f"{100 * shipped['test_acc_tta']:.2f}%" if shipped.get("test_acc_tta") is not None else "-"
+        expected.append(
+            f"| `{name}` | `{e['recipe']}` | {tta} | {100 * shipped['test_acc']:.2f}% | {e['test_acc']['n']} "
+            f"| {e['bytes'] / 2**20:.2f} MiB |"
+        )
+    assert rows == expected
