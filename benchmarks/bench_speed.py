@@ -258,3 +258,30 @@ def bench_presets(cfg: BenchConfig, device: torch.device, standard_tensor: float
             and rows[preset]["tensor_over_per_image"] >= TARGETS["policies"]["over_per_image_2_workers"]
         ),
     }
+
+
+def per_image_loaders(cfg: Any, workers: int, ours: float) -> dict[str, Any]:
+    """``bench_data``'s two per-image baselines again with ``workers`` DataLoader workers."""
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+
+    from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
+
+    cpu, skip, bs, n = torch.device("cpu"), 1 + 2 * workers, cfg.data_batch_size, cfg.baseline_batches
+    dm = _datamodule(cfg, loader="torchvision", augment="standard", batch_size=bs, num_workers=workers)
+    arrays = _images_per_second(dm.train_dataloader(), n, cpu, skip)  # skips start-up and prefetched batches
+    tf = T.Compose(
+        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    )
+    folder = torchvision.datasets.ImageFolder(str(dm.source.root / "train"), transform=tf)
+    files = _images_per_second(DataLoader(folder, batch_size=bs, shuffle=True, num_workers=workers), n, cpu, skip)
+    row = lambda r: {"images_per_s": round(r[0], 1), "images": r[1], "seconds": round(r[2], 3)}
+    return {
+        "workers": workers,
+        "batch_size": bs,
+        "array_pil_loader": row(arrays),
+        "imagefolder_pil_loader": row(files),
+        "speedup": round(ours / files[0], 2),
+        "speedup_over_array_pil": round(ours / arrays[0], 2),
+    }

@@ -30,27 +30,7 @@ from benchmarks.gpu_airbench import (  # noqa: F401 (part of this module's inter
     airbench_unavailable,
     parse_airbench_table,
 )
-
-
-def mixed_precision() -> str:
-    """bf16 autocast where the GPU has bf16 units (Ampere and later), fp16 with loss scaling on
-    older GPUs, and bf16 on a CPU (``--quick``, which runs the GPU's code paths there)."""
-    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
-        return "16-mixed"
-    return "bf16-mixed"
-
-
-def fast_path() -> list[str]:
-    """Every fit of ours on a GPU takes the fast path: mixed precision, cuDNN autotuning (set
-    explicitly, as it is for airbench), NHWC, batches made on the GPU by the tensor loader. On a
-    CPU (``--quick``) the same flags run, so their code paths are exercised there."""
-    return [
-        f"--trainer.precision={mixed_precision()}",
-        "--trainer.benchmark=true",
-        "--model.channels_last=true",
-        "--data.loader=tensor",
-    ]
-
+from benchmarks.gpu_timing import _sync, fast_path, mixed_precision, train_clock  # noqa: F401 (its interface)
 
 #: ``--quick``: two steps of tiny batches, one batch of each evaluation, on the CPU.
 QUICK_FIT = [
@@ -139,67 +119,6 @@ def guarded(ctx: Context, key: str, fn: Callable, *args: Any) -> Any:
         ctx.results[key] = {"status": "failed", "error": error, "traceback": traceback.format_exc()[-3000:]}
         print(f"{key} failed: {error}", flush=True)
         return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Our side: a fit through the CLI, its training steps timed as airbench times its own
-# ---------------------------------------------------------------------------------------------
-
-
-def train_clock(device: torch.device):
-    """A callback timing the first training batch's start to the last optimizer step's end, the GPU
-    synchronised at both, plus the network's whitening initialisation (``init_from_data``): as
-    airbench counts, without data loading, warm-up or evaluation. ``whiten_seconds`` is the
-    initialisation's share."""
-    from lightning.pytorch.callbacks import Callback
-
-    class TrainClock(Callback):
-        start = end = None
-        whiten_seconds = 0.0
-
-        def on_fit_start(self, trainer, pl_module):
-            # Runs before the module's on_fit_start, which calls the initialisation: time it there.
-            net = pl_module.model
-            init = getattr(net, "init_from_data", None)
-            if not callable(init):
-                return
-            clock = self
-
-            def timed_init(images):
-                _sync(device)
-                start = time.perf_counter()
-                init(images)
-                _sync(device)
-                clock.whiten_seconds += time.perf_counter() - start
-
-            net.init_from_data = timed_init
-
-        def seconds(self) -> float | None:
-            if self.start is None or self.end is None:
-                return None
-            return self.end - self.start + self.whiten_seconds
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if self.start is None:
-                _sync(device)
-                self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            total = trainer.estimated_stepping_batches
-            if self.end is None and total != float("inf") and trainer.global_step >= int(total):
-                self.on_train_end(trainer, pl_module)
-
-        def on_train_end(self, trainer, pl_module):
-            if self.end is None:
-                _sync(device)
-                self.end = time.perf_counter()
-
-    return TrainClock()
 
 
 def timed_fit(ctx: Context, config: Path, seed: int, overrides: list[str]) -> dict[str, Any]:
@@ -506,35 +425,9 @@ def section_overhead_data(ctx: Context) -> None:
     res["data"] = bench_data(cfg)
     ctx.save()
     workers = min(2, os.cpu_count() or 1) if ctx.quick else os.cpu_count() or 1
+    from benchmarks.bench_speed import per_image_loaders
+
     res["data_all_cores"] = per_image_loaders(cfg, workers, res["data"]["tensor_loader"]["images_per_s"])
-
-
-def per_image_loaders(cfg: Any, workers: int, ours: float) -> dict[str, Any]:
-    """``bench_data``'s two per-image baselines again with ``workers`` DataLoader workers."""
-    import torchvision
-    from torch.utils.data import DataLoader
-    from torchvision import transforms as T
-
-    from benchmarks.bench_speed import _datamodule, _images_per_second
-    from cifar_lightning.constants import CIFAR10_MEAN, CIFAR10_STD
-
-    cpu, skip, bs, n = torch.device("cpu"), 1 + 2 * workers, cfg.data_batch_size, cfg.baseline_batches
-    dm = _datamodule(cfg, loader="torchvision", augment="standard", batch_size=bs, num_workers=workers)
-    arrays = _images_per_second(dm.train_dataloader(), n, cpu, skip)  # skips start-up and prefetched batches
-    tf = T.Compose(
-        [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-    )
-    folder = torchvision.datasets.ImageFolder(str(dm.source.root / "train"), transform=tf)
-    files = _images_per_second(DataLoader(folder, batch_size=bs, shuffle=True, num_workers=workers), n, cpu, skip)
-    row = lambda r: {"images_per_s": round(r[0], 1), "images": r[1], "seconds": round(r[2], 3)}
-    return {
-        "workers": workers,
-        "batch_size": bs,
-        "array_pil_loader": row(arrays),
-        "imagefolder_pil_loader": row(files),
-        "speedup": round(ours / files[0], 2),
-        "speedup_over_array_pil": round(ours / arrays[0], 2),
-    }
 
 
 def section_resnet18_fast(ctx: Context) -> None:

@@ -115,6 +115,7 @@ def test_quick_runs_every_section_end_to_end(tmp_path):
     assert "== done" in (first / "gpu_evidence.log").read_text()
 
 
+@pytest.mark.slow  # about 90 s: two sections in processes of their own
 def test_a_failed_section_is_recorded_and_the_next_one_runs(tmp_path):
     # A bad override makes resnet18_fast fail; recipes runs after it; a 1 s cap stops the ablation.
     out = tmp_path / "out"

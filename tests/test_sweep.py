@@ -158,6 +158,7 @@ def test_a_sweep_without_a_validation_split_is_refused(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 90 s of trials on 2 cores
 def test_a_study_prunes_hopeless_trials_records_failures_tests_once_and_continues(tmp_path, capsys):
     data, out = write_image_folder(tmp_path / "data"), tmp_path / "out"
     path = write_sweep(tmp_path / "lr.yaml")
@@ -534,6 +535,7 @@ def test_a_torchrun_launch_trains_each_trial_on_every_rank(tmp_path):
     assert list(done[1].intermediate_values) == [0]
 
 
+@pytest.mark.slow  # about 80 s: W&B offline runs of several trials
 def test_trials_logged_to_wandb_are_grouped_by_study(tmp_path, monkeypatch):
     from wandb_records import read_records, wait_until_complete
 
