@@ -360,3 +360,16 @@ def test_tricks_table_is_that_of_the_committed_results():
     prose = " ".join(" ".join(lines).split())
     assert f"(cutout: {min(rounds):.0f} and {max(rounds):.0f} images/s)" in prose
     assert f"the fastest of {results['rounds']} rounds each" in prose
+
+
+def test_the_quick_start_states_what_its_recipe_measured():
+    # The quick start's training command, run by scripts/reproduce.py: its accuracy and minutes as
+    # the kept report has them.
+    report = json.loads((REPO / "benchmarks" / "reproduce" / "quickstart-seed0.json").read_text())
+    prose = " ".join(" ".join(_page_lines("README.md")).split())
+    minutes = (report["fit_seconds"] + report["test_seconds"]) / 60
+    sentence = (
+        f"took {minutes:.1f} min on a 2-core CPU (training {report['fit_seconds']:,.0f} s, test "
+        f"{report['test_seconds']:,.0f} s) and reached {100 * report['test_acc']:.2f}% test accuracy"
+    )
+    assert sentence in prose, f"README.md's quick start should read: {sentence}"
