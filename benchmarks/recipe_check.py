@@ -13,6 +13,7 @@ recipe's thresholds (``SMOKE``); the slow tests assert them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -26,7 +27,16 @@ import torch
 
 from benchmarks import REPO
 from benchmarks.fitting import build_fit, quiet_args
-from benchmarks.smoke_specs import CHANCE_LOSS, SMOKE, TAIL, VAL_IMAGES, SmokeSpec  # noqa: F401 (its interface)
+from benchmarks.smoke_specs import (  # noqa: F401 (its interface)
+    CHANCE_LOSS,
+    LONG_SMOKE,
+    SAME_SMOKE_RUN,
+    SMOKE,
+    SMOKE_BLIND,
+    TAIL,
+    VAL_IMAGES,
+    SmokeSpec,
+)
 from cifar_lightning.errors import UserError, exit_on_user_error
 from cifar_lightning.report import write_report
 
@@ -153,6 +163,50 @@ def _recipe_cli(recipe: str | Path, data_dir, steps: int | None, root_dir, seed:
     return build_fit(recipe, args, checkpoints=True, loss_guard=False)
 
 
+#: Training images of CIFAR-10, the only dataset with smoke thresholds (``other_dataset``).
+TRAIN_IMAGES = 50_000
+
+
+def smoke_config(recipe: str | Path, data_dir, steps: int, root_dir) -> dict[str, Any]:
+    """``recipe``'s settings as its smoke run of ``steps`` steps has them (its overrides applied),
+    as dotted keys; the recipe file's own path left out. Built, nothing trained."""
+    config = _recipe_cli(recipe, data_dir, steps, root_dir, 0, ()).config.clone()
+    config.pop("config", None)
+    return {key: config[key] for key in config.keys() if not isinstance(config[key], type(config))}
+
+
+def _stops_early(config: dict[str, Any], steps: int) -> str | None:
+    # The trainer stops at max_epochs even before max_steps: a smoke run needs that many batches.
+    epochs, limit = config.get("trainer.max_epochs"), config.get("trainer.limit_train_batches")
+    if epochs is None or epochs < 0:
+        return None
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        per_epoch = limit
+    else:
+        per_epoch = int((TRAIN_IMAGES - VAL_IMAGES) * (1.0 if limit is None else limit)) // config["data.batch_size"]
+    if epochs * per_epoch >= steps:
+        return None
+    return f"{epochs} epoch(s) of {per_epoch} batches stop before the smoke run's {steps} steps"
+
+
+def smoke_differences(recipe: str | Path, other: str | Path, data_dir, steps: int, root_dir) -> list[str]:
+    """Why the smoke runs of ``recipe`` and ``other`` over ``steps`` steps are not the same run:
+    the settings they differ in beyond ``SMOKE_BLIND``, and a run that would stop early; empty
+    when one's smoke run stands for the other's."""
+    mine = smoke_config(recipe, data_dir, steps, root_dir)
+    theirs = smoke_config(other, data_dir, steps, root_dir)
+    out = [
+        f"{key}: {mine.get(key)!r} in {Path(recipe).stem}, {theirs.get(key)!r} in {Path(other).stem}"
+        for key in sorted(mine.keys() | theirs.keys())
+        if key not in SMOKE_BLIND and mine.get(key) != theirs.get(key)
+    ]
+    for name, config in ((recipe, mine), (other, theirs)):
+        early = _stops_early(config, steps)
+        if early:
+            out.append(f"{Path(name).stem}: {early}")
+    return out
+
+
 def _validate(trainer: pl.Trainer, model, root_dir, **loaders) -> dict[str, float]:
     # A fresh trainer for validation: the fit's one has limit_val_batches 0.
     (metrics,) = pl.Trainer(
@@ -265,6 +319,11 @@ def failures(result: SmokeResult, spec: SmokeSpec) -> list[str]:
     if result.batch_acc is None or not result.batch_acc > spec.min_batch_acc:
         out.append(f"eval-mode accuracy on the learnt batch {result.batch_acc} is not above {spec.min_batch_acc}")
     return out
+
+
+def recipe_sha256(recipe: str | Path) -> str:
+    """The sha256 of a recipe file's bytes: a smoke row records the file it ran."""
+    return hashlib.sha256(Path(recipe).read_bytes()).hexdigest()
 
 
 def recipe_dataset(recipe: str | Path) -> str | None:
@@ -404,6 +463,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row["batch_losses"] = [round(x, 4) for x in result.batch_losses]
         if spec is not None:
             row |= {k: v for k, v in asdict(spec).items() if k != "steps"}
+        row["recipe_sha256"] = recipe_sha256(args.configs / f"{result.recipe}.yaml")
         row["passed"] = spec is not None and not failures(result, spec) and not args.steps
         rows.append(row)
     prov = finish(prov)

@@ -72,9 +72,9 @@ SMOKE: dict[str, SmokeSpec] = {
     "resnet110_paper": SmokeSpec(50, max_loss=2.26, min_acc=0.13),  # its lr is 0.01 for 400 steps
     "fastnet": SmokeSpec(16, max_loss=2.26, min_acc=0.18),  # label smoothing 0.2 lifts its loss
     "fastnet_muon": SmokeSpec(6, max_loss=2.15, min_acc=0.20),
-    "fastnet_muon_full": SmokeSpec(6, max_loss=2.15, min_acc=0.20),  # fastnet_muon's, on all 50,000 images
+    "fastnet_muon_full": SmokeSpec(6, max_loss=2.15, min_acc=0.20),  # fastnet_muon's (SAME_SMOKE_RUN)
     "resnet20_short": SmokeSpec(60, max_loss=2.20, min_acc=0.15),
-    "quickstart": SmokeSpec(6, max_loss=2.15, min_acc=0.20),  # fastnet_muon's first 6 steps, no TTA
+    "quickstart": SmokeSpec(6, max_loss=2.15, min_acc=0.20),  # fastnet_muon's (SAME_SMOKE_RUN)
     "resnet18": SmokeSpec(40, max_loss=2.27, min_acc=0.13),
     "resnet18_cutout": SmokeSpec(40, max_loss=2.25, min_acc=0.14),
     # Trained on mixed targets, its loss stays near ln(10) for longer than a smoke run (2.23 over
@@ -106,3 +106,30 @@ SMOKE: dict[str, SmokeSpec] = {
     # recipe's own warm-up instead.
     "resnet18_fast": SmokeSpec(8, kind="overfit", schedule="recipe", batch_steps=40, batch_lr_scale=0.1),
 }
+
+
+#: Recipes whose smoke run is another recipe's, step for step: they differ only in what a smoke run
+#: overrides or never reaches (``SMOKE_BLIND``), which ``recipe_check.smoke_differences`` checks.
+#: scripts/check_recipes.py still runs them (recipe_smoke.json holds their rows, losses equal to
+#: their parent's); the tests check the configurations and run the parent once.
+SAME_SMOKE_RUN: dict[str, str] = {
+    "fastnet_muon_full": "fastnet_muon",  # all 50,000 training images, 10 epochs
+    "quickstart": "fastnet_muon",  # 16 steps of one epoch, no TTA
+}
+
+#: Settings a smoke run never reaches: the epoch count and its training-batch limit (the run stops
+#: after its steps, its schedule laid over them, as long as these allow that many steps:
+#: ``recipe_check.smoke_differences`` checks it), the validation cadence (it validates once,
+#: after training), the held-out size (it holds out ``VAL_IMAGES``) and test-time augmentation.
+SMOKE_BLIND = frozenset(
+    {"trainer.max_epochs", "trainer.limit_train_batches", "trainer.check_val_every_n_epoch", "model.tta"}
+)
+
+#: Recipes whose smoke run takes 9 to 30 minutes on one core (recipe_smoke.json's seconds): deep or
+#: wide networks at 1+ GMAC an image. They run under ``pytest -m long`` and in
+#: scripts/check_recipes.py, not in every CI run, whose time the others fill; a default test checks
+#: that each one's recorded run passed under its current SMOKE entry with the recipe file as it is
+#: now (the row's ``recipe_sha256``), so a change to one of them fails until it is run again.
+LONG_SMOKE = frozenset(
+    {"resnet34_tutorial", "wrn28_10_autoaugment", "resnet18_fast", "resnet56_short", "resnet50_tutorial"}
+)

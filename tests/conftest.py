@@ -47,6 +47,27 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def _recorded_seconds() -> dict[str, float]:
+    import json
+
+    rows = json.loads((REPO / "benchmarks" / "recipe_smoke.json").read_text())["results"]
+    return {row["recipe"]: row["seconds"] for row in rows}
+
+
+def pytest_collection_modifyitems(config, items):
+    # The recipes' short runs first, the longest first (their seconds on one core as last recorded):
+    # with xdist handing out one test at a time (CI's --maxschedchunk 1), a long run never starts
+    # last while the other workers wait. The other tests keep their order.
+    seconds = _recorded_seconds()
+
+    def key(item) -> float:
+        if item.originalname != "test_recipe_learns_in_a_few_steps":
+            return 0.0
+        return -seconds.get(item.callspec.params["recipe"], 1.0)
+
+    items.sort(key=key)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     # Archive extractions and decoded caches of one test never leak into another, or into ~/.cache.

@@ -12,7 +12,10 @@ each fail it.
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,14 +23,31 @@ from conftest import REPO
 from torch import nn
 
 from benchmarks import recipe_check
-from benchmarks.recipe_check import CHANCE_LOSS, SMOKE, SmokeResult, SmokeSpec, check_recipe, failures
+from benchmarks.recipe_check import (
+    CHANCE_LOSS,
+    LONG_SMOKE,
+    SAME_SMOKE_RUN,
+    SMOKE,
+    SmokeResult,
+    SmokeSpec,
+    check_recipe,
+    failures,
+    smoke_differences,
+)
 
 RECIPES = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+#: The recipes trained here; the others' smoke run is one of these (test_a_variant_...).
+RUN_RECIPES = [r for r in RECIPES if r not in SAME_SMOKE_RUN]
+SMOKE_ROWS = {r["recipe"]: r for r in json.loads((REPO / "benchmarks" / "recipe_smoke.json").read_text())["results"]}
 
 
-@pytest.mark.slow
+def _smoke_marks(recipe: str) -> list:
+    # The heavy recipes' runs are -m long (LONG_SMOKE); CI checks their recorded runs instead.
+    return [pytest.mark.long] if recipe in LONG_SMOKE else [pytest.mark.slow]
+
+
 @pytest.mark.data
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=_smoke_marks(r)) for r in RUN_RECIPES])
 def test_recipe_learns_in_a_few_steps(recipe, real_cifar10, tmp_path):
     skip = recipe_check.other_dataset(REPO / "configs" / f"{recipe}.yaml", real_cifar10)
     if skip:  # the CIFAR-100 recipes: no copy of CIFAR-100 exists where these tests run
@@ -40,6 +60,65 @@ def test_recipe_learns_in_a_few_steps(recipe, real_cifar10, tmp_path):
         assert spec.max_batch_loss <= CHANCE_LOSS / 4 and spec.min_batch_acc >= 0.5 and spec.batch_steps > 0
     result = check_recipe(REPO / "configs" / f"{recipe}.yaml", real_cifar10, spec, tmp_path)
     assert failures(result, spec) == [], result.as_row()
+
+
+@pytest.fixture
+def cifar10_classes(tmp_path) -> Path:
+    from conftest import write_image_folder
+
+    from cifar_lightning.constants import CIFAR10_CLASSES
+
+    return write_image_folder(tmp_path / "c10", classes=CIFAR10_CLASSES, n_train=1, n_test=1)
+
+
+@pytest.mark.parametrize("recipe", sorted(SAME_SMOKE_RUN))
+def test_a_variant_recipe_is_its_parents_smoke_run(recipe, cifar10_classes, tmp_path):
+    parent = SAME_SMOKE_RUN[recipe]
+    assert parent in RUN_RECIPES and SMOKE[recipe] == SMOKE[parent]
+    configs = REPO / "configs"
+    steps = SMOKE[parent].steps
+    assert (
+        smoke_differences(configs / f"{recipe}.yaml", configs / f"{parent}.yaml", cifar10_classes, steps, tmp_path)
+        == []
+    )
+    # Its own smoke run on the real images is on record, passed, and followed its parent's losses.
+    mine, theirs = SMOKE_ROWS[recipe], SMOKE_ROWS[parent]
+    assert mine["passed"] and mine["steps"] == steps
+    assert mine["losses"] == pytest.approx(theirs["losses"], abs=0.01)
+
+
+@pytest.mark.parametrize("recipe", sorted(LONG_SMOKE))
+def test_a_long_smoke_run_on_record_is_current(recipe):
+    assert recipe in RUN_RECIPES
+    row, spec = SMOKE_ROWS[recipe], SMOKE[recipe]
+    assert row["passed"], row
+    assert row["steps"] == spec.steps and {k: row[k] for k in asdict(spec) if k != "steps"} == {
+        k: v for k, v in asdict(spec).items() if k != "steps"
+    }, f"SMOKE[{recipe!r}] changed since its smoke run: run python scripts/check_recipes.py {recipe} --data-dir DATA"
+    assert row.get("recipe_sha256") == recipe_check.recipe_sha256(REPO / "configs" / f"{recipe}.yaml"), (
+        f"configs/{recipe}.yaml changed since its smoke run at {row['commit'][:7]}: "
+        f"run python scripts/check_recipes.py {recipe} --data-dir DATA (or pytest -m long)"
+    )
+
+
+def test_a_setting_the_smoke_run_reaches_makes_another_run(cifar10_classes, tmp_path):
+    parent = REPO / "configs" / "fastnet_muon.yaml"
+    text = parent.read_text()
+
+    def variant(name: str, old: str, new: str) -> Path:
+        assert old in text
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text.replace(old, new))
+        return path
+
+    def differences(path: Path) -> list[str]:
+        return smoke_differences(path, parent, cifar10_classes, 6, tmp_path / "runs")
+
+    assert differences(variant("longer", "max_epochs: 8", "max_epochs: 30")) == []
+    assert any("model.lr" in d for d in differences(variant("lr", "lr: 106.0", "lr: 50.0")))
+    assert any("data.augment" in d for d in differences(variant("augment", "augment: translate", "augment: none")))
+    short = differences(variant("short", "max_epochs: 8", "max_epochs: 1\n  limit_train_batches: 4"))
+    assert short and "stop before the smoke run's 6 steps" in short[0], short
 
 
 def test_only_recipes_for_another_dataset_are_skipped(tmp_path, tiny_folder):
@@ -170,3 +249,14 @@ def test_every_smoke_entry_names_a_recipe():
     assert cifar10 <= set(SMOKE), cifar10 - set(SMOKE)
     assert len(cifar10) == len(RECIPES) - 3
     assert recipe_check.VAL_IMAGES >= 500  # enough validation images that 10% + noise stays under each floor
+
+
+def test_the_recipes_page_counts_and_names_each_kind():
+    import re
+
+    page = (REPO / "docs" / "recipes.md").read_text()
+    learns = [r for r, spec in SMOKE.items() if spec.kind == "learns"]
+    assert f"**learns** ({len(learns)} recipes)" in page
+    overfit_text = page.split("**overfit** (", 1)[1].split("- **", 1)[0]
+    named = set(re.findall(r"\b[a-z][a-z0-9_]+_[a-z0-9_]+\b", overfit_text)) & set(RECIPES)
+    assert named == {r for r, spec in SMOKE.items() if spec.kind == "overfit"}
