@@ -125,11 +125,19 @@ SMOKE_BLIND = frozenset(
     {"trainer.max_epochs", "trainer.limit_train_batches", "trainer.check_val_every_n_epoch", "model.tta"}
 )
 
-#: Recipes whose smoke run takes 9 to 30 minutes on one core (recipe_smoke.json's seconds): deep or
-#: wide networks at 1+ GMAC an image. They run under ``pytest -m long`` and in
+#: Recipes whose smoke run takes 7 to 30 minutes on one core (recipe_smoke.json's seconds): deep or
+#: wide networks at 0.5+ GMAC an image (ResNet-18 itself stays in CI for its two variants). They run under ``pytest -m long`` and in
 #: scripts/check_recipes.py, not in every CI run, whose time the others fill; a default test checks
 #: that each one's recorded run passed under its current SMOKE entry with the recipe file as it is
 #: now (the row's ``recipe_sha256``), so a change to one of them fails until it is run again.
 LONG_SMOKE = frozenset(
-    {"resnet34_tutorial", "wrn28_10_autoaugment", "resnet18_fast", "resnet56_short", "resnet50_tutorial"}
+    {
+        "resnet34_tutorial",
+        "wrn28_10_autoaugment",
+        "resnet18_fast",
+        "resnet56_short",
+        "resnet50_tutorial",
+        "preact_resnet18_mixup",
+        "resnet18_cutout",
+    }
 )
