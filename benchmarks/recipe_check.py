@@ -8,7 +8,7 @@ sample of held-out training images. A network that learns brings the training lo
 constants or is stuck (a bad initialisation, a wrong learning rate, a broken loader) does neither.
 
 ``python scripts/check_recipes.py --data-dir DIR`` prints the measured figures next to each
-recipe's thresholds (``SMOKE``); the slow tests assert them.
+recipe's thresholds (``SMOKE``); the slow and long tests assert them (tests/test_recipes.py).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from benchmarks import REPO
 from benchmarks.fitting import build_fit, quiet_args
 from benchmarks.smoke_specs import (  # noqa: F401 (its interface)
     CHANCE_LOSS,
+    EPOCH_SETTINGS,
     LONG_SMOKE,
     SAME_SMOKE_RUN,
     SMOKE,
@@ -175,36 +176,41 @@ def smoke_config(recipe: str | Path, data_dir, steps: int, root_dir) -> dict[str
     return {key: config[key] for key in config.keys() if not isinstance(config[key], type(config))}
 
 
-def _stops_early(config: dict[str, Any], steps: int) -> str | None:
-    # The trainer stops at max_epochs even before max_steps: a smoke run needs that many batches.
-    epochs, limit = config.get("trainer.max_epochs"), config.get("trainer.limit_train_batches")
-    if epochs is None or epochs < 0:
-        return None
+def _epoch_bound(config: dict[str, Any], steps: int) -> str | None:
+    """Why the epoch's length or count shapes ``config``'s smoke run of ``steps`` steps: the run
+    crosses an epoch's end (where epoch-keyed settings act) or stops at it, or its schedule is
+    counted in epochs. None when the run stays within a first epoch that its length does not shape."""
+    limit = config.get("trainer.limit_train_batches")
     if isinstance(limit, int) and not isinstance(limit, bool):
-        per_epoch = limit
-    else:
-        per_epoch = int((TRAIN_IMAGES - VAL_IMAGES) * (1.0 if limit is None else limit)) // config["data.batch_size"]
-    if epochs * per_epoch >= steps:
-        return None
-    return f"{epochs} epoch(s) of {per_epoch} batches stop before the smoke run's {steps} steps"
+        batches = limit
+    else:  # a fraction of the training images held in (Lightning rounds up; this may undercount)
+        held_in = (TRAIN_IMAGES - VAL_IMAGES) * (1.0 if limit is None else limit)
+        batches = int(held_in) // config["data.batch_size"]
+    per_epoch = batches // (config.get("trainer.accumulate_grad_batches") or 1)
+    if per_epoch < steps:
+        return f"its first epoch holds {per_epoch} optimizer steps, fewer than the smoke run's {steps}"
+    if config.get("model.warmup_epochs"):
+        return "its warm-up is counted in epochs"
+    if config.get("model.milestones") and config.get("model.milestone_unit") == "epoch":
+        return "its milestones are counted in epochs"
+    return None
 
 
 def smoke_differences(recipe: str | Path, other: str | Path, data_dir, steps: int, root_dir) -> list[str]:
-    """Why the smoke runs of ``recipe`` and ``other`` over ``steps`` steps are not the same run:
-    the settings they differ in beyond ``SMOKE_BLIND``, and a run that would stop early; empty
-    when one's smoke run stands for the other's."""
+    """Why the smoke runs of ``recipe`` and ``other`` (a ``learns`` run of ``steps`` steps, its
+    schedule laid over them) do not train the same: the settings they differ in beyond
+    ``SMOKE_BLIND``, the epoch's ones included where the epoch shapes either run (``_epoch_bound``).
+    Empty when one's training steps stand for the other's."""
     mine = smoke_config(recipe, data_dir, steps, root_dir)
     theirs = smoke_config(other, data_dir, steps, root_dir)
+    bound = [f"{Path(n).stem}: {why}" for n, c in ((recipe, mine), (other, theirs)) if (why := _epoch_bound(c, steps))]
+    blind = SMOKE_BLIND - (EPOCH_SETTINGS if bound else frozenset())
     out = [
         f"{key}: {mine.get(key)!r} in {Path(recipe).stem}, {theirs.get(key)!r} in {Path(other).stem}"
         for key in sorted(mine.keys() | theirs.keys())
-        if key not in SMOKE_BLIND and mine.get(key) != theirs.get(key)
+        if key not in blind and mine.get(key) != theirs.get(key)
     ]
-    for name, config in ((recipe, mine), (other, theirs)):
-        early = _stops_early(config, steps)
-        if early:
-            out.append(f"{Path(name).stem}: {early}")
-    return out
+    return out + [f"{b}, so its epoch settings count" for b in bound] if out else out
 
 
 def _validate(trainer: pl.Trainer, model, root_dir, **loaders) -> dict[str, float]:

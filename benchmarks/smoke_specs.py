@@ -57,8 +57,8 @@ TAIL = 5
 
 #: Per recipe: steps and thresholds, calibrated on the JPEG copy with one thread per run; every
 #: figure of the latest run is in benchmarks/recipe_smoke.json (per-step losses included) and .md.
-#: Steps: enough for the loss to fall clearly, within about ten minutes for all recipes on two
-#: cores; the heavy recipes (>1 GMAC per image, or 1,000+ images a step) run fewer. Thresholds: the
+#: Steps: enough for the loss to fall clearly, a few minutes of one core for most recipes; the
+#: heavy recipes (>1 GMAC per image, or 1,000+ images a step) run fewer. Thresholds: the
 #: validation floor sits above the 10% of chance and below what the recipe measured (a constant
 #: guess can beat 10% on a 512-image sample, which is why the loss must also fall: a constant
 #: output keeps it near ln(10)); the loss ceiling sits between the measured late loss and ln(10).
@@ -108,28 +108,35 @@ SMOKE: dict[str, SmokeSpec] = {
 }
 
 
-#: Recipes whose smoke run is another recipe's, step for step: they differ only in what a smoke run
-#: overrides or never reaches (``SMOKE_BLIND``), which ``recipe_check.smoke_differences`` checks.
-#: scripts/check_recipes.py still runs them (recipe_smoke.json holds their rows, losses equal to
-#: their parent's); the tests check the configurations and run the parent once.
+#: Recipes whose smoke run trains as another recipe's does, step for step: they differ only in
+#: ``SMOKE_BLIND``, which ``recipe_check.smoke_differences`` checks. scripts/check_recipes.py still
+#: runs them (recipe_smoke.json holds their rows, their losses their parent's); the tests compare
+#: the settings and train the parent alone. The parent's spec must be a ``learns`` run laid over
+#: its steps (the comparison is of such a run).
 SAME_SMOKE_RUN: dict[str, str] = {
     "fastnet_muon_full": "fastnet_muon",  # all 50,000 training images, 10 epochs
-    "quickstart": "fastnet_muon",  # 16 steps of one epoch, no TTA
+    "quickstart": "fastnet_muon",  # a few steps of one epoch, no TTA
 }
 
-#: Settings a smoke run never reaches: the epoch count and its training-batch limit (the run stops
-#: after its steps, its schedule laid over them, as long as these allow that many steps:
-#: ``recipe_check.smoke_differences`` checks it), the validation cadence (it validates once,
-#: after training), the held-out size (it holds out ``VAL_IMAGES``) and test-time augmentation.
-SMOKE_BLIND = frozenset(
-    {"trainer.max_epochs", "trainer.limit_train_batches", "trainer.check_val_every_n_epoch", "model.tta"}
-)
+#: The epoch's settings: a smoke run that stays within a first epoch whose length does not shape
+#: its schedule never reaches them (it stops after its steps, its schedule laid over them).
+EPOCH_SETTINGS = frozenset({"trainer.max_epochs", "trainer.limit_train_batches"})
 
-#: Recipes whose smoke run takes 7 to 30 minutes on one core (recipe_smoke.json's seconds): deep or
-#: wide networks at 0.5+ GMAC an image (ResNet-18 itself stays in CI for its two variants). They run under ``pytest -m long`` and in
-#: scripts/check_recipes.py, not in every CI run, whose time the others fill; a default test checks
-#: that each one's recorded run passed under its current SMOKE entry with the recipe file as it is
-#: now (the row's ``recipe_sha256``), so a change to one of them fails until it is run again.
+#: Settings in which two recipes may differ and still train the same smoke run: the epoch's ones
+#: (where ``recipe_check._epoch_bound`` finds the run within such a first epoch), the validation
+#: cadence (a smoke run validates once, after training; it holds out ``VAL_IMAGES`` whatever the
+#: recipe's ``val_size``) and test-time augmentation, which no training step uses: the one
+#: validation differs by it (quickstart's is a plain forward, fastnet_muon's averages 6 views).
+SMOKE_BLIND = EPOCH_SETTINGS | {"trainer.check_val_every_n_epoch", "model.tta"}
+
+#: Seven of the slowest recipes' smoke runs (4 to 30 minutes each on one core, recipe_smoke.json's
+#: seconds): ResNet-34 and -50, WRN-28-10 and the ResNet-18 variants (ResNet-18 itself stays in
+#: CI), and resnet56_short. They run under ``pytest -m long`` and in scripts/check_recipes.py, not
+#: in every CI run, whose time the others fill. A default test checks that each one's recorded run
+#: passed under its current SMOKE entry with the recipe file as it is now (the row's
+#: ``recipe_sha256``): a change to one of these files fails until its run is recorded again. The
+#: code they run (networks, optimizers, data) is covered by every other recipe's run and by the
+#: tests of each network (forward, backward, compile).
 LONG_SMOKE = frozenset(
     {
         "resnet34_tutorial",

@@ -1,9 +1,11 @@
-"""No dead recipe: every recipe in configs/ trains a few steps on the real images and must learn.
+"""No dead recipe: the recipes in configs/ train a few steps on the real images and must learn.
 
 Each recipe runs as written (its network, optimizer, schedule, batch size, augmentation and
 callbacks) for the steps in ``SMOKE``; the thresholds and how they were chosen are in
 ``benchmarks/recipe_check.py`` and ``benchmarks/recipe_smoke.md``. A recipe added to
-configs/ without a ``SMOKE`` entry fails here until it has been measured.
+configs/ without a ``SMOKE`` entry fails here until it has been measured. The slowest runs
+(``LONG_SMOKE``) are ``-m long``, and CI holds their recorded runs to the recipe files; a recipe
+whose smoke run trains as another's (``SAME_SMOKE_RUN``) is checked by comparing their settings.
 
 The check itself is tested by breaking recipes: for each kind of check, a network that outputs
 constants, an optimizer that never steps, a run that diverges and a validation at chance must
@@ -75,6 +77,7 @@ def cifar10_classes(tmp_path) -> Path:
 def test_a_variant_recipe_is_its_parents_smoke_run(recipe, cifar10_classes, tmp_path):
     parent = SAME_SMOKE_RUN[recipe]
     assert parent in RUN_RECIPES and SMOKE[recipe] == SMOKE[parent]
+    assert SMOKE[parent].kind == "learns" and SMOKE[parent].schedule == "laid_over_steps"  # what is compared
     configs = REPO / "configs"
     steps = SMOKE[parent].steps
     assert (
@@ -96,29 +99,36 @@ def test_a_long_smoke_run_on_record_is_current(recipe):
         k: v for k, v in asdict(spec).items() if k != "steps"
     }, f"SMOKE[{recipe!r}] changed since its smoke run: run python scripts/check_recipes.py {recipe} --data-dir DATA"
     assert row.get("recipe_sha256") == recipe_check.recipe_sha256(REPO / "configs" / f"{recipe}.yaml"), (
-        f"configs/{recipe}.yaml changed since its smoke run at {row['commit'][:7]}: "
-        f"run python scripts/check_recipes.py {recipe} --data-dir DATA (or pytest -m long)"
+        f"configs/{recipe}.yaml changed since its smoke run at {str(row.get('commit'))[:7]}: "
+        f"run python scripts/check_recipes.py {recipe} --data-dir DATA"
     )
 
 
 def test_a_setting_the_smoke_run_reaches_makes_another_run(cifar10_classes, tmp_path):
     parent = REPO / "configs" / "fastnet_muon.yaml"
-    text = parent.read_text()
 
-    def variant(name: str, old: str, new: str) -> Path:
+    def variant(name: str, old: str, new: str, of: Path = parent) -> Path:
+        text = of.read_text()
         assert old in text
         path = tmp_path / f"{name}.yaml"
         path.write_text(text.replace(old, new))
         return path
 
-    def differences(path: Path) -> list[str]:
-        return smoke_differences(path, parent, cifar10_classes, 6, tmp_path / "runs")
+    def differences(path: Path, of: Path = parent, steps: int = 6) -> list[str]:
+        return smoke_differences(path, of, cifar10_classes, steps, tmp_path / "runs")
 
-    assert differences(variant("longer", "max_epochs: 8", "max_epochs: 30")) == []
+    assert differences(variant("longer", "max_epochs: 8", "max_epochs: 30\n  limit_train_batches: 12")) == []
     assert any("model.lr" in d for d in differences(variant("lr", "lr: 106.0", "lr: 50.0")))
     assert any("data.augment" in d for d in differences(variant("augment", "augment: translate", "augment: none")))
+    # An epoch shorter than the run: the run crosses epochs, so their count and length count.
     short = differences(variant("short", "max_epochs: 8", "max_epochs: 1\n  limit_train_batches: 4"))
-    assert short and "stop before the smoke run's 6 steps" in short[0], short
+    assert any("limit_train_batches" in d for d in short) and "fewer than the smoke run's 6" in short[-1], short
+    # A warm-up counted in epochs: an epoch cut to 100 batches shortens it, even with 60 steps in it.
+    resnet = REPO / "configs" / "resnet20_short.yaml"
+    warm = differences(
+        variant("warm", "max_epochs: 30", "max_epochs: 30\n  limit_train_batches: 100", resnet), resnet, 60
+    )
+    assert any("limit_train_batches" in d for d in warm) and "warm-up is counted in epochs" in warm[-1], warm
 
 
 def test_only_recipes_for_another_dataset_are_skipped(tmp_path, tiny_folder):
@@ -260,3 +270,10 @@ def test_the_recipes_page_counts_and_names_each_kind():
     overfit_text = page.split("**overfit** (", 1)[1].split("- **", 1)[0]
     named = set(re.findall(r"\b[a-z][a-z0-9_]+_[a-z0-9_]+\b", overfit_text)) & set(RECIPES)
     assert named == {r for r, spec in SMOKE.items() if spec.kind == "overfit"}
+    # Which recipes the slow tests leave out, and why.
+    untried = " ".join(page.split("## No recipe goes untried", 1)[1].split())
+    words = {7: "seven", 9: "nine"}
+    assert f"every recipe but {words[len(LONG_SMOKE) + len(SAME_SMOKE_RUN)]}:" in untried
+    assert f"the {words[len(LONG_SMOKE)]} slowest (" in untried
+    long_text = untried.split(f"the {words[len(LONG_SMOKE)]} slowest (", 1)[1].split(")", 1)[0]
+    assert set(re.findall(r"\b[a-z][a-z0-9_]+_[a-z0-9_]+\b", long_text)) & set(RECIPES) == LONG_SMOKE
