@@ -129,20 +129,19 @@ EPOCH_SETTINGS = frozenset({"trainer.max_epochs", "trainer.limit_train_batches"}
 #: validation differs by it (quickstart's is a plain forward, fastnet_muon's averages 6 views).
 SMOKE_BLIND = EPOCH_SETTINGS | {"trainer.check_val_every_n_epoch", "model.tta"}
 
-#: Seven of the slowest recipes' smoke runs (4 to 30 minutes each on one core, recipe_smoke.json's
+#: Six of the slowest recipes' smoke runs (7 to 26 minutes each on one core, recipe_smoke.json's
 #: seconds): ResNet-34 and -50, WRN-28-10 and the ResNet-18 variants (ResNet-18 itself stays in
-#: CI), and resnet56_short. They run under ``pytest -m long`` and in scripts/check_recipes.py, not
-#: in every CI run, whose time the others fill. A default test checks that each one's recorded run
-#: passed under its current SMOKE entry with the recipe file as it is now (the row's
-#: ``recipe_sha256``): a change to one of these files fails until its run is recorded again. The
-#: code they run (networks, optimizers, data) is covered by every other recipe's run and by the
-#: tests of each network (forward, backward, compile).
+#: CI). They run under ``pytest -m long`` and in scripts/check_recipes.py, not in every CI run,
+#: whose time the others fill. A default test checks that each one's recorded run passed under its
+#: current SMOKE entry with the recipe file as it is now (the row's ``recipe_sha256``): a change to
+#: one of these files fails until its run is recorded again. The code they run (networks,
+#: optimizers, data) is covered by every other recipe's run and by the tests of each network
+#: (forward, backward, compile).
 LONG_SMOKE = frozenset(
     {
         "resnet34_tutorial",
         "wrn28_10_autoaugment",
         "resnet18_fast",
-        "resnet56_short",
         "resnet50_tutorial",
         "preact_resnet18_mixup",
         "resnet18_cutout",
