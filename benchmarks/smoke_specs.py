@@ -129,7 +129,7 @@ EPOCH_SETTINGS = frozenset({"trainer.max_epochs", "trainer.limit_train_batches"}
 #: validation differs by it (quickstart's is a plain forward, fastnet_muon's averages 6 views).
 SMOKE_BLIND = EPOCH_SETTINGS | {"trainer.check_val_every_n_epoch", "model.tta"}
 
-#: Six of the slowest recipes' smoke runs (7 to 26 minutes each on one core, recipe_smoke.json's
+#: Six of the slowest recipes' smoke runs (6 to 29 minutes each on one core, recipe_smoke.json's
 #: seconds): ResNet-34 and -50, WRN-28-10 and the ResNet-18 variants (ResNet-18 itself stays in
 #: CI). They run under ``pytest -m long`` and in scripts/check_recipes.py, not in every CI run,
 #: whose time the others fill. A default test checks that each one's recorded run passed under its
